@@ -1,0 +1,27 @@
+"""The exception types layerline raises on purpose, so callers (and the CLI) can tell user errors from bugs."""
+
+from __future__ import annotations
+
+
+class LayerlineError(Exception):
+    """Base of every error layerline raises deliberately; its message is meant for the user."""
+
+
+class CheckpointError(LayerlineError):
+    """A checkpoint (HF folder or GGUF file) is missing, damaged, or describes something layerline cannot run."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """The checkpoint is readable but uses an architecture or option layerline does not implement."""
+
+
+class BadInputError(LayerlineError, ValueError):
+    """Input to a model forward is malformed: wrong shape, dtype, token id or hidden size."""
+
+
+class PositionError(BadInputError):
+    """Positions do not continue a sequence where its cache stopped (a gap, an overlap, a reorder)."""
+
+
+class CacheFullError(BadInputError):
+    """A sequence would grow past the max length its KV cache was allocated for."""

@@ -1,0 +1,1 @@
+"""Generated protobuf code for the layerline.v1 wire protocol."""
