@@ -1,0 +1,330 @@
+"""The Llama-family transformer as plain torch, cut into stages: a `StageModel` owns layers [start, end) and, when
+it is the first stage, the token embedding, when it is the last, the final norm and the LM head.
+
+Stages chained in order compute exactly what the whole model computes; the arithmetic mirrors the reference
+implementation (RMSNorm in float32, rotary on q and k, SwiGLU MLP) so float32 logits agree to ~1e-6. Weights come
+in as a dict of tensors named as in Hugging Face checkpoints (`checkpoint.py` and `gguf_model.py` produce it); this
+module knows nothing of files, tokenizers or the network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerline.config import ModelConfig
+from layerline.errors import BadInputError, CheckpointError
+from layerline.kv_cache import ForwardPlan, KVCache, chunk_plan
+from layerline.rope import RotaryTable, apply_rotary
+
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def expected_tensors(config: ModelConfig, start: int, end: int) -> dict[str, tuple[int, ...]]:
+    """The HF-named tensors stage [start, end) needs, with their shapes."""
+    c = config
+    out: dict[str, tuple[int, ...]] = {}
+    if start == 0 or (end == c.num_layers and c.tie_word_embeddings):
+        out["model.embed_tokens.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(start, end):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (c.hidden_size,)
+        for name, rows in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
+            out[p + f"self_attn.{name}.weight"] = (rows, c.hidden_size)
+            if c.qkv_bias:
+                out[p + f"self_attn.{name}.bias"] = (rows,)
+        out[p + "self_attn.o_proj.weight"] = (c.hidden_size, c.q_size)
+        if c.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (c.hidden_size,)
+        out[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
+        out[p + "mlp.gate_proj.weight"] = (c.intermediate_size, c.hidden_size)
+        out[p + "mlp.up_proj.weight"] = (c.intermediate_size, c.hidden_size)
+        out[p + "mlp.down_proj.weight"] = (c.hidden_size, c.intermediate_size)
+        if c.mlp_bias:
+            out[p + "mlp.gate_proj.bias"] = (c.intermediate_size,)
+            out[p + "mlp.up_proj.bias"] = (c.intermediate_size,)
+            out[p + "mlp.down_proj.bias"] = (c.hidden_size,)
+    if end == c.num_layers:
+        out["model.norm.weight"] = (c.hidden_size,)
+        if not c.tie_word_embeddings:
+            out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return out
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _transposed(t: torch.Tensor) -> nn.Parameter:
+    """Weights are kept as [in, out]: with MKL on CPU, x @ W_t streams memory-bound decode matmuls ~20% faster
+    than x @ W.T on the [out, in] layout checkpoints use (measured: bench/model_speed.py)."""
+    return _param(t.t().contiguous())
+
+
+def linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ w_t [in, out] (+ b) -> [..., out]"""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.mm(x2, w_t) if b is None else torch.addmm(b, x2, w_t)
+    return out.view(*x.shape[:-1], w_t.shape[1])
+
+
+HEAD_CHUNK = 4096  # vocab columns per LM-head chunk
+
+
+def chunk_head(w: torch.Tensor) -> torch.Tensor:
+    """The LM head [vocab, hidden] as [n, hidden, HEAD_CHUNK] transposed chunks (the last one zero-padded).
+    MKL on CPU runs x @ chunk fast at batch 1 and batch 8 alike; one [hidden, vocab] matrix is slow at batch 8
+    and the checkpoint's [vocab, hidden] layout slow at batch 1 (bench/model_speed.py)."""
+    vocab, hidden = w.shape
+    c = min(HEAD_CHUNK, vocab)
+    n = -(-vocab // c)
+    out = w.new_zeros(n, hidden, c)
+    for j in range(n):
+        part = w[j * c : (j + 1) * c]  # [<= c, hidden]
+        out[j, :, : part.shape[0]] = part.t()
+    return out
+
+
+def head_logits(h: torch.Tensor, chunks: torch.Tensor, vocab: int) -> torch.Tensor:
+    """h [..., hidden] -> logits [..., vocab] through the chunked head."""
+    n, hidden, c = chunks.shape
+    x2 = h.reshape(-1, hidden)
+    out = torch.empty(x2.shape[0], n * c, dtype=h.dtype, device=h.device)
+    for j in range(n):
+        torch.mm(x2, chunks[j], out=out[:, j * c : (j + 1) * c])
+    return out[:, :vocab].reshape(*h.shape[:-1], vocab)
+
+
+def embed_from_head(ids: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+    """Rows of the tied embedding read from the chunked head: ids [...] -> [..., hidden]."""
+    c = chunks.shape[2]
+    return chunks[ids // c, :, ids % c]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+        self.shape = (weight.shape[0],)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; bitwise what the reference's float32 formula gives
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        # the reference normalises in float32, rounds to the compute dtype, then applies the weight
+        return self.weight * F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.groups = config.num_heads // config.num_kv_heads
+        # one matmul for q, k and v: rows [q | k | v]
+        qkv = [w[prefix + f"{n}_proj.weight"] for n in ("q", "k", "v")]
+        self.wqkv_t = _transposed(torch.cat(qkv))  # [hidden, (H + 2 Hkv) * D]
+        self.bqkv = (
+            _param(torch.cat([w[prefix + f"{n}_proj.bias"] for n in ("q", "k", "v")])) if config.qkv_bias else None
+        )
+        self.wo_t = _transposed(w[prefix + "o_proj.weight"])  # [H * D, hidden]
+        self.bo = _param(w[prefix + "o_proj.bias"]) if config.o_bias else None
+        self.split = (config.q_size, config.kv_size, config.kv_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        plan: ForwardPlan,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
+        qkv = linear_t(x, self.wqkv_t, self.bqkv)  # [B, T, (H + 2 Hkv) * D]
+        # rotary once over q and k together: [B, H + Hkv, T, D]
+        qk = apply_rotary(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]  # [B, H, T, D], [B, Hkv, T, D]
+        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        if cache is not None:
+            k, v = cache.update(layer, k, v, plan)  # [B, Hkv, S, D]
+        # grouped-query attention without repeating K/V: the G query heads of one KV head become G*T query rows
+        q = q.reshape(B, Hkv, G * T, D)  # q heads are ordered kv_head * G + g
+        if mask is not None and G > 1:
+            mask = mask.repeat(1, 1, G, 1)  # [B|1, 1, G*T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
+        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return linear_t(out, self.wo_t, self.bo)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> None:
+        super().__init__()
+        gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]])
+        self.w_gate_up_t = _transposed(gate_up)  # [hidden, 2 * intermediate]
+        self.b_gate_up = (
+            _param(torch.cat([w[prefix + "gate_proj.bias"], w[prefix + "up_proj.bias"]])) if config.mlp_bias else None
+        )
+        self.w_down_t = _transposed(w[prefix + "down_proj.weight"])  # [intermediate, hidden]
+        self.b_down = _param(w[prefix + "down_proj.bias"]) if config.mlp_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear_t(x, self.w_gate_up_t, self.b_gate_up).chunk(2, dim=-1)
+        return linear_t(F.silu(gate) * up, self.w_down_t, self.b_down)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], index: int) -> None:
+        super().__init__()
+        p = f"model.layers.{index}."
+        self.window = config.sliding_window(index)
+        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], config.rms_norm_eps)
+        self.attn = Attention(config, w, p + "self_attn.")
+        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
+        self.mlp = MLP(config, w, p + "mlp.")
+
+
+class StageModel(nn.Module):
+    """Layers [start, end) of a model; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        start: int,
+        end: int,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        check_range(config, start, end)
+        self.config, self.start, self.end = config, start, end
+        self.is_first, self.is_last = start == 0, end == config.num_layers
+        self.dtype, self.device = dtype, torch.device(device)
+        w = _checked(config, start, end, tensors, dtype, self.device)
+        self.layers = nn.ModuleList(Block(config, w, i) for i in range(start, end))
+        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps) if self.is_last else None
+        self.head: nn.Parameter | None = None  # LM head, chunked: [n, hidden, HEAD_CHUNK]
+        if self.is_last:
+            head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+            self.head = _param(chunk_head(head))
+        self.embed: nn.Parameter | None = None  # [vocab, hidden]
+        self.embed_in_head = self.is_first and self.is_last and config.tie_word_embeddings  # one copy, two roles
+        if self.is_first and not self.embed_in_head:
+            self.embed = _param(w["model.embed_tokens.weight"])
+        self.windows = {b.window for b in self.layers}
+        self.rotary = RotaryTable(config, self.device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.parameters():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+        return total
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(self.num_layers, rows, c.num_kv_heads, c.head_dim, max_len, self.dtype, self.device)
+
+    def cache_bytes(self, rows: int, max_len: int) -> int:
+        c = self.config
+        return KVCache.bytes_needed(self.num_layers, rows, c.num_kv_heads, c.head_dim, max_len, self.dtype.itemsize)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: list[int] | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """x: token ids [B, T] (first stage) or hidden states [B, T, hidden] (later stages).
+        positions: [B, T] int64, -1 marks padding; None = continue each row from its cache length (or 0).
+        Returns hidden states [B, T, hidden], or float32 logits [B, T|1, vocab] at the last stage
+        (only the last column with `last_only`)."""
+        x = self._check_input(x)
+        B, T = x.shape[:2]
+        if positions is None:
+            lengths = [0] * B if cache is None else [cache.lengths[r] for r in (rows or range(B))]
+            positions = torch.tensor(lengths, dtype=torch.int64)[:, None] + torch.arange(T)
+        else:
+            positions = positions.to("cpu", torch.int64)
+            if positions.shape != (B, T):
+                raise BadInputError(f"positions have shape {tuple(positions.shape)}, expected {(B, T)}")
+        if cache is None:
+            plan = chunk_plan(positions, self.windows, self.device)
+        else:
+            plan = cache.plan(positions, rows, self.windows)
+        if self.embed_in_head:
+            h = embed_from_head(x, self.head)
+        else:
+            h = F.embedding(x, self.embed) if self.is_first else x
+        cos, sin = self.rotary.lookup(plan.positions, self.dtype)
+        for i, block in enumerate(self.layers):
+            mask = plan.masks[block.window]
+            h = h + block.attn(block.attn_norm(h), cos, sin, mask, cache, i, plan)
+            h = h + block.mlp(block.mlp_norm(h))
+        if cache is not None:
+            cache.commit(plan)
+        if not self.is_last:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        return head_logits(self.norm(h), self.head, self.config.vocab_size).float()
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_first:
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+                raise BadInputError(
+                    f"the first stage takes token ids [batch, tokens] int64, got {x.dtype} {tuple(x.shape)}"
+                )
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size):
+                raise BadInputError(
+                    f"token ids must be in [0, {self.config.vocab_size}), got {int(x.min())}..{int(x.max())}"
+                )
+            x = x.to(self.device, torch.int64)
+        else:
+            if x.dim() != 3 or not x.is_floating_point() or x.shape[-1] != self.config.hidden_size:
+                raise BadInputError(
+                    f"stage {self.start}:{self.end} takes hidden states [batch, tokens, {self.config.hidden_size}] "
+                    f"(float), got {x.dtype} {tuple(x.shape)}"
+                )
+            x = x.to(self.device, self.dtype)
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise BadInputError(f"empty input {tuple(x.shape)}")
+        return x
+
+
+def check_range(config: ModelConfig, start: int, end: int) -> None:
+    if not 0 <= start < end <= config.num_layers:
+        raise ValueError(f"layer range {start}:{end} is not within the model's {config.num_layers} layers")
+
+
+def _checked(
+    config: ModelConfig,
+    start: int,
+    end: int,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Every tensor the stage needs, present and of the right shape, in the stage's dtype and device."""
+    out = {}
+    for name, shape in expected_tensors(config, start, end).items():
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"missing tensor {name!r} (needed by layers {start}:{end})")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, expected a floating point type")
+        out[name] = t.to(device=device, dtype=dtype)
+    return out

@@ -1,0 +1,88 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty, seeded.
+
+Pure functions over [B, vocab] float32 logits, usable by an in-process pipeline and by the last stage server alike.
+The order of the transformations is the one Hugging Face's generate applies (repetition penalty, temperature,
+top-k, top-p), so the same settings mean the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it before sampling
+    top_k: int = 0  # keep only the k most likely tokens (0 = off)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p (1.0 = off)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (1.0 = off)
+    seed: int | None = None  # same seed, same settings, same prompt -> same tokens
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        g = torch.Generator()
+        g.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:
+    """logits [B, V]; each row's seen tokens get logit / penalty (if positive) or logit * penalty."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.clone()
+    for b, seen in enumerate(history):
+        if not seen:
+            continue
+        idx = torch.tensor(sorted(set(seen)), dtype=torch.int64, device=logits.device)
+        vals = logits[b, idx]
+        logits[b, idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set the logits outside top-k / top-p to -inf. logits [B, V]."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - top_p)
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    history: list[list[int]] | None = None,
+) -> torch.Tensor:
+    """logits [B, V] float32 -> next token ids [B] int64."""
+    logits = logits.float()
+    if history is not None:
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
