@@ -1,0 +1,153 @@
+"""Opening a checkpoint and building the stage model for a layer range from it, reading only that range's tensors.
+
+Two formats: a Hugging Face folder (config.json + model.safetensors, or sharded *.safetensors with
+model.safetensors.index.json) and a GGUF file (`gguf_model.py`). Pickled checkpoints (pytorch_model.bin) are
+refused: nothing untrusted is unpickled. Errors name the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+from layerline.config import ModelConfig
+from layerline.errors import CheckpointError
+from layerline.gguf_model import GGUFCheckpoint
+from layerline.model import StageModel, check_range, expected_tensors
+from layerline.safetensors_io import SafetensorsFile
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint folder; shard headers are read only when one of their tensors is wanted."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = folder
+        self.config = ModelConfig.from_json_file(os.path.join(folder, "config.json"))
+        self.bytes_read = 0
+        self._files: dict[str, SafetensorsFile] = {}
+        index = os.path.join(folder, INDEX_FILE)
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                self._where = {str(k): str(v) for k, v in weight_map.items()}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+            for shard in set(self._where.values()):
+                if os.path.basename(shard) != shard:
+                    raise CheckpointError(f"{index}: shard name {shard!r} must be a file in the same folder")
+        else:
+            shards = [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            if not shards:
+                hint = ""
+                if glob.glob(os.path.join(folder, "*.bin")) or glob.glob(os.path.join(folder, "*.pt")):
+                    hint = " (pickled .bin/.pt checkpoints are not loaded, for safety: convert them to safetensors)"
+                raise CheckpointError(f"{folder}: no *.safetensors weights found{hint}")
+            self._where = {}
+            for s in shards:
+                sf = self._file(os.path.basename(s))
+                for name in sf.entries:
+                    self._where[name] = os.path.basename(s)
+
+    def _file(self, shard: str) -> SafetensorsFile:
+        if shard not in self._files:
+            self._files[shard] = SafetensorsFile(os.path.join(self.path, shard))
+        return self._files[shard]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def source_name(self, name: str) -> str:
+        return name
+
+    def stored_bytes(self, names: list[str]) -> int:
+        return sum(self._entry(n).end - self._entry(n).begin for n in names)
+
+    def _entry(self, name: str):  # noqa: ANN202
+        sf = self._file(self._where[name])
+        if name not in sf.entries:
+            raise CheckpointError(f"{sf.path}: the index places tensor {name!r} in this file, but it is not there")
+        return sf.entries[name]
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            self._entry(n)
+            by_file.setdefault(self._where[n], []).append(n)
+        out = {}
+        for shard, shard_names in by_file.items():
+            sf = self._file(shard)
+            before = sf.bytes_read
+            for name, t in sf.read(shard_names).items():
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{sf.path}: tensor {name!r} has dtype {t.dtype}, expected floating point")
+                out[name] = t.to(dtype)
+            self.bytes_read += sf.bytes_read - before
+        return out
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+Checkpoint = HFCheckpoint | GGUFCheckpoint
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A HF checkpoint folder or a GGUF file; anything else is a CheckpointError saying what was found."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"{path}: a checkpoint folder needs a config.json")
+        return HFCheckpoint(path)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return GGUFCheckpoint(path)
+        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic) and not a checkpoint folder")
+    raise CheckpointError(f"model not found: {path}")
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    ckpt = open_checkpoint(path)
+    try:
+        return ckpt.config
+    finally:
+        ckpt.close()
+
+
+def load_stage(
+    path: str | os.PathLike,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    checkpoint: Checkpoint | None = None,
+) -> StageModel:
+    """The stage model for layers [start, end) of the checkpoint at `path`, reading only the tensors it needs."""
+    ckpt = checkpoint if checkpoint is not None else open_checkpoint(path)
+    try:
+        config = ckpt.config
+        try:
+            check_range(config, start, end)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        names = list(expected_tensors(config, start, end))
+        missing = [n for n in names if n not in ckpt]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(
+                f"{ckpt.path}: missing tensor(s) {', '.join(ckpt.source_name(m) for m in missing[:3])}{more} "
+                f"(needed by layers {start}:{end})"
+            )
+        tensors = ckpt.read(names, dtype)
+        return StageModel(config, start, end, tensors, dtype, device)
+    finally:
+        if checkpoint is None:
+            ckpt.close()
