@@ -1,0 +1,224 @@
+"""Tiny random checkpoints made on the fly for the tests: Hugging Face folders written by transformers'
+`save_pretrained` (llama, mistral, qwen2; tied/untied; sharded), a tiny byte-level tokenizer, and GGUF files
+written with the `gguf` package the way llama.cpp's converter writes them (Q/K rows permuted)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VOCAB = 320  # 256 byte tokens + merges + specials fit in here
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    arch: str = "llama"
+    layers: int = 6
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 96
+    vocab: int = VOCAB
+    tie: bool = False
+    shard_bytes: int | None = None  # save sharded with this max shard size
+    extra: tuple = ()  # extra config fields as (key, value) pairs
+
+    @property
+    def name(self) -> str:
+        parts = [self.arch, f"L{self.layers}", "gqa" if self.kv_heads < self.heads else "mha"]
+        parts.append("tied" if self.tie else "untied")
+        if self.shard_bytes:
+            parts.append("sharded")
+        parts += [str(k) for k, _ in self.extra]
+        return "-".join(parts)
+
+
+def hf_model(spec: TinySpec, seed: int = 0):
+    """A transformers model with random weights large enough that greedy choices are not near ties."""
+    import transformers
+
+    cls_config, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[spec.arch]
+    config = cls_config(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=spec.tie,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **dict(spec.extra),
+    )
+    torch.manual_seed(seed)
+    model = cls_model(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            elif "embed" in name or "lm_head" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def save_hf(spec: TinySpec, folder: str, seed: int = 0):
+    model = hf_model(spec, seed)
+    kwargs = {"max_shard_size": spec.shard_bytes} if spec.shard_bytes else {}
+    model.save_pretrained(folder, **kwargs)
+    save_tokenizer(folder)
+    return model
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with a few merges and two chat tokens, ids < VOCAB."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = ["the capital of france is paris", "hello world, this is a tiny model", "numbers 0123456789"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def save_tokenizer(folder: str) -> None:
+    byte_tokenizer().save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "chat_template": CHAT_TEMPLATE,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            },
+            f,
+        )
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's permutation of Q/K rows (the inverse of what layerline undoes)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, path: str, qtype_name: str = "F32") -> None:
+    """Write a transformers llama/qwen2 model as a GGUF file, 2-D weights in `qtype_name` (F32, F16, Q8_0, ...)."""
+    import gguf
+
+    c = model.config
+    arch = c.model_type if c.model_type != "mistral" else "llama"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    tok = byte_tokenizer()
+    vocab = tok.get_vocab()
+    tokens = [""] * c.vocab_size
+    for t, i in vocab.items():
+        tokens[i] = t
+    for i in range(len(vocab), c.vocab_size):
+        tokens[i] = f"[PAD{i}]"
+    types = [gguf.TokenType.CONTROL if i < 3 else gguf.TokenType.NORMAL for i in range(c.vocab_size)]
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(CHAT_TEMPLATE)
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if name.startswith("model.layers."):
+            idx, rest = name[len("model.layers.") :].split(".", 1)
+            gname = f"blk.{idx}.{per_layer[rest]}"
+        else:
+            gname = names[name]
+        a = t.detach().float().numpy()
+        if arch == "llama" and rest_is(name, "q_proj"):
+            a = llama_cpp_permute(a, c.num_attention_heads)
+        elif arch == "llama" and rest_is(name, "k_proj"):
+            a = llama_cpp_permute(a, c.num_key_value_heads)
+        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(a, qtype)
+            w.add_tensor(gname, data, raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def rest_is(name: str, proj: str) -> bool:
+    return name.endswith(f"self_attn.{proj}.weight") or name.endswith(f"self_attn.{proj}.bias")
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of one prompt. The attention mask is explicit: without one, generate()
+    guesses it from `ids != pad_token_id` and would hide prompt tokens that happen to equal the pad id."""
+    ids = torch.tensor([list(prompt)])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
