@@ -17,7 +17,7 @@ from layerline.config import ModelConfig
 from layerline.errors import CheckpointError
 from layerline.gguf_model import GGUFCheckpoint
 from layerline.model import StageModel, check_range, expected_tensors
-from layerline.safetensors_io import SafetensorsFile
+from layerline.safetensors_io import SafetensorsFile, TensorEntry
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -69,7 +69,7 @@ class HFCheckpoint:
     def stored_bytes(self, names: list[str]) -> int:
         return sum(self._entry(n).end - self._entry(n).begin for n in names)
 
-    def _entry(self, name: str):  # noqa: ANN202
+    def _entry(self, name: str) -> TensorEntry:
         sf = self._file(self._where[name])
         if name not in sf.entries:
             raise CheckpointError(f"{sf.path}: the index places tensor {name!r} in this file, but it is not there")

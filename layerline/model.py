@@ -105,7 +105,7 @@ def embed_from_head(ids: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = _param(weight)
         self.eps = eps
         self.shape = (weight.shape[0],)
 
@@ -129,7 +129,6 @@ class Attention(nn.Module):
         )
         self.wo_t = _transposed(w[prefix + "o_proj.weight"])  # [H * D, hidden]
         self.bo = _param(w[prefix + "o_proj.bias"]) if config.o_bias else None
-        self.split = (config.q_size, config.kv_size, config.kv_size)
 
     def forward(
         self,
@@ -187,7 +186,8 @@ class Block(nn.Module):
 
 
 class StageModel(nn.Module):
-    """Layers [start, end) of a model; see the module docstring."""
+    """Layers [start, end) of a model; see the module docstring. Construction consumes `tensors` (entries are
+    removed as they are turned into the stage's own layout), so a stage never holds two copies of its weights."""
 
     def __init__(
         self,
@@ -204,7 +204,11 @@ class StageModel(nn.Module):
         self.is_first, self.is_last = start == 0, end == config.num_layers
         self.dtype, self.device = dtype, torch.device(device)
         w = _checked(config, start, end, tensors, dtype, self.device)
-        self.layers = nn.ModuleList(Block(config, w, i) for i in range(start, end))
+        self.layers = nn.ModuleList()
+        for i in range(start, end):
+            self.layers.append(Block(config, w, i))
+            for name in [n for n in w if n.startswith(f"model.layers.{i}.")]:
+                del w[name]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps) if self.is_last else None
         self.head: nn.Parameter | None = None  # LM head, chunked: [n, hidden, HEAD_CHUNK]
         if self.is_last:
@@ -316,9 +320,11 @@ def _checked(
     dtype: torch.dtype,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor the stage needs, present and of the right shape, in the stage's dtype and device."""
+    """Every tensor the stage needs, present and of the right shape, in the stage's dtype and device (taken out
+    of `tensors`)."""
     out = {}
-    for name, shape in expected_tensors(config, start, end).items():
+    expected = expected_tensors(config, start, end)
+    for name, shape in expected.items():
         t = tensors.get(name)
         if t is None:
             raise CheckpointError(f"missing tensor {name!r} (needed by layers {start}:{end})")
@@ -326,5 +332,6 @@ def _checked(
             raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
         if not t.is_floating_point():
             raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, expected a floating point type")
-        out[name] = t.to(device=device, dtype=dtype)
+    for name in expected:
+        out[name] = tensors.pop(name).to(device=device, dtype=dtype)
     return out

@@ -1,0 +1,79 @@
+"""The `layerline` command line, run as a user runs it (a subprocess): streaming and JSON output, layer splits,
+seeded sampling, and clear errors with exit status 2 for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from layerline.model_source import resolve_model
+from layerline.tokenizer import Tokenizer
+from tiny_models import TinySpec
+
+
+def layerline(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "layerline.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_run_json_on_the_real_model_with_two_splits():
+    question = "What is the capital of France?"
+    a = layerline("run", "--stages", "3", "--json", "--max-new-tokens", "12", question)
+    b = layerline("run", "--layers", "4,20,6", "--json", "--max-new-tokens", "12", question)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    out_a, out_b = json.loads(a.stdout), json.loads(b.stdout)
+    assert set(out_a) == {"text", "token_ids", "prompt_token_ids"}
+    assert out_a["token_ids"] == out_b["token_ids"]
+    tok = Tokenizer.from_path(resolve_model("smollm2"))
+    assert out_a["prompt_token_ids"] == tok.encode_chat([{"role": "user", "content": question}])
+    assert out_a["text"] == tok.decode(out_a["token_ids"], skip_special_tokens=True)
+    assert "Paris" in out_a["text"]
+
+
+def test_run_streams_text_from_a_hf_folder(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(TinySpec("qwen2", layers=4))
+    out = layerline("run", "--model", folder, "--stages", "2", "--max-new-tokens", "10", "--raw", "hello world")
+    assert out.returncode == 0, out.stderr
+    streamed = out.stdout
+    js = layerline(
+        "run", "--model", folder, "--stages", "2", "--max-new-tokens", "10", "--raw", "--json", "hello world"
+    )
+    assert streamed == json.loads(js.stdout)["text"] + "\n"
+    assert len(json.loads(js.stdout)["token_ids"]) == 10
+
+
+def test_seeded_sampling_repeats(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(TinySpec("qwen2", layers=4))
+    args = ("run", "--model", folder, "--json", "--raw", "--max-new-tokens", "16", "--temperature", "1.0")
+    one = json.loads(layerline(*args, "--seed", "7", "hi").stdout)["token_ids"]
+    two = json.loads(layerline(*args, "--seed", "7", "hi").stdout)["token_ids"]
+    other = json.loads(layerline(*args, "--seed", "8", "hi").stdout)["token_ids"]
+    assert one == two != other
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["run", "--layers", "10,10"], "must be positive and sum to the model's 30 layers"),
+        (["run", "--stages", "31"], "cannot split 30 layers into 31 stages"),
+        (["run", "--layers", "a,b"], "comma-separated layer counts"),
+        (["run", "--stages", "0"], "expected a positive integer"),
+        (["run", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["run", "--model", "no-such-model"], "model not found: 'no-such-model'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(args, words):
+    out = layerline(*args, "hi")
+    assert out.returncode == 2
+    assert words in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_info():
+    out = layerline("info", "--model", "smollm2")
+    assert out.returncode == 0, out.stderr
+    assert "num_layers: 30" in out.stdout and "num_kv_heads: 3" in out.stdout
