@@ -25,3 +25,15 @@ class PositionError(BadInputError):
 
 class CacheFullError(BadInputError):
     """A sequence would grow past the max length its KV cache was allocated for."""
+
+
+class NotFoundError(LayerlineError):
+    """A session (or other named thing) does not exist: never opened, closed, or expired."""
+
+
+class ResourceExhaustedError(LayerlineError):
+    """A request does not fit what is left: KV cache budget, queue space, message size."""
+
+
+class FailedPreconditionError(LayerlineError):
+    """A request is well formed but not valid in the current state (e.g. Subscribe on a stage that is not last)."""
