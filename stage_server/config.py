@@ -1,0 +1,47 @@
+"""The stage server's settings, as one typed dataclass filled by the CLI (or by tests) and passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def default_kv_cache_bytes() -> int:
+    """A quarter of the memory available now (Linux), capped at 8 GiB; 2 GiB where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return min(kb * 1024 // 4, 8 << 30)
+    except (OSError, StopIteration, ValueError):
+        return 2 << 30
+
+
+@dataclass
+class StageConfig:
+    model: str  # HF folder or GGUF file (already resolved)
+    start: int  # serves layers [start, end)
+    end: int
+    host: str = "127.0.0.1"  # address to bind
+    port: int = 0  # 0 = any free port (the ready line says which)
+    next_address: str = ""  # default next stage, host:port ("" = sessions name it, or this is the last stage)
+    dtype: torch.dtype = torch.float32  # compute dtype of this stage
+    device: str = "cpu"
+    wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to the next stage
+    kv_cache_bytes: int = 0  # KV cache budget for all sessions; 0 = default_kv_cache_bytes()
+    session_ttl: float = 600.0  # seconds without use after which a session is closed
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message sent or received
+    max_sessions: int = 1024  # open sessions at most
+    max_queued_steps: int = 64  # steps waiting for compute before senders are slowed down (flow control)
+    max_queued_results: int = 4096  # results a subscriber may fall behind before its session is dropped
+    threads: int = 0  # torch threads for compute; 0 = torch's default
+    grace: float = 5.0  # seconds in-flight work gets to finish on shutdown
+    advertise: str = ""  # address other processes should use; "" = host:port
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_bytes <= 0:
+            self.kv_cache_bytes = default_kv_cache_bytes()
+        if self.session_ttl <= 0:
+            raise ValueError(f"session TTL must be positive, got {self.session_ttl}")

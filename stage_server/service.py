@@ -1,0 +1,448 @@
+"""The Stage gRPC servicer: sessions, steps in, results out.
+
+Data path (see protos/layerline/v1/stage.proto): a step arrives on a Push stream, is checked on the event loop
+(session, shapes, dtypes: cheap, and a bad step is answered at once without disturbing anyone), then queued for
+the single compute thread, which runs the stage's layers on the session's KV cache. The output goes to the next
+stage over a shared long-lived stream (`downstream.py`) or, at the last stage, becomes a sampled token published
+to the session's subscriber. While the compute thread works on one step the event loop keeps receiving the next
+ones and sending the previous results, so network and compute overlap. Every failure becomes a PushReply with a
+gRPC status code for the sender of the step; failures further down the chain are relayed back the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+import layerline
+from layerline import wire
+from layerline.errors import (
+    BadInputError,
+    FailedPreconditionError,
+    LayerlineError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from layerline.model import StageModel
+from layerline.sampling import SamplingParams, sample
+from layerline.stage_server.config import StageConfig
+from layerline.stage_server.downstream import Downstream
+from layerline.stage_server.sessions import Sampler, Session, SessionTable
+from layerline.stage_server.status import status_of
+from layerline.v1 import stage_pb2, stage_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 4096
+
+
+@dataclass
+class WorkItem:
+    step: stage_pb2.Step
+    session: Session
+    replies: asyncio.Queue  # the Push stream the step came on
+    x: torch.Tensor  # token ids [B, T] or hidden states [B, T, hidden]
+    positions: torch.Tensor  # [B, T]
+    tokens: torch.Tensor | None  # [B, T]
+    rows: list[int]  # session rows of the batch rows
+    sampling: SamplingParams | None  # new sampler settings carried by the step (checked before anything runs)
+
+
+def sampling_from_wire(msg: stage_pb2.SamplingParams) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=float(msg.temperature),
+            top_k=int(msg.top_k),
+            top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,
+            repetition_penalty=float(msg.repetition_penalty) if msg.repetition_penalty > 0 else 1.0,
+            seed=int(msg.seed) if msg.HasField("seed") else None,
+        )
+    except ValueError as e:
+        raise BadInputError(f"sampling: {e}") from None
+
+
+class StageService(stage_pb2_grpc.StageServicer):
+    def __init__(
+        self,
+        model: StageModel,
+        config: StageConfig,
+        model_name: str,
+        fingerprint: str,
+        tokenizer_json: str | None,
+    ) -> None:
+        self.model, self.config = model, config
+        self.model_name, self.fingerprint, self.tokenizer_json = model_name, fingerprint, tokenizer_json
+        self.label = f"layers {model.start}:{model.end}"
+        self.sessions = SessionTable(config.kv_cache_bytes, config.session_ttl, config.max_sessions)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerline-compute")
+        self.work: asyncio.Queue[WorkItem] = asyncio.Queue(maxsize=config.max_queued_steps)
+        self.downstreams: dict[str, Downstream] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.steps_done = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._compute_loop(), name="compute"),
+            asyncio.create_task(self._sweep_loop(), name="session sweeper"),
+        ]
+
+    async def stop(self) -> None:
+        """After the gRPC server has stopped: finish the steps already queued, then release everything."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._drain(), timeout=self.config.grace)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for d in self.downstreams.values():
+            await d.close()
+        for s in self.sessions.all():
+            self._close(s.id, "the stage shut down")
+        self.executor.shutdown(wait=True)
+
+    async def _drain(self) -> None:
+        while not self.work.empty():
+            await asyncio.sleep(0.01)
+
+    # ---- unary RPCs ----------------------------------------------------------------------------------------------
+
+    async def Info(self, request: stage_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageInfo:
+        m, c = self.model, self.config
+        return stage_pb2.StageInfo(
+            model_name=self.model_name,
+            model_fingerprint=self.fingerprint,
+            start_layer=m.start,
+            end_layer=m.end,
+            num_layers=m.config.num_layers,
+            hidden_size=m.config.hidden_size,
+            vocab_size=m.config.vocab_size,
+            dtype=str(m.dtype).removeprefix("torch."),
+            device=str(m.device),
+            wire_dtype=wire.TO_WIRE[c.wire_dtype],
+            next_address=c.next_address,
+            kv_bytes_total=self.sessions.budget_bytes,
+            kv_bytes_used=self.sessions.used_bytes,
+            open_sessions=len(self.sessions),
+            max_message_bytes=c.max_message_bytes,
+            kv_bytes_per_token=m.cache_bytes(1, 1),
+            version=layerline.__version__,
+            max_length=m.config.max_position_embeddings,
+        )
+
+    async def OpenSession(
+        self, request: stage_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.OpenSessionResponse:
+        m = self.model
+        rows = request.rows or 1
+        limit = m.config.max_position_embeddings
+        if not 0 < rows <= MAX_ROWS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rows must be in 1..{MAX_ROWS}, got {rows}")
+        if request.max_length <= 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be positive, got {request.max_length}"
+            )
+        if request.max_length > limit:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE, f"max_length {request.max_length} exceeds the model's context of {limit}"
+            )
+        next_address, next_id = "", ""
+        if not m.is_last:
+            next_address = request.next_address or self.config.next_address
+            next_id = request.next_session_id
+            if not next_address:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.label} is not the last stage and has no next stage: give next_address or start it with --next",
+                )
+            if not next_id:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "next_session_id is required (this is not the last stage)"
+                )
+        wire_dtype = self.config.wire_dtype
+        if request.wire_dtype:
+            wire_dtype = wire.FROM_WIRE.get(request.wire_dtype)
+            if wire_dtype not in wire.WIRE_DTYPES.values():
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"wire_dtype {request.wire_dtype} is not a float type"
+                )
+        kv_bytes = m.cache_bytes(rows, request.max_length)
+        try:
+            session = self.sessions.open(
+                rows,
+                request.max_length,
+                kv_bytes,
+                lambda: m.new_cache(rows, request.max_length),
+                next_address=next_address,
+                next_session_id=next_id,
+                wire_dtype=wire_dtype,
+            )
+        except ResourceExhaustedError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RuntimeError as e:  # the allocation itself failed
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"could not allocate the KV cache: {e}")
+        if m.is_last:
+            session.sampler = Sampler(SamplingParams(), None, [[] for _ in range(rows)])
+            session.results = asyncio.Queue(maxsize=self.config.max_queued_results + 1)
+        logger.info(
+            "opened session %s (rows=%d, max_length=%d, %d bytes)", session.id[:8], rows, request.max_length, kv_bytes
+        )
+        return stage_pb2.OpenSessionResponse(
+            session_id=session.id, kv_bytes=kv_bytes, ttl_seconds=self.config.session_ttl
+        )
+
+    async def CloseSession(
+        self, request: stage_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.CloseSessionResponse:
+        return stage_pb2.CloseSessionResponse(closed=self._close(request.session_id, "closed by the client"))
+
+    async def GetTokenizer(
+        self, request: stage_pb2.TokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.TokenizerResponse:
+        if self.tokenizer_json is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{self.model_name} has no tokenizer on this stage"
+            )
+        return stage_pb2.TokenizerResponse(tokenizer_json=self.tokenizer_json)
+
+    def _close(self, session_id: str, reason: str) -> bool:
+        session = self.sessions.close(session_id, reason)
+        if session is None:
+            return False
+        if session.results is not None:
+            _put_latest(session.results, None)  # ends the subscriber's stream
+        if session.next_address in self.downstreams:
+            self.downstreams[session.next_address].forget(session.next_session_id)
+        logger.info("session %s: %s", session_id[:8], reason)
+        return True
+
+    # ---- streams -------------------------------------------------------------------------------------------------
+
+    async def Push(
+        self, request_iterator: AsyncIterator[stage_pb2.Step], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[stage_pb2.PushReply]:
+        replies: asyncio.Queue[stage_pb2.PushReply] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_steps(request_iterator, replies))
+        try:
+            while True:
+                get = asyncio.ensure_future(replies.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    yield get.result()
+                    continue
+                get.cancel()
+                reader.result()  # the sender half-closed: what is queued still gets its replies (not awaited)
+                return
+        finally:
+            reader.cancel()
+
+    async def _read_steps(self, steps: AsyncIterator[stage_pb2.Step], replies: asyncio.Queue) -> None:
+        async for step in steps:
+            try:
+                item = self._admit(step, replies)
+            except LayerlineError as e:
+                replies.put_nowait(self._reply(step.session_id, step.seq, e))
+                continue
+            await self.work.put(item)  # waits while the compute queue is full: flow control up the chain
+
+    def _admit(self, step: stage_pb2.Step, replies: asyncio.Queue) -> WorkItem:
+        """Check everything about a step that does not need the cache, on the event loop."""
+        m = self.model
+        session = self.sessions.get(step.session_id)
+        session.reply_to = replies
+        if not step.HasField("positions"):
+            raise BadInputError("positions are missing")
+        positions = wire.decode(step.positions, "positions", dtypes=(torch.int64,), ndim=2)
+        B, T = positions.shape
+        if B == 0 or T == 0:
+            raise BadInputError(f"positions: empty shape {[B, T]}")
+        if bool((positions < -1).any()):
+            raise BadInputError("positions: only -1 (padding) may be negative")
+        if step.sample and bool((positions[:, -1] < 0).any()):
+            raise BadInputError("a step that samples needs a real token in the last column of every row")
+        sampling = sampling_from_wire(step.sampling) if step.HasField("sampling") else None
+        rows = list(step.rows)
+        if rows:
+            if len(rows) != B:
+                raise BadInputError(f"rows: {len(rows)} given for a batch of {B}")
+            if any(not 0 <= r < session.rows for r in rows) or len(set(rows)) != len(rows):
+                raise BadInputError(f"rows: {rows} are not distinct rows of a session with {session.rows}")
+        elif B != session.rows:
+            raise BadInputError(f"a batch of {B} rows needs `rows` (the session has {session.rows})")
+        else:
+            rows = list(range(B))
+        tokens = None
+        if step.HasField("tokens"):
+            tokens = wire.decode(step.tokens, "tokens", dtypes=(torch.int64, torch.int32), ndim=2)
+            if tokens.shape != positions.shape:
+                raise BadInputError(f"tokens have shape {list(tokens.shape)}, positions {[B, T]}")
+        if m.is_first:
+            if tokens is None:
+                raise BadInputError(f"{self.label} is the first stage: the step needs tokens")
+            x = tokens
+        else:
+            if not step.HasField("hidden"):
+                raise BadInputError(f"{self.label} needs hidden states")
+            x = wire.decode(step.hidden, "hidden", dtypes=tuple(wire.WIRE_DTYPES.values()), ndim=3)
+            if tuple(x.shape) != (B, T, m.config.hidden_size):
+                raise BadInputError(
+                    f"hidden: shape {list(x.shape)}, expected {[B, T, m.config.hidden_size]} (batch, tokens, hidden)"
+                )
+        if step.sample and not m.is_last and session.next_address == "":
+            raise FailedPreconditionError("nowhere to send the step")
+        return WorkItem(step, session, replies, x, positions, tokens, rows, sampling)
+
+    async def Subscribe(
+        self, request: stage_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[stage_pb2.Result]:
+        if not self.model.is_last:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.label} is not the last stage")
+        try:
+            session = self.sessions.get(request.session_id)
+        except NotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if session.subscribed:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the session already has a subscriber")
+        session.subscribed = True
+        try:
+            while True:
+                result = await session.results.get()
+                if result is None:
+                    if session.close_reason != "closed by the client":
+                        await context.abort(grpc.StatusCode.NOT_FOUND, f"session closed: {session.close_reason}")
+                    return
+                yield result
+        finally:
+            session.subscribed = False  # a client whose stream broke may subscribe again
+
+    # ---- compute -------------------------------------------------------------------------------------------------
+
+    async def _compute_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await self.work.get()
+            if item.session.closed:
+                continue
+            try:
+                out = await loop.run_in_executor(self.executor, self._compute, item)
+            except Exception as e:
+                if not isinstance(e, LayerlineError):
+                    logger.exception("step %d of session %s failed", item.step.seq, item.session.id[:8])
+                item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, e))
+                continue
+            self.steps_done += 1
+            if item.session.closed or out is None:
+                continue
+            if isinstance(out, stage_pb2.Result):
+                if item.session.results.qsize() >= self.config.max_queued_results:
+                    self._close(item.session.id, "its subscriber fell too far behind")
+                else:
+                    item.session.results.put_nowait(out)
+            else:
+                await self._downstream(item.session.next_address).send(out)
+
+    def _compute(self, item: WorkItem) -> stage_pb2.Step | stage_pb2.Result | None:
+        """On the compute thread: the stage's layers for one step, then sampling (last stage) or the wire message
+        for the next stage."""
+        step, session, m = item.step, item.session, self.model
+        cache = session.cache
+        if cache is None:
+            raise NotFoundError("the session was closed")
+        if step.HasField("truncate"):
+            for r in item.rows:
+                if not 0 <= step.truncate <= cache.lengths[r]:
+                    raise BadInputError(
+                        f"truncate: row {r} holds {cache.lengths[r]} positions, cannot keep {step.truncate}"
+                    )
+            for r in item.rows:
+                cache.truncate(r, step.truncate)
+                if session.sampler is not None:
+                    del session.sampler.history[r][step.truncate :]
+        out = m(item.x, item.positions, cache, item.rows, last_only=step.sample)
+        if not m.is_last:
+            onward = stage_pb2.Step(
+                session_id=session.next_session_id,
+                seq=step.seq,
+                positions=step.positions,
+                hidden=wire.encode(out, session.wire_dtype),
+                rows=step.rows,
+                sample=step.sample,
+            )
+            if step.HasField("tokens"):
+                onward.tokens.CopyFrom(step.tokens)
+            if step.HasField("sampling"):
+                onward.sampling.CopyFrom(step.sampling)
+            if step.HasField("truncate"):
+                onward.truncate = step.truncate
+            return onward
+        sampler = session.sampler
+        if item.sampling is not None:
+            sampler.params, sampler.generator = item.sampling, item.sampling.generator()
+        if item.tokens is not None:
+            for b, r in enumerate(item.rows):
+                valid = item.positions[b] >= 0
+                sampler.history[r].extend(item.tokens[b][valid].tolist())
+        if not step.sample:
+            return None
+        ids = sample(out[:, -1], sampler.params, sampler.generator, [sampler.history[r] for r in item.rows])
+        return stage_pb2.Result(seq=step.seq, token_ids=ids.tolist(), rows=item.rows)
+
+    # ---- links and replies ---------------------------------------------------------------------------------------
+
+    def _downstream(self, address: str) -> Downstream:
+        d = self.downstreams.get(address)
+        if d is None:
+            d = Downstream(
+                address, self.config.max_message_bytes, self._on_downstream_reply, self._on_downstream_failure
+            )
+            self.downstreams[address] = d
+        return d
+
+    def _reply(self, session_id: str, seq: int, exc: BaseException | None = None, code=None, message: str = ""):
+        if exc is not None:
+            code, message = status_of(exc)
+        return stage_pb2.PushReply(
+            session_id=session_id, seq=seq, code=code.value[0], message=message, stage=self.label
+        )
+
+    def _upstream_of(self, next_session_id: str) -> Session | None:
+        return self.sessions.find(lambda s: s.next_session_id == next_session_id)
+
+    def _on_downstream_reply(self, reply: stage_pb2.PushReply) -> None:
+        """A later stage rejected a step: pass it back to whoever sent us the session's steps."""
+        session = self._upstream_of(reply.session_id)
+        if session is not None and session.reply_to is not None:
+            relayed = stage_pb2.PushReply()
+            relayed.CopyFrom(reply)
+            relayed.session_id = session.id
+            session.reply_to.put_nowait(relayed)
+
+    def _on_downstream_failure(self, next_session_ids: set[str], message: str) -> None:
+        for nid in next_session_ids:
+            session = self._upstream_of(nid)
+            if session is not None and session.reply_to is not None:
+                session.reply_to.put_nowait(
+                    self._reply(session.id, 0, code=grpc.StatusCode.UNAVAILABLE, message=message)
+                )
+
+    async def _sweep_loop(self) -> None:
+        period = min(max(self.config.session_ttl / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            for sid in self.sessions.expired():
+                self._close(sid, f"expired after {self.config.session_ttl:g} s without use")
+
+
+def _put_latest(queue: asyncio.Queue, item: object) -> None:
+    """Put without waiting, dropping the oldest entry if the queue is full."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)

@@ -1,0 +1,131 @@
+"""Sessions on one stage: unguessable ids, the KV cache each holds, the stage's KV memory budget, and expiry.
+
+`SessionTable` is plain bookkeeping, usable and tested without a network: it admits a session only if its KV
+cache fits what is left of the budget (refusing with a message saying how much was asked and how much is free),
+frees the cache the moment a session is closed, and names the sessions idle for longer than the TTL. What a
+session's steps do is the servicer's business (`service.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from layerline.errors import NotFoundError, ResourceExhaustedError
+from layerline.kv_cache import KVCache
+from layerline.sampling import SamplingParams
+
+
+@dataclass
+class Sampler:
+    """The last stage's sampling state for one session: settings, seeded generator, and token history per row."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    history: list[list[int]]
+
+
+@dataclass
+class Session:
+    id: str
+    rows: int
+    max_length: int
+    cache: KVCache
+    kv_bytes: int
+    next_address: str  # where steps go next ("" at the last stage)
+    next_session_id: str
+    wire_dtype: torch.dtype
+    last_used: float
+    sampler: Sampler | None = None  # last stage only
+    results: asyncio.Queue | None = None  # last stage only: Result messages for the subscriber
+    reply_to: Any = None  # the reply queue of the Push stream this session's steps last came from
+    closed: bool = False
+    close_reason: str = ""
+    subscribed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 random bits
+
+
+class SessionTable:
+    def __init__(self, budget_bytes: int, ttl: float, max_sessions: int, clock: Callable[[], float] = time.monotonic):
+        self.budget_bytes = budget_bytes
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self.used_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+    def open(
+        self,
+        rows: int,
+        max_length: int,
+        kv_bytes: int,
+        make_cache: Callable[[], KVCache],
+        **fields: Any,
+    ) -> Session:
+        """Admit a session whose cache takes `kv_bytes`, or raise ResourceExhaustedError saying why not."""
+        if len(self._sessions) >= self.max_sessions:
+            raise ResourceExhaustedError(f"this stage already holds its maximum of {self.max_sessions} sessions")
+        if kv_bytes > self.free_bytes:
+            raise ResourceExhaustedError(
+                f"the session needs {kv_bytes} bytes of KV cache (rows={rows}, max_length={max_length}) but only "
+                f"{self.free_bytes} of {self.budget_bytes} bytes are free on this stage"
+            )
+        session = Session(
+            id=new_session_id(),
+            rows=rows,
+            max_length=max_length,
+            cache=make_cache(),
+            kv_bytes=kv_bytes,
+            last_used=self.clock(),
+            **fields,
+        )
+        self._sessions[session.id] = session
+        self.used_bytes += kv_bytes
+        return session
+
+    def get(self, session_id: str) -> Session:
+        """The open session with this id (its idle timer restarts), or NotFoundError."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            shown = session_id if len(session_id) <= 40 else session_id[:40] + "..."
+            raise NotFoundError(f"session {shown!r} not found on this stage (never opened, closed or expired)")
+        session.last_used = self.clock()
+        return session
+
+    def find(self, predicate: Callable[[Session], bool]) -> Session | None:
+        return next((s for s in self._sessions.values() if predicate(s)), None)
+
+    def close(self, session_id: str, reason: str = "closed") -> Session | None:
+        """Forget the session and give its cache memory back at once; None if there was no such session."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return None
+        session.closed = True
+        session.close_reason = reason
+        self.used_bytes -= session.kv_bytes
+        session.cache = None  # type: ignore[assignment]  # the tensors go with the last reference
+        return session
+
+    def expired(self) -> list[str]:
+        now = self.clock()
+        return [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl]
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
