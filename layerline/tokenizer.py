@@ -103,6 +103,37 @@ class Tokenizer:
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
+    def to_json(self) -> str:
+        """Everything needed to rebuild this tokenizer elsewhere (a client), as plain JSON."""
+        return json.dumps(
+            {
+                "backend": self.backend.to_str(),
+                "bos_token_id": self.bos_token_id,
+                "eos_token_ids": self.eos_token_ids,
+                "pad_token_id": self.pad_token_id,
+                "special_tokens": self.special_tokens,
+                "chat_template": self.chat_template,
+                "source": self.source,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Tokenizer:
+        """The inverse of `to_json`; malformed input is a CheckpointError."""
+        try:
+            d = json.loads(text)
+            return cls(
+                _Backend.from_str(d["backend"]),
+                bos_token_id=d["bos_token_id"],
+                eos_token_ids=[int(i) for i in d["eos_token_ids"]],
+                pad_token_id=d["pad_token_id"],
+                special_tokens={str(k): str(v) for k, v in d["special_tokens"].items()},
+                chat_template=d["chat_template"],
+                source=str(d["source"]),
+            )
+        except Exception as e:  # json, key and type errors, and tokenizers raises plain Exception
+            raise CheckpointError(f"not a serialized layerline tokenizer: {type(e).__name__}: {e}") from None
+
     @classmethod
     def from_path(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """A folder -> `from_hf_folder`; a `.gguf` file -> `from_gguf`; a `tokenizer.json` file -> its folder."""

@@ -1,0 +1,514 @@
+"""The asyncio client: open sessions on a route of stage servers and stream generated tokens.
+
+Data path per generated token (N + 1 hops for N stages; the hidden state never comes back here): the session's
+Push stream carries the token into the first stage, the stages pass hidden states along, the last stage samples
+and publishes the next token on the session's Subscribe stream, and this client feeds it back in. A session keeps
+the conversation's tokens (`history`) and how many of them the stages' KV caches hold (`fed`), so later calls
+continue from the cache. Every failure surfaces as `RPCError`. The client imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from layerline.client.errors import RPCError, code_from_int
+from layerline.text_stream import TextStream
+from layerline.tokenizer import Tokenizer
+from layerline.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
+
+logger = logging.getLogger(__name__)
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    step_timeout: float = 120.0  # seconds a step may take to come back before the call fails
+    connect_timeout: float = 15.0  # seconds for Info / OpenSession / CloseSession calls
+    max_message_bytes: int = 64 * 1024 * 1024  # largest message sent or received
+    prefill_chunk: int = 512  # prompt tokens per step (fewer when the hidden states would not fit a message)
+    wire_dtype: str = ""  # "float32", "float16" or "bfloat16" for hidden states between stages; "" = stage default
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated token and the text it adds (may be "" while a character or a stop string is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens or the session's max_length)
+
+
+@dataclass(frozen=True)
+class Options:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None  # None = the tokenizer's end-of-sequence ids
+
+    @classmethod
+    def make(cls, **kw: Any) -> Options:
+        if "stop" in kw and isinstance(kw["stop"], str):
+            kw["stop"] = (kw["stop"],)
+        for k in ("stop", "stop_token_ids"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        unknown = set(kw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise RPCError(INVALID, f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        o = cls(**kw)
+        problems = []
+        if o.max_new_tokens <= 0:
+            problems.append(f"max_new_tokens must be positive, got {o.max_new_tokens}")
+        if not o.temperature >= 0:
+            problems.append(f"temperature must be >= 0, got {o.temperature}")
+        if o.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {o.top_k}")
+        if not 0 < o.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {o.top_p}")
+        if not o.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0, got {o.repetition_penalty}")
+        if problems:
+            raise RPCError(INVALID, "; ".join(problems))
+        return o
+
+    def sampling(self) -> stage_pb2.SamplingParams:
+        msg = stage_pb2.SamplingParams(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty
+        )
+        if self.seed is not None:
+            msg.seed = self.seed % (1 << 64)
+        return msg
+
+
+def int64_tensor(rows: list[list[int]]) -> tensor_pb2.Tensor:
+    a = np.asarray(rows, dtype="<i8")
+    return tensor_pb2.Tensor(dtype=tensor_pb2.INT64, shape=list(a.shape), data=a.tobytes())
+
+
+@dataclass
+class _Link:
+    address: str
+    channel: grpc.aio.Channel
+    stub: stage_pb2_grpc.StageStub
+    info: stage_pb2.StageInfo = field(default_factory=stage_pb2.StageInfo)
+
+
+class AsyncClient:
+    """`AsyncClient(route=["host:port", ...])`: the stages in pipeline order (first stage first)."""
+
+    def __init__(self, route: Sequence[str] | str, *, config: ClientConfig | None = None) -> None:
+        if isinstance(route, str):
+            route = route.split(",")
+        self.route = [a.strip() for a in route if a.strip()]
+        if not self.route:
+            raise RPCError(INVALID, "the route names no stage (expected host:port,host:port,...)")
+        self.config = config or ClientConfig()
+        self._links: list[_Link] | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._tokenizer_loaded = False
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> list[stage_pb2.StageInfo]:
+        """Reach every stage and check that together they serve one model's layers in order."""
+        async with self._lock:
+            if self._links is None:
+                opts = [
+                    ("grpc.max_send_message_length", self.config.max_message_bytes),
+                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ]
+                links = []
+                for a in self.route:
+                    ch = grpc.aio.insecure_channel(a, options=opts)
+                    links.append(_Link(a, ch, stage_pb2_grpc.StageStub(ch)))
+                try:
+                    infos = await asyncio.gather(*(self._info(link) for link in links))
+                    _check_route(links, infos)
+                except BaseException:
+                    for link in links:
+                        await link.channel.close()
+                    raise
+                for link, info in zip(links, infos, strict=True):
+                    link.info = info
+                self._links = links
+        return [link.info for link in self._links]
+
+    async def _info(self, link: _Link) -> stage_pb2.StageInfo:
+        try:
+            return await link.stub.Info(stage_pb2.InfoRequest(), timeout=self.config.connect_timeout)
+        except grpc.aio.AioRpcError as e:
+            raise RPCError(e.code(), f"stage {link.address} is not reachable: {e.details()}", link.address) from None
+
+    async def links(self) -> list[_Link]:
+        await self.connect()
+        assert self._links is not None
+        return self._links
+
+    async def tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer, fetched once from the first stage (None if the stages have none)."""
+        if not self._tokenizer_loaded:
+            link = (await self.links())[0]
+            try:
+                resp = await link.stub.GetTokenizer(stage_pb2.TokenizerRequest(), timeout=self.config.connect_timeout)
+                self._tokenizer = Tokenizer.from_json(resp.tokenizer_json)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise RPCError.from_grpc(e, link.address) from None
+            self._tokenizer_loaded = True
+        return self._tokenizer
+
+    def session(self, max_length: int | None = None) -> AsyncSession:
+        """`async with client.session(max_length=2048) as s:` — several generate/chat calls share one KV cache."""
+        return AsyncSession(self, max_length)
+
+    def generate(
+        self, prompt: str | Sequence[int], *, stream: bool = True, **options: Any
+    ) -> AsyncIterator[Piece] | Awaitable[Generation]:
+        """Stream `Piece`s (async for) or, with stream=False, await one `Generation`. Options: max_new_tokens,
+        temperature, top_k, top_p, repetition_penalty, seed, stop (strings), stop_token_ids. A session is opened
+        for the call and closed at its end, or as soon as the caller stops iterating."""
+        opts = Options.make(**options)
+        return self._one_shot(prompt, None, opts) if stream else self._one_shot_result(prompt, None, opts)
+
+    def chat(
+        self, messages: list[dict[str, Any]], *, stream: bool = True, **options: Any
+    ) -> AsyncIterator[Piece] | Awaitable[Generation]:
+        """Like generate, with the prompt made by the model's chat template from `messages`."""
+        opts = Options.make(**options)
+        return self._one_shot(None, messages, opts) if stream else self._one_shot_result(None, messages, opts)
+
+    async def _one_shot(
+        self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
+    ) -> AsyncIterator[Piece]:
+        ids = await self._prompt_ids(prompt, messages)
+        async with self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
+            async for piece in s._generate(ids, opts):
+                yield piece
+
+    async def _one_shot_result(
+        self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
+    ) -> Generation:
+        ids = await self._prompt_ids(prompt, messages)
+        async with self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
+            return await s._gather(s._generate(ids, opts))
+
+    async def _fit(self, length: int) -> int:
+        """`length` positions, or the model's context where that is shorter."""
+        return min([length] + [link.info.max_length for link in await self.links() if link.info.max_length])
+
+    async def _prompt_ids(
+        self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, first: bool = True
+    ) -> list[int]:
+        """Token ids of a text prompt (special tokens such as BOS only at the start of a conversation), of a chat,
+        or of ids given as they are."""
+        if messages is not None or isinstance(prompt, str):
+            tok = await self.tokenizer()
+            if tok is None:
+                raise RPCError(grpc.StatusCode.FAILED_PRECONDITION, "the stages serve no tokenizer: pass token ids")
+            try:
+                if messages is not None:
+                    return tok.encode_chat(messages)
+                return tok.encode(prompt, add_special_tokens=first)  # type: ignore[arg-type]
+            except ValueError as e:
+                raise RPCError(INVALID, str(e)) from None
+        try:
+            ids = [int(i) for i in prompt]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise RPCError(INVALID, "the prompt must be a string or a sequence of token ids") from None
+        return ids
+
+    async def close(self) -> None:
+        if self._links is not None:
+            for link in self._links:
+                await link.channel.close()
+            self._links = None
+
+
+def _check_route(links: list[_Link], infos: list[stage_pb2.StageInfo]) -> None:
+    expect = 0
+    for link, info in zip(links, infos, strict=True):
+        if info.model_fingerprint != infos[0].model_fingerprint:
+            raise RPCError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stage {link.address} serves another model ({info.model_name}) than {links[0].address} "
+                f"({infos[0].model_name})",
+            )
+        if info.start_layer != expect:
+            raise RPCError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the route does not cover the layers in order: {link.address} serves {info.start_layer}:"
+                f"{info.end_layer} where layer {expect} was expected next",
+            )
+        expect = info.end_layer
+    if expect != infos[0].num_layers:
+        raise RPCError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the route ends at layer {expect} of {infos[0].num_layers}: layers {expect}:{infos[0].num_layers} are missing",
+        )
+
+
+class AsyncSession:
+    """A conversation held in the stages' KV caches. Use `async with`; `generate` and `chat` continue it."""
+
+    def __init__(self, client: AsyncClient, max_length: int | None) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.ids: list[str] = []
+        self.history: list[int] = []  # every token of the conversation, prompts and generated
+        self.fed = 0  # how many of them the stages' caches hold
+        self.last: Generation | None = None
+        self._seq = 0
+        self._inflight: int | None = None  # a step whose result was not awaited (the caller stopped early)
+        self._push: grpc.aio.StreamStreamCall | None = None
+        self._sub: grpc.aio.UnaryStreamCall | None = None
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        self._busy = asyncio.Lock()
+        self._chunk = 1
+
+    async def __aenter__(self) -> AsyncSession:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        links = await self.client.links()
+        limit = min(link.info.max_length or 1 << 30 for link in links)
+        self.max_length = self.max_length or min(limit, 4096)
+        cfg = self.client.config
+        hidden = links[0].info.hidden_size
+        self._chunk = max(1, min(cfg.prefill_chunk, int(cfg.max_message_bytes * 0.8) // (4 * hidden)))
+        t = tensor_pb2
+        wire = {"": 0, "float32": t.FLOAT32, "float16": t.FLOAT16, "bfloat16": t.BFLOAT16}.get(cfg.wire_dtype)
+        if wire is None:
+            raise RPCError(INVALID, f"wire_dtype {cfg.wire_dtype!r} is not float32, float16 or bfloat16")
+        ids = [""] * len(links)
+        try:
+            # last stage first: each stage must know the session's id at the next one
+            for i in reversed(range(len(links))):
+                req = stage_pb2.OpenSessionRequest(max_length=self.max_length, rows=1, wire_dtype=wire)
+                if i + 1 < len(links):
+                    req.next_address, req.next_session_id = links[i + 1].address, ids[i + 1]
+                try:
+                    resp = await links[i].stub.OpenSession(req, timeout=cfg.connect_timeout)
+                except grpc.aio.AioRpcError as e:
+                    raise RPCError.from_grpc(e, links[i].address) from None
+                ids[i] = resp.session_id
+        except BaseException:
+            await _close_on(links, ids, cfg.connect_timeout)
+            raise
+        self.ids = ids
+        self._push = links[0].stub.Push()
+        self._sub = links[-1].stub.Subscribe(stage_pb2.SubscribeRequest(session_id=ids[-1]))
+        self._tasks = [
+            asyncio.create_task(self._pump(self._push, "reply", links[0].address)),
+            asyncio.create_task(self._pump(self._sub, "result", links[-1].address)),
+        ]
+
+    async def _pump(self, call: Any, kind: str, address: str) -> None:
+        try:
+            async for msg in call:
+                self._events.put_nowait((kind, msg))
+            self._events.put_nowait(("broken", RPCError(grpc.StatusCode.UNAVAILABLE, f"{address} ended the stream")))
+        except grpc.aio.AioRpcError as e:
+            if not self._closed:
+                self._events.put_nowait(("broken", RPCError.from_grpc(e, address)))
+        except asyncio.CancelledError:
+            pass
+
+    async def close(self) -> None:
+        """Free the session's KV cache on every stage (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for call in (self._push, self._sub):
+            if call is not None:
+                call.cancel()
+        if self.ids:
+            await _close_on(await self.client.links(), self.ids, self.client.config.connect_timeout)
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: str | Sequence[int], *, stream: bool = True, **options: Any
+    ) -> AsyncIterator[Piece] | Awaitable[Generation]:
+        """Continue the conversation with `prompt` (text or ids) and generate."""
+        opts = Options.make(**options)
+        pieces = self._from_prompt(prompt, opts)
+        return pieces if stream else self._gather(pieces)
+
+    def chat(
+        self, messages: list[dict[str, Any]], *, stream: bool = True, **options: Any
+    ) -> AsyncIterator[Piece] | Awaitable[Generation]:
+        """`messages` is the whole conversation so far (the model's answers included); only what the stages do not
+        hold yet is sent. Where the template renders earlier turns differently from what was generated, the
+        stages roll back to the common prefix."""
+        opts = Options.make(**options)
+        pieces = self._from_messages(messages, opts)
+        return pieces if stream else self._gather(pieces)
+
+    async def _gather(self, pieces: AsyncIterator[Piece]) -> Generation:
+        async for _ in pieces:
+            pass
+        assert self.last is not None
+        return self.last
+
+    async def _from_prompt(self, prompt: str | Sequence[int], opts: Options) -> AsyncIterator[Piece]:
+        ids = await self.client._prompt_ids(prompt, None, first=not self.history)
+        async for piece in self._generate(ids, opts):
+            yield piece
+
+    async def _from_messages(self, messages: list[dict[str, Any]], opts: Options) -> AsyncIterator[Piece]:
+        rendered = await self.client._prompt_ids(None, messages)
+        common = 0
+        for a, b in zip(rendered, self.history, strict=False):
+            if a != b:
+                break
+            common += 1
+        async for piece in self._generate(rendered[common:], opts, keep=common):
+            yield piece
+
+    async def _generate(self, new_ids: list[int], opts: Options, keep: int | None = None) -> AsyncIterator[Piece]:
+        """Feed what the stages do not hold yet (the last generated token, then `new_ids`), then decode."""
+        if self._closed or not self.ids:
+            raise RPCError(grpc.StatusCode.FAILED_PRECONDITION, "the session is not open")
+        async with self._busy:
+            if self._inflight is not None:  # a previous generation stopped early: let its last step land
+                await self._wait(self._inflight)
+                self._inflight = None
+            truncate = None
+            if keep is not None and keep < len(self.history):
+                self.history = self.history[:keep]
+            if self.fed > len(self.history):
+                truncate = self.fed = len(self.history)
+            prompt_ids = list(new_ids)
+            pending = self.history[self.fed :] + prompt_ids
+            if not pending:
+                raise RPCError(INVALID, "the prompt is empty")
+            tok = await self.client.tokenizer()
+            vocab = self.client._links[0].info.vocab_size  # type: ignore[index]
+            if any(not 0 <= t < vocab for t in prompt_ids):
+                raise RPCError(INVALID, f"token ids must be in [0, {vocab})")
+            needed = len(self.history) + len(prompt_ids)
+            if needed > self.max_length:  # type: ignore[operator]
+                raise RPCError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"the conversation needs {needed} positions but the session's max_length is {self.max_length}",
+                )
+            self.history.extend(prompt_ids)
+            stop_ids = opts.stop_token_ids if opts.stop_token_ids is not None else (tok.eos_token_ids if tok else ())
+            decoder = tok.stream_decoder(skip_special_tokens=True) if tok else None
+            stream = TextStream(decoder, opts.stop, stop_ids)
+            out_ids: list[int] = []
+            # the prompt in chunks of at most self._chunk tokens; the last chunk asks for a sampled token
+            for c0 in range(0, len(pending), self._chunk):
+                chunk = pending[c0 : c0 + self._chunk]
+                last = c0 + self._chunk >= len(pending)
+                seq = await self._send(chunk, self.fed, sample=last, opts=opts if last else None, truncate=truncate)
+                truncate = None
+                self.fed += len(chunk)
+            self._inflight = seq
+            token = await self._result(seq)
+            self._inflight = None
+            while True:
+                out_ids.append(token)
+                self.history.append(token)
+                at_limit = len(out_ids) >= opts.max_new_tokens or self.fed >= self.max_length  # type: ignore[operator]
+                yield Piece(token, stream.push(token, at_limit))
+                if stream.finish_reason:
+                    self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
+                    return
+                seq = await self._send([token], self.fed, sample=True)
+                self.fed += 1
+                self._inflight = seq
+                token = await self._result(seq)
+                self._inflight = None
+
+    async def _send(
+        self,
+        tokens: list[int],
+        start: int,
+        sample: bool,
+        opts: Options | None = None,
+        truncate: int | None = None,
+    ) -> int:
+        self._seq += 1
+        step = stage_pb2.Step(
+            session_id=self.ids[0],
+            seq=self._seq,
+            positions=int64_tensor([list(range(start, start + len(tokens)))]),
+            tokens=int64_tensor([tokens]),
+            sample=sample,
+        )
+        if opts is not None:
+            step.sampling.CopyFrom(opts.sampling())
+        if truncate is not None:
+            step.truncate = truncate
+        try:
+            await self._push.write(step)  # type: ignore[union-attr]
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            if isinstance(e, grpc.aio.AioRpcError):
+                raise RPCError.from_grpc(e, self.client.route[0]) from None
+            raise RPCError(grpc.StatusCode.UNAVAILABLE, "the session's stream to the first stage is closed") from None
+        return self._seq
+
+    async def _result(self, seq: int) -> int:
+        result = await self._wait(seq)
+        return int(result.token_ids[0])
+
+    async def _wait(self, seq: int) -> stage_pb2.Result:
+        timeout = self.client.config.step_timeout
+        while True:
+            try:
+                kind, msg = await asyncio.wait_for(self._events.get(), timeout)
+            except asyncio.TimeoutError:
+                raise RPCError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no result for step {seq} within {timeout:g} s"
+                ) from None
+            if kind == "broken":
+                raise msg
+            if kind == "reply":
+                raise RPCError(code_from_int(msg.code), msg.message, msg.stage)
+            if msg.seq == seq:
+                return msg
+            # an older step's result (a generation stopped early): skip it
+
+
+async def _close_on(links: list[_Link], ids: list[str], timeout: float) -> None:
+    async def one(link: _Link, sid: str) -> None:
+        if sid:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                await link.stub.CloseSession(stage_pb2.CloseSessionRequest(session_id=sid), timeout=timeout)
+
+    await asyncio.gather(*(one(link, sid) for link, sid in zip(links, ids, strict=True)))

@@ -1,0 +1,156 @@
+"""The synchronous client: the asyncio client (`aio.py`) driven from a private event-loop thread, with the same
+methods returning plain iterators and values. Leaving a `for` loop over a stream early (break, exception,
+KeyboardInterrupt) closes the stream at once, which frees an implicit session on every stage."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
+
+from layerline.client.aio import AsyncClient, AsyncSession, ClientConfig, Generation, Piece
+from layerline.tokenizer import Tokenizer
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="layerline-client", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop thread and wait for it. If the wait is interrupted (KeyboardInterrupt...), the
+        coroutine is cancelled and has finished unwinding (its cleanup awaited) before the interruption goes on."""
+        finished = threading.Event()
+
+        async def tracked() -> T:
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            finished.wait(timeout=30)
+            raise
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    item = self.run(agen.__anext__())  # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            self.run(agen.aclose())  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.run(_cancel_pending())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+async def _cancel_pending() -> None:
+    """Cancel what is still running on the loop (e.g. grpc's own bookkeeping tasks) and let it finish."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _make(route: Sequence[str] | str, config: ClientConfig | None) -> AsyncClient:
+    return AsyncClient(route, config=config)
+
+
+class Client:
+    """`Client(route=["host:port", ...])`; use as a context manager or call `close()`."""
+
+    def __init__(self, route: Sequence[str] | str, *, config: ClientConfig | None = None) -> None:
+        self._loop = _LoopThread()
+        self._aio = self._loop.run(_make(route, config))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def route(self) -> list[str]:
+        return self._aio.route
+
+    def connect(self) -> list[Any]:
+        return self._loop.run(self._aio.connect())
+
+    def tokenizer(self) -> Tokenizer | None:
+        return self._loop.run(self._aio.tokenizer())
+
+    def generate(
+        self, prompt: str | Sequence[int], *, stream: bool = True, **options: Any
+    ) -> Iterator[Piece] | Generation:
+        """A stream of `Piece`s, or with stream=False the whole `Generation` (see AsyncClient.generate)."""
+        result = self._aio.generate(prompt, stream=stream, **options)
+        return self._loop.iterate(result) if stream else self._loop.run(result)  # type: ignore[arg-type]
+
+    def chat(
+        self, messages: list[dict[str, Any]], *, stream: bool = True, **options: Any
+    ) -> Iterator[Piece] | Generation:
+        result = self._aio.chat(messages, stream=stream, **options)
+        return self._loop.iterate(result) if stream else self._loop.run(result)  # type: ignore[arg-type]
+
+    def session(self, max_length: int | None = None) -> Session:
+        """`with client.session(max_length=2048) as s:` — several generate/chat calls share one KV cache."""
+        return Session(self, self._aio.session(max_length))
+
+    def close(self) -> None:
+        if self._loop.loop.is_running():
+            self._loop.run(self._aio.close())
+        self._loop.stop()
+
+
+class Session:
+    def __init__(self, client: Client, aio: AsyncSession) -> None:
+        self._client, self._aio = client, aio
+
+    def __enter__(self) -> Session:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def history(self) -> list[int]:
+        return self._aio.history
+
+    @property
+    def last(self) -> Generation | None:
+        return self._aio.last
+
+    def open(self) -> None:
+        self._client._loop.run(self._aio.open())
+
+    def close(self) -> None:
+        self._client._loop.run(self._aio.close())
+
+    def generate(
+        self, prompt: str | Sequence[int], *, stream: bool = True, **options: Any
+    ) -> Iterator[Piece] | Generation:
+        result = self._aio.generate(prompt, stream=stream, **options)
+        return self._client._loop.iterate(result) if stream else self._client._loop.run(result)  # type: ignore[arg-type]
+
+    def chat(
+        self, messages: list[dict[str, Any]], *, stream: bool = True, **options: Any
+    ) -> Iterator[Piece] | Generation:
+        result = self._aio.chat(messages, stream=stream, **options)
+        return self._client._loop.iterate(result) if stream else self._client._loop.run(result)  # type: ignore[arg-type]
