@@ -43,6 +43,31 @@ def _positive(text: str) -> int:
     return v
 
 
+def _layer_range(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes a range A:B like 0:15, got {text!r}") from None
+    if not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"--layers range must have 0 <= A < B, got {text!r}")
+    return a, b
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def _bytes(text: str) -> int:
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgib")
+    try:
+        value = float(number) * _UNITS[t[len(number) :]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 2GiB, 512MiB or 1000000, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="embedded model name (smollm2), HF folder or .gguf file")
 
@@ -54,6 +79,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same tokens)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -80,6 +106,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint", epilog="example: layerline info --model smollm2")
     _add_model_args(info)
+
+    stage = sub.add_parser(
+        "stage",
+        help="serve a range of a model's layers over gRPC",
+        description="Serve layers [A, B) of a model as a stage server; prints a ready line with its address.",
+        epilog="example: layerline stage --model smollm2 --layers 0:15 --port 7001 --next 10.0.0.2:7002",
+    )
+    _add_model_args(stage)
+    stage.add_argument("--layers", type=_layer_range, required=True, help="the layer range A:B this stage serves")
+    stage.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    stage.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
+    stage.add_argument("--advertise", default="", help="host:port other machines use to reach this stage")
+    stage.add_argument("--next", default="", help="host:port of the next stage (sessions may name another)")
+    stage.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    stage.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    stage.add_argument(
+        "--kv-cache-bytes", type=_bytes, default=0, help="KV cache budget, e.g. 2GiB (default: 1/4 of free RAM)"
+    )
+    stage.add_argument("--session-ttl", type=float, default=600.0, help="seconds an unused session lives (600)")
+    stage.add_argument("--max-message-bytes", type=_bytes, default=64 << 20, help="largest gRPC message (64MiB)")
+    stage.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+    gen = sub.add_parser(
+        "generate",
+        help="stream an answer from running stage servers",
+        epilog='example: layerline generate --route 10.0.0.1:7001,10.0.0.2:7002 "Why is the sky blue?"',
+    )
+    gen.add_argument("--route", required=True, help="the stages in order: host:port,host:port,...")
+    _add_generation_args(gen)
+    gen.add_argument("prompt")
+
+    local = sub.add_parser(
+        "local",
+        help="start stage servers on this machine, stream an answer, stop them",
+        description="Start the stage servers as separate processes on 127.0.0.1, stream the answer through them "
+        "over gRPC, and shut everything down (also on Ctrl-C).",
+        epilog='example: layerline local --stages 3 "What is the capital of France?"',
+    )
+    _add_model_args(local)
+    lsplit = local.add_mutually_exclusive_group()
+    lsplit.add_argument("--stages", type=_positive, default=None, help="number of near-equal stages (default 3)")
+    lsplit.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
+    local.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    local.add_argument(
+        "--threads", type=_positive, default=None, help="torch threads per stage (default: cores/stages)"
+    )
+    _add_generation_args(local)
+    local.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     return parser
 
 
@@ -91,6 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from layerline.model_source import resolve_model
     from layerline.pipeline import LocalPipeline, split_layers
     from layerline.sampling import SamplingParams
+    from layerline.text_stream import TextStream
     from layerline.tokenizer import Tokenizer
 
     if args.threads:
@@ -111,18 +186,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     stops = config.eos_token_ids or tuple(tokenizer.eos_token_ids)
+    stream = TextStream(tokenizer.stream_decoder(skip_special_tokens=True), args.stop, stops)
     tokens: list[int] = []
-    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     for tok in pipe.generate(prompt_ids, args.max_new_tokens, sampling, stops):
         tokens.append(tok)
+        delta = stream.push(tok, at_limit=len(tokens) >= args.max_new_tokens)
         if not args.json:
-            sys.stdout.write(decoder.push(tok))
+            sys.stdout.write(delta)
             sys.stdout.flush()
+        if stream.finish_reason:
+            break
     if args.json:
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        print(json.dumps({"text": text, "token_ids": tokens, "prompt_token_ids": prompt_ids}))
+        print(json.dumps({"text": stream.text, "token_ids": tokens, "prompt_token_ids": prompt_ids}))
     else:
-        sys.stdout.write(decoder.flush() + "\n")
+        sys.stdout.write("\n")
     return 0
 
 
@@ -145,7 +222,101 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info}
+def cmd_stage(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from layerline.local_cluster import die_with_parent
+    from layerline.model import FLOAT_DTYPES
+    from layerline.model_source import resolve_model
+    from layerline.stage_server.config import StageConfig
+    from layerline.stage_server.server import print_ready, serve
+
+    die_with_parent()
+    try:
+        config = StageConfig(
+            model=resolve_model(args.model),
+            start=args.layers[0],
+            end=args.layers[1],
+            host=args.host,
+            port=args.port,
+            advertise=args.advertise,
+            next_address=args.next,
+            dtype=FLOAT_DTYPES[args.dtype],
+            wire_dtype=FLOAT_DTYPES[args.wire_dtype],
+            kv_cache_bytes=args.kv_cache_bytes,
+            session_ttl=args.session_ttl,
+            max_message_bytes=args.max_message_bytes,
+            threads=args.threads,
+        )
+    except ValueError as e:
+        raise LayerlineError(str(e)) from None
+    asyncio.run(serve(config, on_ready=print_ready))
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
+def _stream_answer(route: list[str], args: argparse.Namespace) -> int:
+    """Generate through the stages at `route` and print the answer (streamed text, or one JSON object)."""
+    from layerline.client import Client
+
+    with Client(route) as client:
+        tok = client.tokenizer()
+        if args.raw or tok is None or not tok.chat_template:
+            pieces = client.generate(args.prompt, **_options(args))
+        else:
+            pieces = client.chat([{"role": "user", "content": args.prompt}], **_options(args))
+        ids = []
+        for piece in pieces:
+            ids.append(piece.token_id)
+            if not args.json:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+        if args.json:
+            prompt_ids = (
+                tok.encode(args.prompt)
+                if (args.raw or not tok.chat_template)
+                else tok.encode_chat([{"role": "user", "content": args.prompt}])
+            )
+            text = tok.decode(ids, skip_special_tokens=True)
+            print(json.dumps({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids}))
+        else:
+            sys.stdout.write("\n")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return _stream_answer([a.strip() for a in args.route.split(",") if a.strip()], args)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from layerline.checkpoint import load_config
+    from layerline.local_cluster import LocalCluster
+    from layerline.model_source import resolve_model
+    from layerline.pipeline import split_layers
+
+    path = resolve_model(args.model)
+    config = load_config(path)
+    try:
+        ranges = split_layers(config.num_layers, args.stages or (None if args.layers else 3), args.layers)
+    except ValueError as e:
+        raise LayerlineError(str(e)) from None
+    with LocalCluster(path, ranges, dtype=args.dtype, threads=args.threads) as cluster:
+        logger.info("stages %s at %s", ranges, cluster.route)
+        return _stream_answer(cluster.route, args)
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info, "stage": cmd_stage, "generate": cmd_generate, "local": cmd_local}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
