@@ -32,3 +32,43 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def stage_cluster():
+    """stage_cluster(model_path, ranges, *extra_stage_args) -> route: stage servers in subprocesses on 127.0.0.1
+    port 0, one torch thread each, shared within a test module and always stopped at its end."""
+    from layerline.local_cluster import LocalCluster
+
+    clusters: dict[tuple, LocalCluster] = {}
+
+    def make(model: str, ranges, *extra: str) -> list[str]:
+        key = (model, tuple(ranges), extra)
+        if key not in clusters:
+            c = LocalCluster(model, ranges, threads=1, extra_args=extra, startup_timeout=120)
+            c.start()
+            clusters[key] = c
+        return list(clusters[key].route)
+
+    yield make
+    for c in clusters.values():
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from layerline.model_source import resolve_model
+
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_path):
+    """transformers' own model from the same GGUF file (the oracle), loaded once per test session."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path)
+    ).eval()

@@ -3,12 +3,9 @@ against transformers loading the same file with `gguf_file=` in one process."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from layerline.model_source import resolve_model
 from layerline.pipeline import LocalPipeline, split_layers
 from layerline.tokenizer import Tokenizer
 from tiny_models import hf_greedy
@@ -20,12 +17,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smol():
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model("smollm2")
-    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).eval()
-    return path, ref, Tokenizer.from_path(path)
+def smol(smollm2_path, smollm2_transformers):
+    return smollm2_path, smollm2_transformers, Tokenizer.from_path(smollm2_path)
 
 
 @pytest.fixture(scope="module")
