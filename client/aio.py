@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import numpy as np
 
 from layerline.client.errors import RPCError, code_from_int
 from layerline.text_stream import TextStream
@@ -100,9 +100,11 @@ class Options:
         return msg
 
 
-def int64_tensor(rows: list[list[int]]) -> tensor_pb2.Tensor:
-    a = np.asarray(rows, dtype="<i8")
-    return tensor_pb2.Tensor(dtype=tensor_pb2.INT64, shape=list(a.shape), data=a.tobytes())
+def int64_tensor(values: list[int]) -> tensor_pb2.Tensor:
+    """One row of int64 values as a [1, n] wire tensor."""
+    return tensor_pb2.Tensor(
+        dtype=tensor_pb2.INT64, shape=[1, len(values)], data=struct.pack(f"<{len(values)}q", *values)
+    )
 
 
 @dataclass
@@ -305,12 +307,17 @@ class AsyncSession:
         limit = min(link.info.max_length or 1 << 30 for link in links)
         self.max_length = self.max_length or min(limit, 4096)
         cfg = self.client.config
-        hidden = links[0].info.hidden_size
-        self._chunk = max(1, min(cfg.prefill_chunk, int(cfg.max_message_bytes * 0.8) // (4 * hidden)))
         t = tensor_pb2
         wire = {"": 0, "float32": t.FLOAT32, "float16": t.FLOAT16, "bfloat16": t.BFLOAT16}.get(cfg.wire_dtype)
         if wire is None:
             raise RPCError(INVALID, f"wire_dtype {cfg.wire_dtype!r} is not float32, float16 or bfloat16")
+        # prompt chunks small enough that the hidden states of one chunk fit every stage's message limit
+        limit = min(
+            [cfg.max_message_bytes] + [link.info.max_message_bytes for link in links if link.info.max_message_bytes]
+        )
+        itemsize = 2 if wire in (t.FLOAT16, t.BFLOAT16) else 4  # stage defaults: assume float32
+        per_token = itemsize * links[0].info.hidden_size + 64  # + positions, token id, framing
+        self._chunk = max(1, min(cfg.prefill_chunk, int(limit * 0.8) // per_token))
         ids = [""] * len(links)
         try:
             # last stage first: each stage must know the session's id at the next one
@@ -467,8 +474,8 @@ class AsyncSession:
         step = stage_pb2.Step(
             session_id=self.ids[0],
             seq=self._seq,
-            positions=int64_tensor([list(range(start, start + len(tokens)))]),
-            tokens=int64_tensor([tokens]),
+            positions=int64_tensor(list(range(start, start + len(tokens)))),
+            tokens=int64_tensor(tokens),
             sample=sample,
         )
         if opts is not None:
@@ -490,12 +497,16 @@ class AsyncSession:
     async def _wait(self, seq: int) -> stage_pb2.Result:
         timeout = self.client.config.step_timeout
         while True:
+            # a timer that drops a marker in the queue: cheaper per token than asyncio.wait_for, which makes a task
+            timer = asyncio.get_running_loop().call_later(timeout, self._events.put_nowait, ("timeout", seq))
             try:
-                kind, msg = await asyncio.wait_for(self._events.get(), timeout)
-            except asyncio.TimeoutError:
-                raise RPCError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no result for step {seq} within {timeout:g} s"
-                ) from None
+                kind, msg = await self._events.get()
+            finally:
+                timer.cancel()
+            if kind == "timeout":
+                if msg != seq:
+                    continue  # an earlier wait's marker
+                raise RPCError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result for step {seq} within {timeout:g} s")
             if kind == "broken":
                 raise msg
             if kind == "reply":

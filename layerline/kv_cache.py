@@ -24,6 +24,7 @@ class ForwardPlan:
     batch: int
     width: int  # T, columns in this forward
     kv_len: int  # S, key slots each query may look at (the longest row after this forward)
+    top: int  # 1 + the largest position in this forward (rotary tables must reach it)
     positions: torch.Tensor  # [B, T] on the compute device, padding clamped to 0
     row_slice: slice | None  # the batch rows are cache rows start..stop, in order (cheap views)
     rows: torch.Tensor | None  # else: cache row of each batch row [B]
@@ -93,17 +94,19 @@ class KVCache:
         for r in rows:
             if not 0 <= r < self.rows:
                 raise ValueError(f"cache row {r} out of range (cache has {self.rows} rows)")
-        valid = positions >= 0
-        lengths = torch.tensor([self.lengths[r] for r in rows], dtype=torch.int64)
-        expected = lengths[:, None] + valid.cumsum(1) - 1  # [B, T]
-        bad = valid & (positions != expected)
-        if bool(bad.any()):
-            b, t = (int(i) for i in bad.nonzero()[0])
-            raise PositionError(
-                f"row {b}: position {int(positions[b, t])} at column {t} does not continue the sequence "
-                f"(expected {int(expected[b, t])}; the cache holds {int(lengths[b])} positions)"
-            )
-        new_lengths = (lengths + valid.sum(1)).tolist()
+        if positions.numel() <= SMALL:
+            new_lengths, all_valid = self._check_small(positions, rows)
+            valid = None
+        else:
+            valid = positions >= 0
+            lengths = torch.tensor([self.lengths[r] for r in rows], dtype=torch.int64)
+            expected = lengths[:, None] + valid.cumsum(1) - 1  # [B, T]
+            bad = valid & (positions != expected)
+            if bool(bad.any()):
+                b, t = (int(i) for i in bad.nonzero()[0])
+                raise PositionError(_gap_message(b, t, int(positions[b, t]), int(expected[b, t]), int(lengths[b])))
+            new_lengths = (lengths + valid.sum(1)).tolist()
+            all_valid = bool(valid.all())
         longest = max(new_lengths)
         if longest > self.max_len:
             b = new_lengths.index(longest)
@@ -113,10 +116,12 @@ class KVCache:
         device = self.k.device
         lo, hi = min(rows), max(rows)
         contiguous = rows == list(range(lo, hi + 1))
-        all_valid = bool(valid.all())
-        start = int(lengths[0]) if all_valid and bool((lengths == lengths[0]).all()) else None
+        first = self.lengths[rows[0]]
+        start = first if all_valid and all(self.lengths[r] == first for r in rows) else None
         scatter = None
         if start is None:
+            if valid is None:
+                valid = positions >= 0
             b_idx, t_idx = valid.nonzero(as_tuple=True)
             slots = positions[b_idx, t_idx]
             scatter = (b_idx.to(device), t_idx.to(device), slots.to(device))
@@ -124,6 +129,7 @@ class KVCache:
             batch=batch,
             width=width,
             kv_len=longest,
+            top=longest,
             positions=positions.clamp(min=0).to(device),
             row_slice=slice(lo, hi + 1) if contiguous else None,
             rows=None if contiguous else torch.tensor(rows, dtype=torch.int64, device=device),
@@ -135,6 +141,22 @@ class KVCache:
         for w in windows:
             plan.masks[w] = _mask(plan.positions, longest, w, shared=start is not None)
         return plan
+
+    def _check_small(self, positions: torch.Tensor, rows: list[int]) -> tuple[list[int], bool]:
+        """The position checks in plain Python: for the few positions of a decode step this is several times
+        faster than the tensor version."""
+        new_lengths, all_valid = [], True
+        for b, (r, row) in enumerate(zip(rows, positions.tolist(), strict=True)):
+            n = self.lengths[r]
+            for t, p in enumerate(row):
+                if p < 0:
+                    all_valid = False
+                elif p != n:
+                    raise PositionError(_gap_message(b, t, p, n, self.lengths[r]))
+                else:
+                    n += 1
+            new_lengths.append(n)
+        return new_lengths, all_valid
 
     def commit(self, plan: ForwardPlan) -> None:
         for r, n in zip(plan.cache_rows, plan.new_lengths, strict=True):
@@ -159,6 +181,16 @@ class KVCache:
         return kc[rows, :, : plan.kv_len], vc[rows, :, : plan.kv_len]
 
 
+SMALL = 64  # positions per forward up to which the checks run in plain Python
+
+
+def _gap_message(b: int, t: int, got: int, expected: int, held: int) -> str:
+    return (
+        f"row {b}: position {got} at column {t} does not continue the sequence "
+        f"(expected {expected}; the cache holds {held} positions)"
+    )
+
+
 def chunk_plan(positions: torch.Tensor, windows: set[int | None], device: torch.device) -> ForwardPlan:
     """A plan for a forward without cache: each row attends within this chunk only, by position."""
     batch, width = positions.shape
@@ -166,6 +198,7 @@ def chunk_plan(positions: torch.Tensor, windows: set[int | None], device: torch.
         batch=batch,
         width=width,
         kv_len=width,
+        top=int(positions.max()) + 1,
         positions=positions.clamp(min=0).to(device),
         row_slice=None,
         rows=None,

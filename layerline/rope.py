@@ -55,13 +55,11 @@ class RotaryTable:
         # rotate_half's minus sign folded into the table (exact: a sign flip does not round)
         self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [B, T] (negative = padding, given position 0) -> cos, signed sin: [B, 1, T, D]"""
-        top = int(positions.max()) + 1 if positions.numel() else 1
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [B, T], all in [0, top) -> cos, signed sin: [B, 1, T, D]"""
         if top > self.cos.shape[0]:
             self._grow(top)
-        idx = positions.clamp(min=0)
-        return self.cos[idx].unsqueeze(1).to(dtype), self.sin[idx].unsqueeze(1).to(dtype)
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,11 @@ TO_WIRE: dict[torch.dtype, int] = {
 }
 FROM_WIRE: dict[int, torch.dtype] = {v: k for k, v in TO_WIRE.items()}
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# decoded tensors share the message's immutable bytes and are only ever read; torch warns on every such view (and a
+# warnings.catch_warnings() per message costs more than the decode), so that one warning is silenced here, for this
+# module only
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning, module=__name__)
+
 MAX_DIMS = 4
 MAX_DIM = 1 << 31  # per dimension; also keeps zero-element shapes with huge other dims out of torch's layout maths
 
@@ -39,8 +44,12 @@ def encode(t: torch.Tensor, dtype: torch.dtype | None = None) -> tensor_pb2.Tens
         t = t.to(dtype)
     if t.dtype not in TO_WIRE:
         raise ValueError(f"dtype {t.dtype} cannot go on the wire")
-    t = t.detach().to("cpu").contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # bf16 has no numpy dtype
+    if t.device.type != "cpu" or t.requires_grad or not t.is_contiguous():
+        t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: go through the bytes
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    else:
+        data = t.numpy().tobytes()
     return tensor_pb2.Tensor(dtype=TO_WIRE[t.dtype], shape=list(t.shape), data=data)
 
 
@@ -75,7 +84,4 @@ def decode(
         )
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():  # the bytes are immutable; callers never write into the result
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(msg.data, dtype=dtype)
-    return flat.view(shape)
+    return torch.frombuffer(msg.data, dtype=dtype).view(shape)

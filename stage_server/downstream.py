@@ -1,5 +1,6 @@
 """The link from one stage to a next stage: one long-lived Push stream per next address, shared by every session
-routed there, with an ordered, bounded send queue.
+routed there, with an ordered send queue (its length is bounded by the caller, which holds a slot per step until
+the step is written).
 
 Replies coming back on the stream (a step the next stage rejected) are handed to `on_reply`; when the stream
 breaks, every session that had steps on it or waiting for it is reported once through `on_failure` with
@@ -38,25 +39,26 @@ class Downstream:
         max_message_bytes: int,
         on_reply: Callable[[stage_pb2.PushReply], None],
         on_failure: Callable[[set[str], str], None],
-        queue_size: int = 256,
     ) -> None:
         self.address = address
         self._options = channel_options(max_message_bytes)
         self._on_reply = on_reply
         self._on_failure = on_failure
-        self._queue: asyncio.Queue[stage_pb2.Step] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[tuple[stage_pb2.Step, Callable[[], None]]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._closed = False
         self._sent: set[str] = set()  # next-stage session ids with steps on the current stream
 
-    async def send(self, step: stage_pb2.Step) -> None:
-        """Queue a step for the next stage (waits while the queue is full: backpressure)."""
+    def send(self, step: stage_pb2.Step, on_sent: Callable[[], None]) -> None:
+        """Queue a step for the next stage; `on_sent` runs once it is written to the stream (or has failed).
+        The caller bounds how many steps are queued (it holds a slot until on_sent)."""
         if self._closed:
             self._on_failure({step.session_id}, f"the link to {self.address} is closed")
+            on_sent()
             return
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"downstream {self.address}")
-        await self._queue.put(step)
+        self._queue.put_nowait((step, on_sent))
 
     def forget(self, session_id: str) -> None:
         """The session is closed: a later failure of the stream no longer concerns it."""
@@ -80,16 +82,21 @@ class Downstream:
             call.cancel()
         affected = set(sent)
         while not self._queue.empty():
-            affected.add(self._queue.get_nowait().session_id)
+            step, on_sent = self._queue.get_nowait()
+            affected.add(step.session_id)
+            on_sent()
         if affected and not self._closed:
             logger.warning("link to %s failed (%s); %d session(s) affected", self.address, error, len(affected))
             self._on_failure(affected, f"the next stage at {self.address} is unreachable: {error}")
 
     async def _write(self, call: grpc.aio.StreamStreamCall, sent: set[str]) -> None:
         while True:
-            step = await self._queue.get()
+            step, on_sent = await self._queue.get()
             sent.add(step.session_id)
-            await call.write(step)
+            try:
+                await call.write(step)
+            finally:
+                on_sent()
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         async for reply in call:
@@ -102,6 +109,8 @@ class Downstream:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        while not self._queue.empty():
+            self._queue.get_nowait()[1]()
 
 
 def _describe(exc: BaseException) -> str:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -81,24 +82,31 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.model_name, self.fingerprint, self.tokenizer_json = model_name, fingerprint, tokenizer_json
         self.label = f"layers {model.start}:{model.end}"
         self.sessions = SessionTable(config.kv_cache_bytes, config.session_ttl, config.max_sessions)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerline-compute")
-        self.work: asyncio.Queue[WorkItem] = asyncio.Queue(maxsize=config.max_queued_steps)
+        # steps travel loop -> compute thread through a plain thread-safe queue and come back with one
+        # call_soon_threadsafe: the cheapest hand-off there is (an executor adds futures and callbacks per step)
+        self._inbox: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._compute_thread, name="layerline-compute", daemon=True)
+        self._slots: asyncio.Semaphore | None = None  # steps admitted and not yet sent on (flow control)
+        self.in_flight = 0
         self.downstreams: dict[str, Downstream] = {}
         self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.steps_done = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._compute_loop(), name="compute"),
-            asyncio.create_task(self._sweep_loop(), name="session sweeper"),
-        ]
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.config.max_queued_steps)
+        self._thread.start()
+        self._tasks = [asyncio.create_task(self._sweep_loop(), name="session sweeper")]
 
     async def stop(self) -> None:
-        """After the gRPC server has stopped: finish the steps already queued, then release everything."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._drain(), timeout=self.config.grace)
+        """After the gRPC server has stopped: let the admitted steps finish (within the grace period), then
+        release everything and join the compute thread."""
+        deadline = self._loop.time() + self.config.grace
+        while self.in_flight and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -107,11 +115,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             await d.close()
         for s in self.sessions.all():
             self._close(s.id, "the stage shut down")
-        self.executor.shutdown(wait=True)
-
-    async def _drain(self) -> None:
-        while not self.work.empty():
-            await asyncio.sleep(0.01)
+        self._inbox.put(None)
+        await asyncio.to_thread(self._thread.join)
 
     # ---- unary RPCs ----------------------------------------------------------------------------------------------
 
@@ -251,7 +256,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             except LayerlineError as e:
                 replies.put_nowait(self._reply(step.session_id, step.seq, e))
                 continue
-            await self.work.put(item)  # waits while the compute queue is full: flow control up the chain
+            await self._slots.acquire()  # waits while too many steps are in flight: flow control up the chain
+            self.in_flight += 1
+            self._inbox.put(item)
 
     def _admit(self, step: stage_pb2.Step, replies: asyncio.Queue) -> WorkItem:
         """Check everything about a step that does not need the cache, on the event loop."""
@@ -264,9 +271,14 @@ class StageService(stage_pb2_grpc.StageServicer):
         B, T = positions.shape
         if B == 0 or T == 0:
             raise BadInputError(f"positions: empty shape {[B, T]}")
-        if bool((positions < -1).any()):
+        if positions.numel() <= 64:  # a decode step: plain Python beats tensor ops here
+            rows_list = positions.tolist()
+            lowest, lowest_last = min(min(r) for r in rows_list), min(r[-1] for r in rows_list)
+        else:
+            lowest, lowest_last = int(positions.min()), int(positions[:, -1].min())
+        if lowest < -1:
             raise BadInputError("positions: only -1 (padding) may be negative")
-        if step.sample and bool((positions[:, -1] < 0).any()):
+        if step.sample and lowest_last < 0:
             raise BadInputError("a step that samples needs a real token in the last column of every row")
         sampling = sampling_from_wire(step.sampling) if step.HasField("sampling") else None
         rows = list(step.rows)
@@ -325,29 +337,36 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     # ---- compute -------------------------------------------------------------------------------------------------
 
-    async def _compute_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            item = await self.work.get()
-            if item.session.closed:
-                continue
-            try:
-                out = await loop.run_in_executor(self.executor, self._compute, item)
-            except Exception as e:
-                if not isinstance(e, LayerlineError):
-                    logger.exception("step %d of session %s failed", item.step.seq, item.session.id[:8])
-                item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, e))
-                continue
+    def _compute_thread(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            out, error = None, None
+            if not item.session.closed:
+                try:
+                    out = self._compute(item)
+                except Exception as e:
+                    error = e
+            self._loop.call_soon_threadsafe(self._dispatch, item, out, error)
+
+    def _dispatch(self, item: WorkItem, out: stage_pb2.Step | stage_pb2.Result | None, error: Exception | None) -> None:
+        """On the event loop, in step order: hand a computed step on (or its failure back)."""
+        if error is not None:
+            if not isinstance(error, LayerlineError):
+                logger.error("step %d of session %s failed", item.step.seq, item.session.id[:8], exc_info=error)
+            item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, error))
+        elif out is not None and not item.session.closed:
             self.steps_done += 1
-            if item.session.closed or out is None:
-                continue
-            if isinstance(out, stage_pb2.Result):
-                if item.session.results.qsize() >= self.config.max_queued_results:
-                    self._close(item.session.id, "its subscriber fell too far behind")
-                else:
-                    item.session.results.put_nowait(out)
+            if isinstance(out, stage_pb2.Step):
+                self._downstream(item.session.next_address).send(out, on_sent=self._release)
+                return
+            if item.session.results.qsize() >= self.config.max_queued_results:
+                self._close(item.session.id, "its subscriber fell too far behind")
             else:
-                await self._downstream(item.session.next_address).send(out)
+                item.session.results.put_nowait(out)
+        self._release()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._slots.release()
 
     def _compute(self, item: WorkItem) -> stage_pb2.Step | stage_pb2.Result | None:
         """On the compute thread: the stage's layers for one step, then sampling (last stage) or the wire message
