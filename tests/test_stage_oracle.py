@@ -38,3 +38,51 @@ def test_smollm2_over_grpc_matches_transformers(stage_cluster, smollm2_path, smo
     with Client(route) as client:
         out = client.generate(ids, max_new_tokens=20, stop_token_ids=[], stream=False)
     assert out.token_ids == hf_greedy(smollm2_transformers, ids, 20)
+
+
+def test_bfloat16_wire_equals_rounding_hidden_states_in_process(tiny_checkpoint, stage_cluster):
+    """Hidden states sent as bfloat16 are exactly the float32 ones rounded: the oracle is the in-process pipeline
+    with that rounding between the stages."""
+    spec = TINY[1]
+    folder, _ = tiny_checkpoint(spec)
+    route = stage_cluster(folder, [(0, 3), (3, 6)], "--wire-dtype", "bfloat16")
+    from layerline.pipeline import LocalPipeline
+
+    pipe = LocalPipeline.load(folder, [(0, 3), (3, 6)])
+    prompt = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(9)).tolist()
+    caches = pipe.new_caches(1, 64)
+    expected, ids = [], torch.tensor([prompt])
+    for _ in range(16):
+        h = pipe.stages[0](ids, cache=caches[0])
+        logits = pipe.stages[1](h.to(torch.bfloat16).to(torch.float32), cache=caches[1], last_only=True)
+        expected.append(int(logits[0, -1].argmax()))
+        ids = torch.tensor([[expected[-1]]])
+    with Client(route) as client:
+        got = client.generate(prompt, max_new_tokens=16, stop_token_ids=[], stream=False).token_ids
+    assert got == expected
+
+
+def test_long_prompt_is_prefilled_in_chunks(tiny_checkpoint, stage_cluster):
+    from layerline.client import ClientConfig
+
+    spec = TINY[0]
+    folder, ref = tiny_checkpoint(spec)
+    route = stage_cluster(folder, [(0, 2), (2, 6)])
+    prompt = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(10)).tolist()
+    with Client(route, config=ClientConfig(prefill_chunk=16)) as client:
+        out = client.generate(prompt, max_new_tokens=8, stop_token_ids=[], stream=False)
+    assert out.token_ids == hf_greedy(ref, prompt, 8)
+
+
+def test_smollm2_streams_multibyte_text_cleanly(stage_cluster, smollm2_path):
+    route = stage_cluster(smollm2_path, split_layers(30, counts=[10, 10, 10]))
+    with Client(route) as client:
+        pieces = list(
+            client.chat([{"role": "user", "content": "Write 'naïve café' and a smiley emoji 😊."}], max_new_tokens=40)
+        )
+        tok = client.tokenizer()
+    ids = [p.token_id for p in pieces]
+    text = "".join(p.text for p in pieces)
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p.text for p in pieces)
+    assert any(ord(ch) > 127 for ch in text), text  # the answer does contain non-ASCII characters
