@@ -1,0 +1,344 @@
+"""What the network costs a decoded token, measured side by side in one run: decode tokens/s of SmolLM2 through 1, 2
+and 3 stage servers on loopback against one process running the same layerline model with the same torch threads
+per process, and the per-hop overhead of the stage protocol against a raw gRPC bidi-stream round trip of the same
+payload size.
+
+Decode rate = (N - 1) / (time to generate N tokens - time to generate 1 token) for the same prompt, on both sides,
+so prefill and session set-up are excluded; every time is the median of several repeats after a warm-up.
+
+Per-hop overhead is measured where compute is small, on a tiny random llama with SmolLM2's hidden size (576, so the
+same hidden-state payload per hop) and 3 thin layers (head_dim 8, intermediate 64): T_local = seconds per decoded
+token in one process, T_k = the same through k stages (k + 1 hops: client -> stage 1 -> ... -> stage k -> client),
+and overhead per hop = (T_k - T_local) / (k + 1), i.e. all that the servers and the client add to a token, per hop.
+The raw hop is half the median round trip of a hidden_size * 4 byte message through a grpc.aio echo server in
+another process (one message in flight, identity serializers), measured between the decode repeats.
+
+    .venv/bin/python bench/decode_overhead.py [--threads 1] [--tokens 64] [--repeats 3] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import benchlib  # bench/benchlib.py, next to this script
+import grpc
+import torch
+from safetensors.torch import save_file
+
+from layerline.checkpoint import load_config
+from layerline.client import Client
+from layerline.config import ModelConfig
+from layerline.local_cluster import PARENT_ENV, LocalCluster, die_with_parent
+from layerline.model import expected_tensors
+from layerline.model_source import resolve_model
+from layerline.pipeline import LocalPipeline, split_layers
+
+SECTION = "## Decode over gRPC"
+ECHO_SERVICE, ECHO_METHOD = "layerline.bench.Echo", "Stream"
+ECHO_READY = "ECHO_READY "
+TINY = {  # a llama with SmolLM2's hidden size (the same bytes per hop) and almost no compute
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "vocab_size": 512,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "float32",
+}
+
+Generate = Callable[[int], list[int]]  # n new tokens -> their ids
+T = TypeVar("T")
+
+
+def machine() -> str:
+    return f"{benchlib.machine()}, grpcio {grpc.__version__}"
+
+
+def elapsed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def seconds_per_token(
+    setups: dict[str, Generate], n: int, repeats: int, between: Callable[[], None] = lambda: None
+) -> dict[str, tuple[float, list[int]]]:
+    """Decode seconds per token of every setup, (median t(n) - median t(1)) / (n - 1), and its n tokens (to compare
+    setups). The setups take turns within each repeat, so a change in the machine's load hits them all alike;
+    `between` runs once per repeat too."""
+    tokens = {}
+    for name, generate in setups.items():  # warm-up
+        tokens[name] = generate(n)
+        if len(tokens[name]) != n:
+            raise RuntimeError(f"{name}: asked for {n} tokens, got {len(tokens[name])}")
+        generate(1)
+    t_n: dict[str, list[float]] = {name: [] for name in setups}
+    t_1: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name, generate in setups.items():
+            t_n[name].append(elapsed(lambda generate=generate: generate(n)))
+            t_1[name].append(elapsed(lambda generate=generate: generate(1)))
+        between()
+    return {
+        name: ((statistics.median(t_n[name]) - statistics.median(t_1[name])) / (n - 1), tokens[name]) for name in setups
+    }
+
+
+def local_generate(pipe: LocalPipeline, prompt: list[int]) -> Generate:
+    return lambda n: list(pipe.generate(prompt, n))
+
+
+def cluster_generate(
+    stack: contextlib.ExitStack, model: str, ranges: Sequence[tuple[int, int]], threads: int, prompt: list[int]
+) -> Generate:
+    """Stage servers for `ranges` and a client on them, both closed with `stack`."""
+    cluster = stack.enter_context(LocalCluster(model, ranges, threads=threads))
+    client = stack.enter_context(Client(cluster.route))
+    return lambda n: list(client.generate(prompt, max_new_tokens=n, stop_token_ids=[], stream=False).token_ids)
+
+
+def compare(
+    model: str,
+    num_layers: int,
+    stages: Sequence[int],
+    threads: int,
+    prompt: list[int],
+    n: int,
+    repeats: int,
+    between: Callable[[], None] = lambda: None,
+) -> tuple[float, list[tuple[int, float, bool]]]:
+    """Seconds per token in this process, and (stages, seconds per token, same tokens) through each stage count."""
+    with contextlib.ExitStack() as stack:
+        setups = {"local": local_generate(LocalPipeline.load(model, [(0, num_layers)]), prompt)}
+        for k in stages:
+            setups[str(k)] = cluster_generate(stack, model, split_layers(num_layers, stages=k), threads, prompt)
+        result = seconds_per_token(setups, n, repeats, between)
+    local, ref = result["local"]
+    return local, [(k, result[str(k)][0], result[str(k)][1] == ref) for k in stages]
+
+
+def write_tiny_checkpoint(folder: str) -> ModelConfig:
+    """config.json + model.safetensors with random weights scaled so activations stay O(1)."""
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(TINY, f)
+    config = ModelConfig.from_hf_dict(TINY)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in expected_tensors(config, 0, config.num_layers).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape)
+        elif "embed_tokens" in name or "lm_head" in name:
+            tensors[name] = torch.randn(shape, generator=g)
+        else:
+            tensors[name] = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return config
+
+
+# ---- raw gRPC echo -----------------------------------------------------------------------------------------------
+
+
+async def _echo(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async for msg in requests:
+        yield msg
+
+
+async def serve_echo() -> None:
+    """The echo server (run as `--echo-server` in its own process): prints its port, serves until killed."""
+    die_with_parent()
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(_echo)  # no (de)serializers: the bytes as they are
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_METHOD: handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"{ECHO_READY}{port}", flush=True)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(0)
+
+
+async def echo_round_trips(call: grpc.aio.StreamStreamCall, size: int, count: int, warmup: int) -> list[float]:
+    """Round-trip seconds of `count` messages of `size` bytes, one in flight at a time, on one bidi stream."""
+    payload = os.urandom(size)
+    times = []
+    for i in range(warmup + count):
+        t = time.perf_counter()
+        await call.write(payload)
+        reply = await call.read()
+        dt = time.perf_counter() - t
+        if len(reply) != size:
+            raise RuntimeError(f"the echo returned {len(reply)} bytes for {size}")
+        if i >= warmup:
+            times.append(dt)
+    return times
+
+
+class EchoServer:
+    """`python decode_overhead.py --echo-server` in a child process (which dies with this one), and one bidi stream
+    to it driven from a private event-loop thread, the way the sync `Client` drives its calls (grpc.aio objects
+    stay on the loop that made them)."""
+
+    def __enter__(self) -> EchoServer:
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--echo-server"],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="echo-client", daemon=True)
+        self.thread.start()
+        self.channel: grpc.aio.Channel | None = None
+        try:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            if not line.startswith(ECHO_READY):
+                raise RuntimeError(f"the echo server did not start (said {line!r})")
+            self.call = self._run(self._open(f"127.0.0.1:{int(line[len(ECHO_READY) :])}"))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _open(self, address: str) -> grpc.aio.StreamStreamCall:
+        self.channel = grpc.aio.insecure_channel(address)
+        return self.channel.stream_stream(f"/{ECHO_SERVICE}/{ECHO_METHOD}")()
+
+    async def _close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._run(self._close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def round_trips(self, size: int, count: int) -> list[float]:
+        return self._run(echo_round_trips(self.call, size, count, warmup=max(10, count // 10)))
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="embedded model name, HF folder or GGUF file")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in every process")
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="stage counts to measure")
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per timed generation (real model)")
+    ap.add_argument("--tiny-tokens", type=int, default=256, help="decode tokens per timed generation (tiny model)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--echo-messages", type=int, default=2000, help="raw gRPC round trips, over all repeats")
+    ap.add_argument("--out", default=None, help="write (or replace) this benchmark's section in this markdown file")
+    ap.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.echo_server:
+        asyncio.run(serve_echo())
+        return
+    torch.set_num_threads(args.threads)
+    n, repeats = args.tokens, args.repeats
+    load = os.getloadavg()[0]  # other work on the machine slows the multi-process setups most: say how busy it was
+
+    # 1. decode speed of the real model
+    path = resolve_model(args.model)
+    config = load_config(path)
+    prompt = torch.randint(100, config.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    t_one, speed = compare(path, config.num_layers, args.stages, args.threads, prompt, n, repeats)
+
+    # 2. per-hop overhead on the tiny model, next to a raw gRPC round trip of the same payload
+    with tempfile.TemporaryDirectory(prefix="layerline-bench-") as folder, EchoServer() as echo:
+        tiny = write_tiny_checkpoint(folder)
+        payload = tiny.hidden_size * 4
+        rtts: list[float] = []
+        tn = args.tiny_tokens
+        tiny_prompt = torch.randint(0, tiny.vocab_size, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+        count = max(1, args.echo_messages // repeats)
+        tiny_local, hops = compare(
+            folder,
+            tiny.num_layers,
+            args.stages,
+            args.threads,
+            tiny_prompt,
+            tn,
+            repeats,
+            between=lambda: rtts.extend(echo.round_trips(payload, count)),
+        )
+    rtt = statistics.median(rtts)
+    raw_hop = rtt / 2
+
+    lines = [
+        f"Decode over gRPC: {os.path.basename(path)}, float32, greedy, batch 1, {args.threads} torch thread(s) in "
+        f"every process; stage servers on 127.0.0.1 (`LocalCluster`) driven by the sync `Client`; "
+        f"{n} decode tokens after a 32-token prompt, median of {repeats}.",
+        f"Machine: {machine()}; 1-minute load average {load:.2f} when the run started.",
+        "",
+        "| setup | decode tok/s | ms / token | vs one process | same tokens |",
+        "|---|---:|---:|---:|---|",
+        f"| one process (`LocalPipeline`) | {1 / t_one:.2f} | {1e3 * t_one:.2f} | 1.00x | - |",
+    ]
+    for k, t_k, same in speed:
+        label = f"{k} stage{'s' if k > 1 else ''} ({k + 1} hops)"
+        lines.append(f"| {label} | {1 / t_k:.2f} | {1e3 * t_k:.2f} | {t_one / t_k:.2f}x | {'yes' if same else 'NO'} |")
+    lines += [
+        "",
+        "Target: >= 0.95x at 2 stages.",
+        "",
+        f"Per-hop overhead on a tiny random llama (hidden {tiny.hidden_size}, so {payload} bytes of float32 hidden "
+        f"state per hop, as SmolLM2; {tiny.num_layers} layers with head_dim {tiny.head_dim}, intermediate "
+        f"{tiny.intermediate_size}, vocab {tiny.vocab_size}), {tn} decode tokens, median of {repeats}: overhead per "
+        "hop = (T_k - T_local) / (k + 1), i.e. everything the stage servers and the client add to a token (wire, "
+        "queues, threads, per-stage fixed costs) spread over the hops. Raw hop = half the median round trip of a "
+        f"{payload}-byte message on a grpc.aio bidi stream to an echo server in another process ({len(rtts)} "
+        f"messages, taken between the decode repeats): {1e6 * rtt:.0f} us round trip.",
+        "",
+        "| setup | us / token | overhead / token, us | overhead / hop, us | / raw hop | same tokens |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| one process | {1e6 * tiny_local:.0f} | - | - | - | - |",
+        f"| raw gRPC echo (1 hop) | - | - | {1e6 * raw_hop:.0f} | 1.00x | - |",
+    ]
+    for k, t_k, same in hops:
+        over = t_k - tiny_local
+        per_hop = over / (k + 1)
+        lines.append(
+            f"| {k} stage{'s' if k > 1 else ''} ({k + 1} hops) | {1e6 * t_k:.0f} | {1e6 * over:.0f} | "
+            f"{1e6 * per_hop:.0f} | {per_hop / raw_hop:.2f}x | {'yes' if same else 'NO'} |"
+        )
+    lines += ["", "Target: overhead per hop <= 1.5x the raw hop."]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        command = " ".join([".venv/bin/python bench/decode_overhead.py", *sys.argv[1:]])
+        benchlib.update_section(args.out, SECTION.removeprefix("## "), text, command)
+
+
+if __name__ == "__main__":
+    main()
