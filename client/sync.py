@@ -51,6 +51,10 @@ class _LoopThread:
         finally:
             self.run(agen.aclose())  # type: ignore[attr-defined]
 
+    def deliver(self, result: AsyncIterator[T] | Coroutine[Any, Any, T], stream: bool) -> Iterator[T] | T:
+        """What an AsyncClient call returned, driven from this thread: an iterator (stream) or the value."""
+        return self.iterate(result) if stream else self.run(result)  # type: ignore[arg-type]
+
     def stop(self) -> None:
         if self.loop.is_running():
             self.run(_cancel_pending())
@@ -99,14 +103,12 @@ class Client:
         self, prompt: str | Sequence[int], *, stream: bool = True, **options: Any
     ) -> Iterator[Piece] | Generation:
         """A stream of `Piece`s, or with stream=False the whole `Generation` (see AsyncClient.generate)."""
-        result = self._aio.generate(prompt, stream=stream, **options)
-        return self._loop.iterate(result) if stream else self._loop.run(result)  # type: ignore[arg-type]
+        return self._loop.deliver(self._aio.generate(prompt, stream=stream, **options), stream)
 
     def chat(
         self, messages: list[dict[str, Any]], *, stream: bool = True, **options: Any
     ) -> Iterator[Piece] | Generation:
-        result = self._aio.chat(messages, stream=stream, **options)
-        return self._loop.iterate(result) if stream else self._loop.run(result)  # type: ignore[arg-type]
+        return self._loop.deliver(self._aio.chat(messages, stream=stream, **options), stream)
 
     def session(self, max_length: int | None = None) -> Session:
         """`with client.session(max_length=2048) as s:` — several generate/chat calls share one KV cache."""
@@ -146,11 +148,9 @@ class Session:
     def generate(
         self, prompt: str | Sequence[int], *, stream: bool = True, **options: Any
     ) -> Iterator[Piece] | Generation:
-        result = self._aio.generate(prompt, stream=stream, **options)
-        return self._client._loop.iterate(result) if stream else self._client._loop.run(result)  # type: ignore[arg-type]
+        return self._client._loop.deliver(self._aio.generate(prompt, stream=stream, **options), stream)
 
     def chat(
         self, messages: list[dict[str, Any]], *, stream: bool = True, **options: Any
     ) -> Iterator[Piece] | Generation:
-        result = self._aio.chat(messages, stream=stream, **options)
-        return self._client._loop.iterate(result) if stream else self._client._loop.run(result)  # type: ignore[arg-type]
+        return self._client._loop.deliver(self._aio.chat(messages, stream=stream, **options), stream)

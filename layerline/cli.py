@@ -72,6 +72,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="embedded model name (smollm2), HF folder or .gguf file")
 
 
+def _add_split_args(p: argparse.ArgumentParser, default_stages: int, threads_help: str) -> None:
+    """--model, how to cut it into stages, and each stage's dtype and threads."""
+    _add_model_args(p)
+    split = p.add_mutually_exclusive_group()
+    split.add_argument(
+        "--stages", type=_positive, default=None, help=f"number of near-equal stages (default {default_stages})"
+    )
+    split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--threads", type=_positive, default=None, help=threads_help)
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -95,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Split the model into stages inside this one process (no network) and stream the answer.",
         epilog='example: layerline run --stages 3 "What is the capital of France?"',
     )
-    _add_model_args(run)
-    split = run.add_mutually_exclusive_group()
-    split.add_argument("--stages", type=_positive, default=None, help="number of near-equal stages (default 1)")
-    split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    run.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+    _add_split_args(run, default_stages=1, threads_help="torch threads (default: torch's choice)")
     _add_generation_args(run)
     run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
 
@@ -144,14 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "over gRPC, and shut everything down (also on Ctrl-C).",
         epilog='example: layerline local --stages 3 "What is the capital of France?"',
     )
-    _add_model_args(local)
-    lsplit = local.add_mutually_exclusive_group()
-    lsplit.add_argument("--stages", type=_positive, default=None, help="number of near-equal stages (default 3)")
-    lsplit.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
-    local.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    local.add_argument(
-        "--threads", type=_positive, default=None, help="torch threads per stage (default: cores/stages)"
-    )
+    _add_split_args(local, default_stages=3, threads_help="torch threads per stage (default: cores/stages)")
     _add_generation_args(local)
     local.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     return parser
