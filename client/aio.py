@@ -1,10 +1,14 @@
 """The asyncio client: open sessions on a route of stage servers and stream generated tokens.
 
-Data path per generated token (N + 1 hops for N stages; the hidden state never comes back here): the session's
-Push stream carries the token into the first stage, the stages pass hidden states along, the last stage samples
-and publishes the next token on the session's Subscribe stream, and this client feeds it back in. A session keeps
-the conversation's tokens (`history`) and how many of them the stages' KV caches hold (`fed`), so later calls
-continue from the cache. Every failure surfaces as `RPCError`. The client imports no torch.
+Data path (the hidden state never comes back here): the session's Push stream carries the prompt into the first
+stage, the stages pass hidden states along, and the last stage samples and publishes each token on the session's
+Subscribe stream. The prompt's last step carries a `Loop`: the last stage then feeds every sampled token straight
+back to the first stage itself (N network hops per token for N stages, this client off the critical path) until
+a stop token, max_new_tokens or max_length; a stop string or a caller who stops reading ends it with Halt. With
+`ClientConfig(server_loop=False)` this client feeds each token back instead (N + 1 hops). A session keeps the
+conversation's tokens (`history`) and how many of them the stages' KV caches hold (`fed`; after a loop, the
+count its final Result reports), so later calls continue from the cache. Every failure surfaces as `RPCError`.
+The client imports no torch.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class ClientConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # largest message sent or received
     prefill_chunk: int = 512  # prompt tokens per step (fewer when the hidden states would not fit a message)
     wire_dtype: str = ""  # "float32", "float16" or "bfloat16" for hidden states between stages; "" = stage default
+    server_loop: bool = True  # the last stage feeds sampled tokens back to the first (N hops per token); False: the
+    # client feeds each token back itself (N + 1 hops; kept for comparison and for stages without loops)
 
 
 @dataclass(frozen=True)
@@ -286,7 +292,9 @@ class AsyncSession:
         self.fed = 0  # how many of them the stages' caches hold
         self.last: Generation | None = None
         self._seq = 0
-        self._inflight: int | None = None  # a step whose result was not awaited (the caller stopped early)
+        self._inflight: int | None = None  # a step (or server loop) whose results were not all read yet
+        self._looping = False  # the last stage runs a generation loop for this session (no `done` seen yet)
+        self._halting: asyncio.Future | None = None  # a Halt call under way
         self._push: grpc.aio.StreamStreamCall | None = None
         self._sub: grpc.aio.UnaryStreamCall | None = None
         self._events: asyncio.Queue = asyncio.Queue()
@@ -357,6 +365,10 @@ class AsyncSession:
         if self._closed:
             return
         self._closed = True
+        if self._halting is not None:  # the sessions are closed below, which ends any loop anyway
+            self._halting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._halting
         for task in self._tasks:
             task.cancel()
         for call in (self._push, self._sub):
@@ -407,13 +419,12 @@ class AsyncSession:
             yield piece
 
     async def _generate(self, new_ids: list[int], opts: Options, keep: int | None = None) -> AsyncIterator[Piece]:
-        """Feed what the stages do not hold yet (the last generated token, then `new_ids`), then decode."""
+        """Feed what the stages do not hold yet (the last generated token, then `new_ids`), then decode: with the
+        server loop the last stage feeds each token back to the first itself and this only reads results."""
         if self._closed or not self.ids:
             raise RPCError(grpc.StatusCode.FAILED_PRECONDITION, "the session is not open")
         async with self._busy:
-            if self._inflight is not None:  # a previous generation stopped early: let its last step land
-                await self._wait(self._inflight)
-                self._inflight = None
+            await self._settle()
             truncate = None
             if keep is not None and keep < len(self.history):
                 self.history = self.history[:keep]
@@ -438,29 +449,89 @@ class AsyncSession:
             decoder = tok.stream_decoder(skip_special_tokens=True) if tok else None
             stream = TextStream(decoder, opts.stop, stop_ids)
             out_ids: list[int] = []
+            use_loop = self.client.config.server_loop
+
+            def loop(remaining: int) -> stage_pb2.Loop | None:
+                if not use_loop:
+                    return None
+                return stage_pb2.Loop(
+                    address=self.client.route[0],
+                    session_id=self.ids[0],
+                    max_new_tokens=remaining,
+                    stop_token_ids=list(stop_ids),
+                )
+
             # the prompt in chunks of at most self._chunk tokens; the last chunk asks for a sampled token
             for c0 in range(0, len(pending), self._chunk):
                 chunk = pending[c0 : c0 + self._chunk]
                 last = c0 + self._chunk >= len(pending)
-                seq = await self._send(chunk, self.fed, sample=last, opts=opts if last else None, truncate=truncate)
+                seq = await self._send(
+                    chunk,
+                    self.fed,
+                    sample=last,
+                    opts=opts if last else None,
+                    truncate=truncate,
+                    loop=loop(opts.max_new_tokens) if last else None,
+                )
                 truncate = None
                 self.fed += len(chunk)
-            self._inflight = seq
-            token = await self._result(seq)
+            self._inflight, self._looping = seq, use_loop
+            try:
+                token = await self._next_token(seq)
+                while True:
+                    out_ids.append(token)
+                    self.history.append(token)
+                    at_limit = len(out_ids) >= opts.max_new_tokens or len(self.history) - 1 >= self.max_length  # type: ignore[operator]
+                    yield Piece(token, stream.push(token, at_limit))
+                    if stream.finish_reason:
+                        self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
+                        return
+                    if not self._looping:  # feed the token back ourselves (no server loop, or it ended early)
+                        seq = await self._send(
+                            [token], self.fed, sample=True, loop=loop(opts.max_new_tokens - len(out_ids))
+                        )
+                        self.fed += 1
+                        self._inflight, self._looping = seq, use_loop
+                    token = await self._next_token(seq)
+            finally:
+                if self._looping and self._halting is None:  # a stop string, or the caller stopped reading
+                    self._halting = asyncio.ensure_future(self._halt())
+
+    async def _take(self, seq: int) -> stage_pb2.Result:
+        """The next result of step (or loop) `seq`, with the bookkeeping of a loop's final result."""
+        result = await self._wait(seq)
+        if result.done:
+            self._looping = False
+            if result.lengths:
+                self.fed = int(result.lengths[0])
+        if not self._looping:
             self._inflight = None
-            while True:
-                out_ids.append(token)
-                self.history.append(token)
-                at_limit = len(out_ids) >= opts.max_new_tokens or self.fed >= self.max_length  # type: ignore[operator]
-                yield Piece(token, stream.push(token, at_limit))
-                if stream.finish_reason:
-                    self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
-                    return
-                seq = await self._send([token], self.fed, sample=True)
-                self.fed += 1
-                self._inflight = seq
-                token = await self._result(seq)
-                self._inflight = None
+        return result
+
+    async def _next_token(self, seq: int) -> int:
+        result = await self._take(seq)
+        if not result.token_ids:
+            raise RPCError(grpc.StatusCode.INTERNAL, "the generation loop ended without a token", self.client.route[-1])
+        return int(result.token_ids[0])
+
+    async def _halt(self) -> None:
+        """Ask the last stage to end the session's generation loop (its final Result follows on the stream)."""
+        link = (await self.client.links())[-1]
+        try:
+            await link.stub.Halt(
+                stage_pb2.HaltRequest(session_id=self.ids[-1]), timeout=self.client.config.connect_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            raise RPCError.from_grpc(e, link.address) from None
+
+    async def _settle(self) -> None:
+        """Before a new generation: the previous one's last step has landed, and a server loop has ended (halted if
+        need be), so that `fed` says exactly what the stages' caches hold."""
+        if self._looping:
+            halting, self._halting = self._halting or asyncio.ensure_future(self._halt()), None
+            await halting
+        while self._inflight is not None:
+            await self._take(self._inflight)
 
     async def _send(
         self,
@@ -469,6 +540,7 @@ class AsyncSession:
         sample: bool,
         opts: Options | None = None,
         truncate: int | None = None,
+        loop: stage_pb2.Loop | None = None,
     ) -> int:
         self._seq += 1
         step = stage_pb2.Step(
@@ -482,6 +554,8 @@ class AsyncSession:
             step.sampling.CopyFrom(opts.sampling())
         if truncate is not None:
             step.truncate = truncate
+        if loop is not None:
+            step.loop.CopyFrom(loop)
         try:
             await self._push.write(step)  # type: ignore[union-attr]
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
@@ -510,6 +584,9 @@ class AsyncSession:
             if kind == "broken":
                 raise msg
             if kind == "reply":
+                raise RPCError(code_from_int(msg.code), msg.message, msg.stage)
+            if msg.code:  # the session's generation loop failed on its way round
+                self._looping = False
                 raise RPCError(code_from_int(msg.code), msg.message, msg.stage)
             if msg.seq == seq:
                 return msg

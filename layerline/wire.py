@@ -9,6 +9,7 @@ This module knows nothing of sessions or models.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 import warnings
 
@@ -51,6 +52,13 @@ def encode(t: torch.Tensor, dtype: torch.dtype | None = None) -> tensor_pb2.Tens
     else:
         data = t.numpy().tobytes()
     return tensor_pb2.Tensor(dtype=TO_WIRE[t.dtype], shape=list(t.shape), data=data)
+
+
+def int64_column(values: list[int]) -> tensor_pb2.Tensor:
+    """Plain ints as a [len(values), 1] int64 message (one token or position per row), without torch."""
+    return tensor_pb2.Tensor(
+        dtype=tensor_pb2.INT64, shape=[len(values), 1], data=struct.pack(f"<{len(values)}q", *values)
+    )
 
 
 def decode(

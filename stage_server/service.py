@@ -7,6 +7,13 @@ stage over a shared long-lived stream (`downstream.py`) or, at the last stage, b
 to the session's subscriber. While the compute thread works on one step the event loop keeps receiving the next
 ones and sending the previous results, so network and compute overlap. Every failure becomes a PushReply with a
 gRPC status code for the sender of the step; failures further down the chain are relayed back the same way.
+
+Generation loop (the `Loop` of a step, at the last stage): after sampling, the last stage publishes the token and
+sends it straight back to the first stage as the session's next step (`Step.looped`), so a token costs N network
+hops and no client round trip; a one-stage route feeds the step to its own compute queue without any hop. The
+loop's state lives in `Session.loop`; it ends at a stop token, max_new_tokens, the session's max_length, or a
+Halt, and its last Result says `done` and how many positions the caches hold. A loop step that fails further on
+ends the loop with a Result carrying the status, so the client hears of it on the Subscribe stream.
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ from layerline.model import StageModel
 from layerline.sampling import SamplingParams, sample
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import Downstream
-from layerline.stage_server.sessions import Sampler, Session, SessionTable
+from layerline.stage_server.sessions import LoopState, Sampler, Session, SessionTable
 from layerline.stage_server.status import status_of
 from layerline.v1 import stage_pb2, stage_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4096
+MAX_STOP_IDS = 1024
 
 
 @dataclass
@@ -54,6 +62,8 @@ class WorkItem:
     tokens: torch.Tensor | None  # [B, T]
     rows: list[int]  # session rows of the batch rows
     sampling: SamplingParams | None  # new sampler settings carried by the step (checked before anything runs)
+    follow: stage_pb2.Step | None = None  # last stage, generation loop: the next step, for the first stage
+    follow_address: str = ""
 
 
 def sampling_from_wire(msg: stage_pb2.SamplingParams) -> SamplingParams:
@@ -218,6 +228,18 @@ class StageService(stage_pb2_grpc.StageServicer):
             )
         return stage_pb2.TokenizerResponse(tokenizer_json=self.tokenizer_json)
 
+    async def Halt(self, request: stage_pb2.HaltRequest, context: grpc.aio.ServicerContext) -> stage_pb2.HaltResponse:
+        if not self.model.is_last:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.label} is not the last stage")
+        try:
+            session = self.sessions.get(request.session_id)
+        except NotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        loop = session.loop
+        if loop is not None:
+            loop.halted = True
+        return stage_pb2.HaltResponse(running=loop is not None)
+
     def _close(self, session_id: str, reason: str) -> bool:
         session = self.sessions.close(session_id, reason)
         if session is None:
@@ -264,7 +286,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         """Check everything about a step that does not need the cache, on the event loop."""
         m = self.model
         session = self.sessions.get(step.session_id)
-        session.reply_to = replies
+        if not step.looped:  # failures of loop steps go back to the loop's stage, not to the client's stream
+            session.reply_to = replies
         if not step.HasField("positions"):
             raise BadInputError("positions are missing")
         positions = wire.decode(step.positions, "positions", dtypes=(torch.int64,), ndim=2)
@@ -281,6 +304,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         if step.sample and lowest_last < 0:
             raise BadInputError("a step that samples needs a real token in the last column of every row")
         sampling = sampling_from_wire(step.sampling) if step.HasField("sampling") else None
+        if step.HasField("loop"):
+            _check_loop(step)
         rows = list(step.rows)
         if rows:
             if len(rows) != B:
@@ -360,9 +385,33 @@ class StageService(stage_pb2_grpc.StageServicer):
                 return
             if item.session.results.qsize() >= self.config.max_queued_results:
                 self._close(item.session.id, "its subscriber fell too far behind")
-            else:
-                item.session.results.put_nowait(out)
+                self._release()
+                return
+            if item.follow is not None:
+                self._send_follow(item, out)
+                return
+            item.session.results.put_nowait(out)
         self._release()
+
+    def _send_follow(self, item: WorkItem, result: stage_pb2.Result) -> None:
+        """Last stage, event loop: the loop's next step goes to the first stage (before the result goes to the
+        subscriber: the step is on the critical path, the result is not), holding on to the slot of the step that
+        produced it. A one-stage route is its own first stage: the step goes straight into the compute queue."""
+        follow, session = item.follow, item.session
+        if follow.session_id != session.id:
+            self._downstream(item.follow_address).send(follow, on_sent=self._release)
+            session.results.put_nowait(result)
+            return
+        try:
+            nxt = self._admit(follow, item.replies)
+        except LayerlineError as e:
+            session.results.put_nowait(result)
+            code, message = status_of(e)
+            self._loop_failed(session, code, message, self.label)
+            self._release()
+            return
+        self._inbox.put(nxt)
+        session.results.put_nowait(result)
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -401,6 +450,9 @@ class StageService(stage_pb2_grpc.StageServicer):
                 onward.sampling.CopyFrom(step.sampling)
             if step.HasField("truncate"):
                 onward.truncate = step.truncate
+            if step.HasField("loop"):
+                onward.loop.CopyFrom(step.loop)
+            onward.looped = step.looped
             return onward
         sampler = session.sampler
         if item.sampling is not None:
@@ -409,10 +461,59 @@ class StageService(stage_pb2_grpc.StageServicer):
             for b, r in enumerate(item.rows):
                 valid = item.positions[b] >= 0
                 sampler.history[r].extend(item.tokens[b][valid].tolist())
+        loop = None
+        if step.HasField("loop"):
+            spec = step.loop
+            loop = session.loop = LoopState(
+                spec.address,
+                spec.session_id,
+                frozenset(spec.stop_token_ids),
+                {r: spec.max_new_tokens for r in item.rows},
+                step.seq,
+            )
+        elif step.looped and session.loop is not None:
+            loop = session.loop
+            if loop.halted:  # the step that was travelling when Halt came: computed, nothing more sampled
+                session.loop = None
+                return self._loop_done(session, stage_pb2.Result(seq=loop.seq, rows=item.rows))
         if not step.sample:
             return None
-        ids = sample(out[:, -1], sampler.params, sampler.generator, [sampler.history[r] for r in item.rows])
-        return stage_pb2.Result(seq=step.seq, token_ids=ids.tolist(), rows=item.rows)
+        ids = sample(out[:, -1], sampler.params, sampler.generator, [sampler.history[r] for r in item.rows]).tolist()
+        result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
+        if loop is not None:
+            self._continue_loop(item, loop, ids, result)
+        return result
+
+    def _continue_loop(self, item: WorkItem, loop: LoopState, ids: list[int], result: stage_pb2.Result) -> None:
+        """Last stage, compute thread: the rows that go on become the next step for the first stage."""
+        session, rows = item.session, []
+        ends = item.positions[:, -1].tolist()
+        for b, r in enumerate(item.rows):
+            loop.remaining[r] -= 1
+            if ids[b] in loop.stop_ids or loop.remaining[r] <= 0 or ends[b] + 1 >= session.max_length:
+                del loop.remaining[r]
+            else:
+                rows.append(b)
+        if not rows or loop.halted:
+            session.loop = None
+            self._loop_done(session, result)
+            return
+        item.follow = stage_pb2.Step(
+            session_id=loop.first_id,
+            seq=loop.seq,
+            positions=wire.int64_column([ends[b] + 1 for b in rows]),
+            tokens=wire.int64_column([ids[b] for b in rows]),
+            rows=[item.rows[b] for b in rows],
+            sample=True,
+            looped=True,
+        )
+        item.follow_address = loop.address
+
+    @staticmethod
+    def _loop_done(session: Session, result: stage_pb2.Result) -> stage_pb2.Result:
+        result.done = True
+        result.lengths.extend(session.cache.lengths[r] for r in range(session.rows))
+        return result
 
     # ---- links and replies ---------------------------------------------------------------------------------------
 
@@ -443,6 +544,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             relayed.CopyFrom(reply)
             relayed.session_id = session.id
             session.reply_to.put_nowait(relayed)
+        elif (looping := self._looping_to(reply.session_id)) is not None:
+            self._loop_failed(looping, _status_code(reply.code), reply.message, reply.stage)
 
     def _on_downstream_failure(self, next_session_ids: set[str], message: str) -> None:
         for nid in next_session_ids:
@@ -451,6 +554,20 @@ class StageService(stage_pb2_grpc.StageServicer):
                 session.reply_to.put_nowait(
                     self._reply(session.id, 0, code=grpc.StatusCode.UNAVAILABLE, message=message)
                 )
+            elif (looping := self._looping_to(nid)) is not None:
+                self._loop_failed(looping, grpc.StatusCode.UNAVAILABLE, message, self.label)
+
+    def _looping_to(self, first_id: str) -> Session | None:
+        return self.sessions.find(lambda s: s.loop is not None and s.loop.first_id == first_id)
+
+    def _loop_failed(self, session: Session, code: grpc.StatusCode, message: str, stage: str) -> None:
+        """A loop step failed past this stage: the loop ends and the subscriber is told why."""
+        loop, session.loop = session.loop, None
+        if loop is not None and not session.closed:
+            _put_latest(
+                session.results,
+                stage_pb2.Result(seq=loop.seq, done=True, code=code.value[0], message=message, stage=stage),
+            )
 
     async def _sweep_loop(self) -> None:
         period = min(max(self.config.session_ttl / 4, 0.05), 5.0)
@@ -458,6 +575,22 @@ class StageService(stage_pb2_grpc.StageServicer):
             await asyncio.sleep(period)
             for sid in self.sessions.expired():
                 self._close(sid, f"expired after {self.config.session_ttl:g} s without use")
+
+
+def _check_loop(step: stage_pb2.Step) -> None:
+    loop = step.loop
+    if not step.sample:
+        raise BadInputError("loop: a step that starts a generation loop must sample")
+    if loop.max_new_tokens <= 0:
+        raise BadInputError(f"loop: max_new_tokens must be positive, got {loop.max_new_tokens}")
+    if not loop.address or not loop.session_id:
+        raise BadInputError("loop: address and session_id of the first stage are required")
+    if len(loop.stop_token_ids) > MAX_STOP_IDS:
+        raise BadInputError(f"loop: {len(loop.stop_token_ids)} stop token ids is more than {MAX_STOP_IDS}")
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 def _put_latest(queue: asyncio.Queue, item: object) -> None:

@@ -32,6 +32,18 @@ class Sampler:
 
 
 @dataclass
+class LoopState:
+    """The last stage's generation loop for one session (see `Loop` in stage.proto)."""
+
+    address: str  # the first stage
+    first_id: str  # the session's id there
+    stop_ids: frozenset[int]
+    remaining: dict[int, int]  # tokens each running row may still sample
+    seq: int  # the seq of the step that started the loop, carried by all its steps and results
+    halted: bool = False  # set by Halt: the step travelling the ring ends the loop when it is back
+
+
+@dataclass
 class Session:
     id: str
     rows: int
@@ -48,6 +60,7 @@ class Session:
     closed: bool = False
     close_reason: str = ""
     subscribed: bool = False
+    loop: LoopState | None = None  # last stage only: the running generation loop
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -47,6 +47,7 @@ def test_stage_service_methods():
         "Push": (True, True),
         "Subscribe": (False, True),
         "GetTokenizer": (False, False),
+        "Halt": (False, False),
     }
     for name in streaming:
         assert callable(getattr(stage_pb2_grpc.StageServicer, name))

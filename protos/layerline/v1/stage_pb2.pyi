@@ -102,7 +102,7 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate")
+    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate", "loop", "looped")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class Step(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    LOOP_FIELD_NUMBER: _ClassVar[int]
+    LOOPED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     positions: _tensor_pb2.Tensor
@@ -121,7 +123,21 @@ class Step(_message.Message):
     sample: bool
     sampling: SamplingParams
     truncate: int
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ...) -> None: ...
+    loop: Loop
+    looped: bool
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., looped: _Optional[bool] = ...) -> None: ...
+
+class Loop(_message.Message):
+    __slots__ = ("address", "session_id", "max_new_tokens", "stop_token_ids")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    session_id: str
+    max_new_tokens: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("session_id", "seq", "code", "message", "stage")
@@ -144,14 +160,36 @@ class SubscribeRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("seq", "token_ids", "rows")
+    __slots__ = ("seq", "token_ids", "rows", "done", "lengths", "code", "message", "stage")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     rows: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
+    done: bool
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    code: int
+    message: str
+    stage: str
+    def __init__(self, seq: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., lengths: _Optional[_Iterable[int]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
+
+class HaltRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class HaltResponse(_message.Message):
+    __slots__ = ("running",)
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    def __init__(self, running: _Optional[bool] = ...) -> None: ...
 
 class TokenizerRequest(_message.Message):
     __slots__ = ()

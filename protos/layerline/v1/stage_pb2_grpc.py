@@ -64,6 +64,11 @@ class StageStub:
                 request_serializer=layerline_dot_v1_dot_stage__pb2.TokenizerRequest.SerializeToString,
                 response_deserializer=layerline_dot_v1_dot_stage__pb2.TokenizerResponse.FromString,
                 _registered_method=True)
+        self.Halt = channel.unary_unary(
+                '/layerline.v1.Stage/Halt',
+                request_serializer=layerline_dot_v1_dot_stage__pb2.HaltRequest.SerializeToString,
+                response_deserializer=layerline_dot_v1_dot_stage__pb2.HaltResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -111,6 +116,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Halt(self, request, context):
+        """At the last stage: end the session's generation loop. The loop's final Result (done, with no token when
+        it was halted) follows on the Subscribe stream once the step still travelling the ring is back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.GetTokenizer,
                     request_deserializer=layerline_dot_v1_dot_stage__pb2.TokenizerRequest.FromString,
                     response_serializer=layerline_dot_v1_dot_stage__pb2.TokenizerResponse.SerializeToString,
+            ),
+            'Halt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Halt,
+                    request_deserializer=layerline_dot_v1_dot_stage__pb2.HaltRequest.FromString,
+                    response_serializer=layerline_dot_v1_dot_stage__pb2.HaltResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class Stage:
             '/layerline.v1.Stage/GetTokenizer',
             layerline_dot_v1_dot_stage__pb2.TokenizerRequest.SerializeToString,
             layerline_dot_v1_dot_stage__pb2.TokenizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Halt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Stage/Halt',
+            layerline_dot_v1_dot_stage__pb2.HaltRequest.SerializeToString,
+            layerline_dot_v1_dot_stage__pb2.HaltResponse.FromString,
             options,
             channel_credentials,
             insecure,
