@@ -1,7 +1,8 @@
 """What the network costs a decoded token, measured side by side in one run: decode tokens/s of SmolLM2 through 1, 2
 and 3 stage servers on loopback against one process running the same layerline model with the same torch threads
 per process, and the per-hop overhead of the stage protocol against a raw gRPC bidi-stream round trip of the same
-payload size.
+payload size. Next to each stage count, the same stages as bare processes joined by OS pipes in a ring (no gRPC, no
+layerline server): the floor that handing tokens between processes sets on this machine.
 
 Decode rate = (N - 1) / (time to generate N tokens - time to generate 1 token) for the same prompt, on both sides,
 so prefill and session set-up are excluded; every time is the median of several repeats after a warm-up.
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -40,7 +42,7 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
-from layerline.checkpoint import load_config
+from layerline.checkpoint import load_config, load_stage
 from layerline.client import Client, ClientConfig
 from layerline.config import ModelConfig
 from layerline.local_cluster import PARENT_ENV, LocalCluster, die_with_parent
@@ -112,10 +114,14 @@ def local_generate(pipe: LocalPipeline, prompt: list[int]) -> Generate:
 
 
 MODES = {"loop": True, "client": False}  # server loop (N hops per token) / the client feeds tokens back (N + 1)
+ALL_MODES = ("bare", *MODES)  # "bare": the process ring without layerline
 
 
 def hops(stages: int, mode: str) -> int:
-    return stages if MODES[mode] else stages + 1
+    """Hops between processes on a token's critical path (a one-stage ring feeds itself: no hop)."""
+    if mode == "bare" or MODES[mode]:
+        return stages if stages > 1 else 0
+    return stages + 1
 
 
 def cluster_generate(
@@ -147,19 +153,21 @@ def compare(
     with contextlib.ExitStack() as stack:
         setups = {"local": local_generate(LocalPipeline.load(model, [(0, num_layers)]), prompt)}
         for k in stages:
-            for mode, gen in cluster_generate(
-                stack, model, split_layers(num_layers, stages=k), threads, prompt
-            ).items():
+            ranges = split_layers(num_layers, stages=k)
+            ring = BareRing(model, ranges, threads)
+            stack.callback(ring.close)
+            setups[f"{k} bare"] = lambda n, ring=ring: ring.generate(prompt, n)
+            for mode, gen in cluster_generate(stack, model, ranges, threads, prompt).items():
                 setups[f"{k} {mode}"] = gen
         result = seconds_per_token(setups, n, repeats, between)
     local, ref = result["local"]
-    return local, [(k, m, result[f"{k} {m}"][0], result[f"{k} {m}"][1] == ref) for k in stages for m in MODES]
+    return local, [(k, m, result[f"{k} {m}"][0], result[f"{k} {m}"][1] == ref) for k in stages for m in ALL_MODES]
 
 
 def label(k: int, mode: str) -> str:
     h = hops(k, mode)
-    how = "server loop" if MODES[mode] else "client loop"
-    return f"{k} stage{'s' if k > 1 else ''}, {how} ({h} hop{'' if h == 1 else 's'})"
+    how = {"bare": "bare process ring, OS pipes", "loop": "layerline, server loop", "client": "layerline, client loop"}
+    return f"{k} stage{'s' if k > 1 else ''}, {how[mode]} ({h} hop{'' if h == 1 else 's'})"
 
 
 def write_tiny_checkpoint(folder: str) -> ModelConfig:
@@ -178,6 +186,102 @@ def write_tiny_checkpoint(folder: str) -> ModelConfig:
             tensors[name] = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     return config
+
+
+# ---- bare process ring: the floor of any multi-process pipeline on this machine ------------------------------------
+#
+# The same stages in k processes joined by plain OS pipes in a ring (stage k-1 feeds its greedy token straight back to
+# stage 0, as layerline's server loop does), with nothing else: no gRPC, no validation, no queues, no event loop. What
+# this loses against one process is what handing a token from process to process (and core to core) costs on this
+# machine, whatever the protocol; what layerline loses against it is layerline's own cost.
+
+HEADER = struct.Struct("<iii")  # tokens still to generate after this step, first position, tokens in the step
+
+
+def read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise EOFError("pipe closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def bare_stage(model: str, start: int, end: int, fds: list[int], threads: int) -> None:
+    """One stage of the ring (run as `--bare-stage` in its own process): fds = in, out (next stage), result."""
+    torch.set_num_threads(threads)
+    stage = load_stage(model, start, end)
+    hidden = stage.config.hidden_size
+    fd_in, fd_out, fd_result = fds
+    cache = None
+    while True:
+        try:
+            remaining, pos, count = HEADER.unpack(read_exact(fd_in, HEADER.size))
+        except EOFError:  # the stage before this one has gone: so does this one
+            return
+        if count == 0:
+            return
+        if stage.is_first:
+            x = torch.frombuffer(bytearray(read_exact(fd_in, 8 * count)), dtype=torch.int64)[None]
+        else:
+            x = torch.frombuffer(bytearray(read_exact(fd_in, 4 * hidden * count)), dtype=torch.float32)
+            x = x.view(1, count, hidden)
+        if pos == 0:
+            cache = stage.new_cache(1, 1024)
+        positions = torch.arange(pos, pos + count)[None]
+        out = stage(x, positions, cache, last_only=stage.is_last)
+        if not stage.is_last:
+            os.write(fd_out, HEADER.pack(remaining, pos, count) + out.numpy().tobytes())
+            continue
+        token = int(out[0, -1].argmax())
+        os.write(fd_result, struct.pack("<q", token))
+        if remaining > 1:
+            os.write(fd_out, HEADER.pack(remaining - 1, pos + count, 1) + struct.pack("<q", token))
+
+
+class BareRing:
+    """k `--bare-stage` processes in a ring; `generate(prompt, n)` runs greedy decoding through them."""
+
+    def __init__(self, model: str, ranges: Sequence[tuple[int, int]], threads: int) -> None:
+        k = len(ranges)
+        pipes = [os.pipe() for _ in range(k)]  # pipe i feeds stage i
+        self.result_r, result_w = os.pipe()
+        self.feed = pipes[0][1]
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        self.procs = []
+        for i, (a, b) in enumerate(ranges):
+            fds = [pipes[i][0], pipes[(i + 1) % k][1], result_w]
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--bare-stage", model, str(a), str(b), str(threads)]
+                    + [str(fd) for fd in fds],
+                    pass_fds=fds,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        for r, w in pipes:
+            os.close(r)
+            if w != self.feed:
+                os.close(w)
+        os.close(result_w)
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        os.write(self.feed, HEADER.pack(n, 0, len(prompt)) + struct.pack(f"<{len(prompt)}q", *prompt))
+        return [struct.unpack("<q", read_exact(self.result_r, 8))[0] for _ in range(n)]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.feed, HEADER.pack(0, 0, 0))
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        os.close(self.feed)
+        os.close(self.result_r)
 
 
 # ---- raw gRPC echo -----------------------------------------------------------------------------------------------
@@ -284,9 +388,16 @@ def main() -> None:
     ap.add_argument("--echo-messages", type=int, default=2000, help="raw gRPC round trips, over all repeats")
     ap.add_argument("--out", default=None, help="write (or replace) this benchmark's section in this markdown file")
     ap.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-stage", nargs=7, help=argparse.SUPPRESS)  # model start end threads fd_in fd_out fd_result
     args = ap.parse_args()
     if args.echo_server:
         asyncio.run(serve_echo())
+        return
+    if args.bare_stage:
+        die_with_parent()
+        model, *numbers = args.bare_stage
+        start, end, threads, *fds = map(int, numbers)
+        bare_stage(model, start, end, fds, threads)
         return
     torch.set_num_threads(args.threads)
     n, repeats = args.tokens, args.repeats
@@ -325,26 +436,32 @@ def main() -> None:
         f"{n} decode tokens after a 32-token prompt, median of {repeats}.",
         f"Machine: {machine()}; 1-minute load average {load:.2f} when the run started.",
         "",
-        "| setup | decode tok/s | ms / token | vs one process | same tokens |",
-        "|---|---:|---:|---:|---|",
-        f"| one process (`LocalPipeline`) | {1 / t_one:.2f} | {1e3 * t_one:.2f} | 1.00x | - |",
+        "| setup | decode tok/s | ms / token | vs one process | vs bare ring | same tokens |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| one process (`LocalPipeline`) | {1 / t_one:.2f} | {1e3 * t_one:.2f} | 1.00x | - | - |",
     ]
+    bare = {k: t for k, mode, t, _ in speed if mode == "bare"}
     for k, mode, t_k, same in speed:
+        vs_bare = "-" if mode == "bare" else f"{bare[k] / t_k:.2f}x"
         lines.append(
-            f"| {label(k, mode)} | {1 / t_k:.2f} | {1e3 * t_k:.2f} | {t_one / t_k:.2f}x | {'yes' if same else 'NO'} |"
+            f"| {label(k, mode)} | {1 / t_k:.2f} | {1e3 * t_k:.2f} | {t_one / t_k:.2f}x | {vs_bare} "
+            f"| {'yes' if same else 'NO'} |"
         )
     lines += [
         "",
-        "Target: >= 0.95x at 2 stages. Server loop: the last stage feeds each token straight back to the first (the "
-        "default); client loop: the client feeds it back (`ClientConfig(server_loop=False)`).",
+        "Target: >= 0.95x one process at 2 stages. Server loop: the last stage feeds each token straight back to the "
+        "first (the default); client loop: the client feeds it back (`ClientConfig(server_loop=False)`). Bare "
+        "process ring: the same stages in processes joined by OS pipes, the last feeding its greedy token to the "
+        "first, nothing else (no gRPC, no checks, no queues) - the floor of any multi-process pipeline on this "
+        "machine; 'vs bare ring' is what layerline itself costs.",
         "",
         f"Per-hop overhead on a tiny random llama (hidden {tiny.hidden_size}, so {payload} bytes of float32 hidden "
         f"state per hop, as SmolLM2; {tiny.num_layers} layers with head_dim {tiny.head_dim}, intermediate "
         f"{tiny.intermediate_size}, vocab {tiny.vocab_size}), {tn} decode tokens, median of {repeats}: overhead per "
         "hop = (T_k - T_local) / hops, i.e. everything the stage servers and the client add to a token (wire, "
-        "queues, threads, per-stage fixed costs) spread over the network hops on its critical path. Raw round trip "
-        f"= the median round trip of a {payload}-byte message on a grpc.aio bidi stream to an echo server in "
-        f"another process ({len(rtts)} messages, taken between the decode repeats): {1e6 * rtt:.0f} us; the raw "
+        "queues, threads, per-stage fixed costs) spread over the hops between processes on its critical path. Raw "
+        f"round trip = the median round trip of a {payload}-byte message on a grpc.aio bidi stream to an echo server "
+        f"in another process ({len(rtts)} messages, taken between the decode repeats): {1e6 * rtt:.0f} us; the raw "
         f"one-way hop is half of it, {1e6 * raw_hop:.0f} us.",
         "",
         "| setup | us / token | overhead / token, us | overhead / hop, us | / raw round trip | / raw one-way hop "

@@ -1,0 +1,265 @@
+"""What a stage can do, measured on its own device, dtype and threads with the model's real layer shapes.
+
+`measure` builds layers of the model's shapes with random weights (the checkpoint is not needed: time depends on
+shapes, not values), and times, each as the median of repeated runs after a warm-up:
+- a decode step (batch 1, one token at position `context`) through 1 and through 2 middle layers: the difference is
+  the time per layer, the rest a fixed cost per step;
+- a prefill chunk of `chunk` tokens through 1 and 2 layers: time per layer per prompt token;
+- the last stage's extra work for a decode step (final norm, LM head over the vocabulary, greedy pick).
+Nothing is looked up in tables of chip names: what is reported is what was timed here. Free memory is read from
+the OS (and the cgroup limit, where there is one) or from the GPU.
+
+`cached_capacity` keeps measurements on disk, keyed by the model (its config fingerprint), device, dtype, torch
+threads and the CPU quota of this process's cgroup, so a restart does not measure again unless asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from layerline.config import ModelConfig
+from layerline.model import StageModel, expected_tensors
+
+FORMAT = 1  # bump when what is measured changes: older cache entries are then measured again
+
+
+@dataclass(frozen=True)
+class Capacity:
+    decode_s_per_layer: float  # one decode step (batch 1) through one layer
+    decode_s_fixed: float  # per decode step whatever the layer count (embedding, rotary tables, bookkeeping)
+    prefill_s_per_layer_token: float  # one prompt token of a `chunk`-token prefill through one layer
+    head_decode_s: float  # last stage: final norm + LM head + greedy pick, per decode step
+    context: int  # positions already in the cache when decode was timed
+    chunk: int  # prefill chunk size timed
+    device: str
+    dtype: str
+    threads: int
+    cpu_quota: float | None  # cores this process may use by its cgroup (None: no quota)
+    measured_at: float  # unix time
+    seconds: float  # how long measuring took
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Capacity | None:
+        """None for an entry of another format or a damaged one (it is then measured again)."""
+        try:
+            data = json.loads(text)
+            if data.pop("format", None) != FORMAT:
+                return None
+            return cls(**data)
+        except (ValueError, TypeError):
+            return None
+
+
+def cpu_quota() -> float | None:
+    """Cores this process may use according to its cgroup (v1 cpu.cfs_quota_us / v2 cpu.max), None if unlimited."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):  # v1
+            base = os.path.join("/sys/fs/cgroup/cpu", path.lstrip("/"))
+            try:
+                quota = int(open(os.path.join(base, "cpu.cfs_quota_us")).read())
+                period = int(open(os.path.join(base, "cpu.cfs_period_us")).read())
+            except (OSError, ValueError):
+                continue
+            return quota / period if quota > 0 else None
+        if controllers == "":  # v2
+            try:
+                quota_s, period_s = open(os.path.join("/sys/fs/cgroup", path.lstrip("/"), "cpu.max")).read().split()
+            except (OSError, ValueError):
+                continue
+            return None if quota_s == "max" else int(quota_s) / int(period_s)
+    return None
+
+
+def free_memory(device: str = "cpu") -> tuple[int, int]:
+    """(free, total) bytes: the GPU's for a CUDA device, else available host memory, within the cgroup limit."""
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free), int(total)
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    total = info.get("MemTotal", 0)
+    free = info.get("MemAvailable", info.get("MemFree", 0))
+    limit, usage = _cgroup_memory()
+    if limit is not None:
+        total = min(total, limit) if total else limit
+        free = min(free, max(0, limit - (usage or 0)))
+    return free, total
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ):
+        try:
+            raw = open(limit_file).read().strip()
+            usage = int(open(usage_file).read())
+        except (OSError, ValueError):
+            continue
+        if raw == "max" or int(raw) >= 1 << 60:  # no limit
+            return None, usage
+        return int(raw), usage
+    return None, None
+
+
+def _random_stage(config: ModelConfig, start: int, end: int, dtype: torch.dtype, device: str) -> StageModel:
+    g = torch.Generator().manual_seed(start * 1000 + end)
+    tensors = {}
+    for name, shape in expected_tensors(config, start, end).items():
+        if len(shape) == 1:
+            tensors[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.zeros(shape)
+        else:
+            tensors[name] = torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5)
+    return StageModel(config, start, end, tensors, dtype=dtype, device=device)
+
+
+def _median_time(fn: Callable[[], object], min_time: float, min_runs: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up
+    sync()
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - began < min_time:
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    *,
+    context: int = 128,
+    chunk: int = 128,
+    min_time: float = 0.3,
+) -> Capacity:
+    """Time the model's layer shapes here (see the module docstring). Needs a model with at least 3 layers' worth
+    of config (any real one); uses memory for 2 layers and one LM head."""
+    began = time.perf_counter()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    L = config.num_layers
+    context = min(context, config.max_position_embeddings // 2)
+    chunk = min(chunk, config.max_position_embeddings // 4)
+    h = config.hidden_size
+
+    def middle(k: int) -> StageModel:  # k layers that are neither first nor last when the model allows
+        start = 1 if L >= k + 2 else 0
+        return _random_stage(config, start, start + k, dtype, device)
+
+    def decode_time(stage: StageModel) -> float:
+        cache = stage.new_cache(1, context + 1)
+        x = torch.randn(1, context, h, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        if stage.is_first:
+            x = torch.randint(0, config.vocab_size, (1, context), device=device)
+        stage(x, cache=cache)
+        one = x[:, :1]
+        pos = torch.tensor([[context]], device=device)
+
+        def step() -> None:
+            cache.truncate(0, context)
+            stage(one, pos, cache, last_only=True)
+
+        return _median_time(step, min_time, 10, sync)
+
+    def prefill_time(stage: StageModel) -> float:
+        cache = stage.new_cache(1, chunk)
+        x = torch.randn(1, chunk, h, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+        if stage.is_first:
+            x = torch.randint(0, config.vocab_size, (1, chunk), device=device)
+
+        def run() -> None:
+            cache.truncate(0, 0)
+            stage(x, cache=cache, last_only=True)
+
+        return _median_time(run, min_time, 3, sync)
+
+    one, two = middle(1), middle(2)
+    d1, d2 = decode_time(one), decode_time(two)
+    p1, p2 = prefill_time(one), prefill_time(two)
+    per_layer = max(d2 - d1, 1e-9)
+    del two
+    last = _random_stage(config, L - 1, L, dtype, device)
+    head = max(decode_time(last) - d1, 0.0)
+    return Capacity(
+        decode_s_per_layer=per_layer,
+        decode_s_fixed=max(d1 - per_layer, 0.0),
+        prefill_s_per_layer_token=max(p2 - p1, 1e-12) / chunk,
+        head_decode_s=head,
+        context=context,
+        chunk=chunk,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        cpu_quota=cpu_quota(),
+        measured_at=time.time(),
+        seconds=time.perf_counter() - began,
+    )
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "layerline", "capacity")
+
+
+def cache_key(fingerprint: str, device: str, dtype: torch.dtype, threads: int, quota: float | None) -> str:
+    text = json.dumps([FORMAT, fingerprint, device, str(dtype), threads, quota, torch.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached_capacity(
+    config: ModelConfig,
+    fingerprint: str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    *,
+    cache_dir: str | None = None,
+    remeasure: bool = False,
+    **measure_options: object,
+) -> tuple[Capacity, bool]:
+    """The stage's capacity and whether it came from the on-disk cache (False: measured now, and stored)."""
+    folder = cache_dir or default_cache_dir()
+    key = cache_key(fingerprint, device, dtype, torch.get_num_threads(), cpu_quota())
+    path = os.path.join(folder, f"{key}.json")
+    if not remeasure:
+        try:
+            with open(path) as f:
+                found = Capacity.from_json(f.read())
+            if found is not None:
+                return found, True
+        except OSError:
+            pass
+    capacity = measure(config, dtype, device, **measure_options)  # type: ignore[arg-type]
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(capacity.to_json())
+        os.replace(tmp, path)  # atomic: a reader never sees half an entry
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return capacity, False
