@@ -1,7 +1,8 @@
 """Placement: which stage serves which contiguous range of a model's layers. Pure functions, no gRPC.
 
 The problem. L layers go, in order, to a chain of stages picked from the available ones. A stage's time per token is
-what it was measured to take: `layers * per_layer + (LM head, at the last stage) + (its send to the next stage)`.
+what it was measured to take: `fixed + layers * per_layer + (LM head, at the last stage) + (its send to the next
+stage)`.
 Pipelined, the chain runs at the pace of its slowest stage, so the plan minimises that bottleneck, subject to every
 stage's memory: the weights of its layers (in its own dtype), the embedding at the first stage, the final norm and
 LM head at the last, plus the KV budget it keeps. Among plans with the optimal bottleneck it prefers a short total
@@ -41,6 +42,12 @@ class ModelShape:
     layer_params: int  # parameters of one transformer layer
     embed_params: int  # token embedding (first stage)
     head_params: int  # final norm + LM head (last stage; the embedding matrix again when tied)
+    tied: bool = False  # tied embeddings: a stage that is first and last keeps one copy for both roles
+
+    def extra_params(self, first: bool, last: bool) -> int:
+        """Parameters besides the layers for a stage in that role."""
+        extra = (self.embed_params if first else 0) + (self.head_params if last else 0)
+        return extra - (self.embed_params if first and last and self.tied else 0)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class StageCapacity:
     kv_bytes: int = 0  # of which it keeps this much for KV caches
     bytes_per_param: float = 4.0  # its compute dtype
     send_s: float = 0.0  # sending one token's hidden state to the next stage (0 = not measured / negligible)
+    fixed_s: float = 0.0  # per step whatever its layer count (embedding, rotary tables, the server's own work)
     prefill_s_per_layer: float = 0.0  # per prompt token, for the prefill prediction (not used to place)
 
     def weight_room(self) -> float:
@@ -106,11 +114,12 @@ class Plan:
 
 def stage_cost(stage: StageCapacity, layers: int, first: bool, last: bool) -> float:
     """Predicted decode seconds per token of `stage` holding `layers` layers."""
-    return layers * stage.decode_s_per_layer + (stage.head_decode_s if last else 0.0) + (0.0 if last else stage.send_s)
+    extra = (stage.head_decode_s if last else 0.0) + (0.0 if last else stage.send_s)
+    return stage.fixed_s + layers * stage.decode_s_per_layer + extra
 
 
 def weight_bytes(model: ModelShape, stage: StageCapacity, layers: int, first: bool, last: bool) -> int:
-    params = layers * model.layer_params + (model.embed_params if first else 0) + (model.head_params if last else 0)
+    params = layers * model.layer_params + model.extra_params(first, last)
     return int(math.ceil(params * stage.bytes_per_param))
 
 
@@ -120,8 +129,7 @@ def fits(model: ModelShape, stage: StageCapacity, layers: int, first: bool, last
 
 def max_layers(model: ModelShape, stage: StageCapacity, first: bool, last: bool) -> int:
     """Most layers the stage's memory holds in that role (-1: not even the embedding / head fit)."""
-    room = stage.weight_room() / stage.bytes_per_param - (model.embed_params if first else 0)
-    room -= model.head_params if last else 0
+    room = stage.weight_room() / stage.bytes_per_param - model.extra_params(first, last)
     if room < 0:
         return -1
     n = min(model.num_layers, int(room // model.layer_params) if model.layer_params else model.num_layers)

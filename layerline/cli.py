@@ -1,8 +1,9 @@
 """The `layerline` command line: argument parsing, logging set-up and user-facing errors. The only place that reads
 argv or configures logging; every command is a thin shell over the library.
 
-Commands so far: `run` (a model split into stages inside this one process, streaming its answer) and `info`
-(what a checkpoint is and how it would split).
+Commands: `run` (stages inside this one process), `info` (a checkpoint), `stage` (serve a layer range), `generate`
+(stream from running stages), `local` (stages on this machine, one answer), `coordinator` (registry and planner),
+`status` and `plan` (ask a coordinator).
 """
 
 from __future__ import annotations
@@ -154,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_args(local, default_stages=3, threads_help="torch threads per stage (default: cores/stages)")
     _add_generation_args(local)
     local.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+
+    coord = sub.add_parser(
+        "coordinator",
+        help="run the coordinator: registry of stages and planner of their layer ranges",
+        description="Serve the Coordinator service for one model: stages register with their measured capacity and "
+        "heartbeat; it assigns contiguous layer ranges (slowest stage as fast as possible, within each stage's "
+        "memory) and answers clients' route requests. Only the checkpoint's config is read.",
+        epilog="example: layerline coordinator --model smollm2 --host 0.0.0.0 --port 7000",
+    )
+    _add_model_args(coord)
+    coord.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    coord.add_argument("--port", type=int, default=7000, help="port to listen on (default 7000; 0: any free port)")
+    coord.add_argument("--heartbeat", type=float, default=2.0, help="seconds between stage heartbeats (2)")
+    coord.add_argument("--settle", type=float, default=4.0, help="seconds the first plan waits for stages (4)")
+    coord.add_argument("--expect", type=int, default=0, help="plan as soon as this many stages have registered")
+
+    for name, text in (
+        ("status", "a table of the registered stages, their ranges, measured speed, memory and health"),
+        ("plan", "what the coordinator would assign now, and why (dry run)"),
+    ):
+        p = sub.add_parser(name, help=text, epilog=f"example: layerline {name} --coordinator 10.0.0.1:7000")
+        p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+        p.add_argument("--json", action="store_true", help="print the answer as JSON")
     return parser
 
 
@@ -316,7 +340,121 @@ def cmd_local(args: argparse.Namespace) -> int:
         return _stream_answer(cluster.route, args)
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "stage": cmd_stage, "generate": cmd_generate, "local": cmd_local}
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from layerline.coordinator.service import serve_coordinator
+    from layerline.model_source import resolve_model
+
+    def ready(running) -> None:
+        print(f"layerline coordinator for {args.model} listening on {running.address}", flush=True)
+
+    asyncio.run(
+        serve_coordinator(
+            resolve_model(args.model),
+            args.host,
+            args.port,
+            on_ready=ready,
+            heartbeat_s=args.heartbeat,
+            settle_s=args.settle,
+            expected_stages=args.expect,
+        )
+    )
+    return 0
+
+
+def _ask_coordinator(address: str, method: str):
+    """One unary call to the coordinator, with the failure as a LayerlineError that says what went wrong."""
+    import grpc
+
+    from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    requests = {"Status": coordinator_pb2.StatusRequest(), "Plan": coordinator_pb2.PlanRequest()}
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(requests[method], timeout=10)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise LayerlineError(f"the coordinator at {address} is unreachable ({e.details()})") from None
+            raise LayerlineError(f"{e.details()} [{e.code().name}]") from None
+
+
+def _json_of(message) -> str:
+    from google.protobuf import json_format
+
+    return json_format.MessageToJson(message, preserving_proto_field_name=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _ask_coordinator(args.coordinator, "Status")
+    if args.json:
+        print(_json_of(status))
+        return 0
+    print(f"model {status.model_name}: {status.num_layers} layers, plan version {status.plan_version}")
+    rows = [
+        [
+            "stage",
+            "address",
+            "device/dtype",
+            "layers",
+            "assigned",
+            "ms/layer decode",
+            "us/layer/token prefill",
+            "memory free",
+            "sessions",
+            "health",
+        ]
+    ]
+    for s in status.stages:
+        r = s.report
+        serving = f"{s.serving_start}:{s.serving_end}" if s.serving_end else "-"
+        assigned = f"{s.assignment.start_layer}:{s.assignment.end_layer}" if s.assignment.end_layer else "standby"
+        health = ("ready" if s.ready else "loading") + f", seen {s.seconds_since_heartbeat:.1f}s ago"
+        rows.append(
+            [
+                s.stage_id[:8],
+                r.address,
+                f"{r.device}/{r.dtype}",
+                serving,
+                assigned,
+                f"{1e3 * r.decode_s_per_layer:.2f}",
+                f"{1e6 * r.prefill_s_per_layer_token:.1f}",
+                f"{r.memory_bytes / (1 << 30):.2f} GiB",
+                str(s.open_sessions),
+                health,
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if status.predicted_bottleneck_s:
+        print(
+            f"predicted bottleneck {1e3 * status.predicted_bottleneck_s:.2f} ms/token, one token through the chain "
+            f"{1e3 * status.predicted_total_s:.2f} ms"
+        )
+    if status.route.addresses:
+        print("route: " + ",".join(status.route.addresses))
+    else:
+        print("route: none yet" + (f" ({status.problem})" if status.problem else ""))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = _ask_coordinator(args.coordinator, "Plan")
+    print(_json_of(plan) if args.json else plan.explanation)
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "info": cmd_info,
+    "stage": cmd_stage,
+    "generate": cmd_generate,
+    "local": cmd_local,
+    "coordinator": cmd_coordinator,
+    "status": cmd_status,
+    "plan": cmd_plan,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

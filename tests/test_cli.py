@@ -4,11 +4,13 @@ seeded sampling, and clear errors with exit status 2 for bad arguments."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from layerline.cli import main
 from layerline.model_source import resolve_model
 from layerline.tokenizer import Tokenizer
 from tiny_models import TinySpec
@@ -77,3 +79,55 @@ def test_info():
     out = layerline("info", "--model", "smollm2")
     assert out.returncode == 0, out.stderr
     assert "num_layers: 30" in out.stdout and "num_kv_heads: 3" in out.stdout
+
+
+def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys):
+    """`layerline coordinator` in a subprocess; two stages register by hand; `status` and `plan` describe them; a
+    coordinator that is not there is a one-line error; SIGTERM stops it cleanly."""
+    import grpc
+
+    from layerline.checkpoint import load_config
+    from layerline.stage_server.server import model_fingerprint
+    from layerline.v1 import coordinator_pb2 as pb
+    from layerline.v1 import coordinator_pb2_grpc
+
+    folder, _ = tiny_checkpoint(TinySpec("llama", layers=4))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerline.cli", "coordinator", "--model", folder, "--port", "0", "--settle", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "listening on 127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        address = line.strip().rsplit(" ", 1)[-1]
+        fp = model_fingerprint(load_config(folder))
+        with grpc.insecure_channel(address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            for port, per_layer in ((7001, 1e-3), (7002, 3e-3)):
+                report = pb.StageReport(
+                    address=f"127.0.0.1:{port}",
+                    model_fingerprint=fp,
+                    device="cpu",
+                    dtype="float32",
+                    decode_s_per_layer=per_layer,
+                    memory_bytes=1 << 30,
+                    bytes_per_param=4,
+                )
+                stub.Register(pb.RegisterRequest(stage=report), timeout=10)
+        assert main(["plan", "--coordinator", address]) == 0
+        out = capsys.readouterr().out
+        assert "127.0.0.1:7001: layers 0:3 (3)" in out and "127.0.0.1:7002: layers 3:4 (1)" in out
+        assert main(["status", "--coordinator", address]) == 0
+        out = capsys.readouterr().out
+        assert "127.0.0.1:7001" in out and "loading" in out and "predicted bottleneck" in out
+        assert main(["status", "--coordinator", address, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["num_layers"] == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+    assert main(["status", "--coordinator", address]) == 2
+    assert "unreachable" in capsys.readouterr().err

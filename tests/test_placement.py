@@ -48,6 +48,7 @@ def random_case(rng: random.Random) -> tuple[ModelShape, list[StageCapacity]]:
         layer_params=rng.choice([10, 100, 250]),
         embed_params=rng.choice([0, 50, 400]),
         head_params=rng.choice([0, 50, 400]),
+        tied=rng.random() < 0.5,
     )
     stages = []
     for i in range(rng.randint(1, 4)):
@@ -60,6 +61,7 @@ def random_case(rng: random.Random) -> tuple[ModelShape, list[StageCapacity]]:
                 kv_bytes=rng.choice([0, 100]),
                 bytes_per_param=rng.choice([1.0, 2.0, 4.0]),
                 send_s=rng.choice([0.0, 0.0, 0.3, 2.0]),
+                fixed_s=rng.choice([0.0, 0.0, 0.2]),
             )
         )
     return model, stages

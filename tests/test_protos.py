@@ -54,3 +54,13 @@ def test_stage_service_methods():
     assert callable(stage_pb2_grpc.add_StageServicer_to_server)
     assert service.methods_by_name["Push"].input_type.name == "Step"
     assert stage_pb2.DESCRIPTOR.dependencies[0].name == tensor_pb2.DESCRIPTOR.name == "layerline/v1/tensor.proto"
+
+
+def test_coordinator_service_methods():
+    from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
+    assert {m.name for m in service.methods} == {"Register", "Heartbeat", "GetRoute", "Status", "Plan"}
+    assert not any(m.client_streaming or m.server_streaming for m in service.methods)
+    for m in service.methods:
+        assert callable(getattr(coordinator_pb2_grpc.CoordinatorServicer, m.name))

@@ -1,0 +1,297 @@
+"""The coordinator's state: registered stages, their heartbeats, the plan in force and the route clients get.
+Plain bookkeeping with an injected clock, no gRPC (the servicer in `service.py` wraps it).
+
+Rules (the coordinator is never on the token path, and its state is soft):
+- A stage registers with its measured capacity and what it serves now, and heartbeats every `heartbeat_s`; one
+  that misses `miss_limit` heartbeats is dropped. A stage registering again from the same address replaces its old
+  entry.
+- Plans change only when membership does: a stage of the plan dropped (a new plan is made at once), or a stage
+  joined and a new plan would be at least `min_gain` faster at the bottleneck. A new plan gets the next version;
+  each stage learns its new range from its next heartbeat.
+- The first plan waits `settle_s` after the first registration (or for `expected_stages`), so that stages starting
+  together are placed together. After a coordinator restart the stages register again with the ranges they serve:
+  when those form a whole chain it is adopted as the plan as it is, so running sessions are not disturbed; until
+  then (for up to `miss_limit` heartbeats) nothing is planned.
+- The route is the fastest chain of ready stages by what they serve now (the plan's, once its stages have loaded
+  their ranges; until then the chain they still serve) - the coordinator never sends clients to a stage that is
+  still loading.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from layerline.config import ModelConfig
+from layerline.coordinator.placement import (
+    Assignment,
+    ModelShape,
+    PlacementError,
+    Plan,
+    StageCapacity,
+    place,
+    stage_cost,
+)
+from layerline.errors import BadInputError, FailedPreconditionError, NotFoundError
+
+
+@dataclass
+class StageEntry:
+    id: str
+    address: str
+    capacity: StageCapacity  # name = id
+    info: dict[str, object]  # device, dtype, threads, version... as reported (for status)
+    serving: tuple[int, int]  # layers served now; (0, 0) = none
+    ready: bool
+    last_seen: float
+    open_sessions: int = 0
+    kv_bytes_used: int = 0
+    assignment: tuple[int, int] = (0, 0)
+    assigned_version: int = 0
+
+
+@dataclass
+class RouteChoice:
+    stage_ids: list[str]
+    addresses: list[str]
+    boundaries: list[int]
+    plan_version: int
+
+
+@dataclass
+class Registry:
+    model: ModelShape
+    fingerprint: str
+    heartbeat_s: float = 2.0
+    miss_limit: int = 3
+    min_gain: float = 0.05
+    settle_s: float = 4.0  # the first plan waits this long after the first registration (others may be on the way)
+    expected_stages: int = 0  # ... or until this many have registered (0: unknown)
+    clock: Callable[[], float] = time.monotonic
+    stages: dict[str, StageEntry] = field(default_factory=dict)
+    plan: Plan | None = None
+    plan_version: int = 0
+    problem: str = ""  # why there is no plan (no stages, not enough memory)
+    settle_until: float | None = None  # no plan before this (see settle_s)
+
+    # ---- membership ----------------------------------------------------------------------------------------------
+
+    def register(
+        self,
+        address: str,
+        fingerprint: str,
+        capacity: StageCapacity,
+        serving: tuple[int, int] = (0, 0),
+        **info: object,
+    ) -> StageEntry:
+        if not address or ":" not in address:
+            raise BadInputError(f"the stage's address must be host:port, got {address!r}")
+        if fingerprint != self.fingerprint:
+            raise FailedPreconditionError(
+                f"the stage at {address} serves another model (fingerprint {fingerprint or 'none'}) than this "
+                f"coordinator ({self.fingerprint}): start it with the same checkpoint"
+            )
+        _check_capacity(capacity)
+        L = self.model.num_layers
+        if serving != (0, 0) and not 0 <= serving[0] < serving[1] <= L:
+            raise BadInputError(f"serving range {serving[0]}:{serving[1]} is not within the model's {L} layers")
+        self.expire()
+        for old in [s.id for s in self.stages.values() if s.address == address]:
+            del self.stages[old]  # the same stage, restarted
+        sid = secrets.token_hex(8)
+        entry = StageEntry(
+            id=sid,
+            address=address,
+            capacity=StageCapacity(**{**capacity.__dict__, "name": sid}),
+            info=info,
+            serving=serving,
+            ready=serving != (0, 0),
+            last_seen=self.clock(),
+        )
+        self.stages[sid] = entry
+        if self.plan is None:
+            if self._adopt():
+                return entry
+            now = self.clock()
+            if self.settle_until is None:
+                # stages that already serve layers say the coordinator restarted: give the rest of the running
+                # chain time to register again before planning afresh
+                wait = self.heartbeat_s * self.miss_limit if serving != (0, 0) else self.settle_s
+                self.settle_until = now + wait
+            if now < self.settle_until and not (self.expected_stages and len(self.stages) >= self.expected_stages):
+                self.problem = "waiting for more stages to register"
+                return entry
+        self._replan(joined=True)
+        return entry
+
+    def heartbeat(
+        self, stage_id: str, serving: tuple[int, int], ready: bool, open_sessions: int = 0, kv_bytes_used: int = 0
+    ) -> StageEntry:
+        self.expire()
+        entry = self.stages.get(stage_id)
+        if entry is None:
+            raise NotFoundError(f"stage {stage_id!r} is not registered here (the coordinator restarted?): register")
+        L = self.model.num_layers
+        if serving != (0, 0) and not 0 <= serving[0] < serving[1] <= L:
+            raise BadInputError(f"serving range {serving[0]}:{serving[1]} is not within the model's {L} layers")
+        entry.serving, entry.ready = serving, ready and serving != (0, 0)
+        entry.open_sessions, entry.kv_bytes_used = open_sessions, kv_bytes_used
+        entry.last_seen = self.clock()
+        return entry
+
+    def expire(self) -> list[str]:
+        """Drop the stages that missed too many heartbeats (re-planning if the plan used them)."""
+        limit = self.heartbeat_s * self.miss_limit
+        now = self.clock()
+        gone = [sid for sid, s in self.stages.items() if now - s.last_seen > limit]
+        for sid in gone:
+            del self.stages[sid]
+        if gone and self.plan is not None and any(a.name in gone for a in self.plan.assignments):
+            self._replan(joined=False)
+        elif (
+            self.plan is None and self.stages and (gone or (self.settle_until is not None and now >= self.settle_until))
+        ):
+            self._replan(joined=False)
+        return gone
+
+    # ---- planning ------------------------------------------------------------------------------------------------
+
+    def dry_run(self) -> Plan:
+        """What would be assigned now (PlacementError when nothing fits)."""
+        return place(self.model, [s.capacity for s in self._ordered()])
+
+    def _ordered(self) -> list[StageEntry]:
+        return sorted(self.stages.values(), key=lambda s: s.address)
+
+    def _replan(self, joined: bool) -> None:
+        try:
+            new = self.dry_run()
+        except PlacementError as e:
+            self.problem = str(e)
+            if self.plan is not None and all(a.name in self.stages for a in self.plan.assignments):
+                return  # the plan in force still runs; the newcomer simply is not needed
+            self.plan = None
+            return
+        self.problem = ""
+        intact = self.plan is not None and all(a.name in self.stages for a in self.plan.assignments)
+        if intact and joined and new.bottleneck_s > self.plan.bottleneck_s * (1 - self.min_gain):  # type: ignore[union-attr]
+            self._assign_standby()
+            return
+        if intact and new.ranges() == self.plan.ranges():  # type: ignore[union-attr]
+            return
+        self._install(new)
+
+    def _install(self, plan: Plan) -> None:
+        self.plan = plan
+        self.plan_version += 1
+        for s in self.stages.values():
+            s.assignment, s.assigned_version = (0, 0), self.plan_version
+        for a in plan.assignments:
+            self.stages[a.name].assignment = (a.start, a.end)
+
+    def _assign_standby(self) -> None:
+        for s in self.stages.values():
+            if s.assigned_version == 0:
+                s.assigned_version = self.plan_version  # known, holds nothing in this plan
+
+    def _adopt(self) -> bool:
+        """No plan yet (a fresh or restarted coordinator): take the chain the stages already serve, if whole."""
+        chain = self._fastest_chain(lambda s: s.serving != (0, 0))
+        if chain is None:
+            return False
+        assignments = []
+        for sid in chain:
+            s = self.stages[sid]
+            a, b = s.serving
+            first, last = a == 0, b == self.model.num_layers
+            assignments.append((sid, a, b, stage_cost(s.capacity, b - a, first, last)))
+        plan = Plan(
+            tuple(
+                Assignment(sid, a, b, cost, 0.0, 0)  # weights are already loaded: not re-counted
+                for sid, a, b, cost in assignments
+            ),
+            {s.id: "not in the adopted chain" for s in self.stages.values() if s.id not in chain},
+        )
+        self.problem = ""
+        self._install(plan)
+        return True
+
+    # ---- routes --------------------------------------------------------------------------------------------------
+
+    def route(self) -> RouteChoice:
+        """The fastest chain of ready stages, by what they serve now."""
+        self.expire()
+        chain = self._fastest_chain(lambda s: s.ready)
+        if chain is None:
+            if not self.stages:
+                why = "no stages have registered yet"
+            elif self.problem:
+                why = self.problem
+            elif self.plan is None:
+                why = "no plan yet"
+            else:
+                why = "the stages are still loading their layers"
+            raise FailedPreconditionError(f"no complete chain of ready stages: {why}")
+        entries = [self.stages[sid] for sid in chain]
+        return RouteChoice(
+            chain,
+            [s.address for s in entries],
+            [entries[0].serving[0]] + [s.serving[1] for s in entries],
+            self.plan_version,
+        )
+
+    def _fastest_chain(self, usable: Callable[[StageEntry], bool]) -> list[str] | None:
+        """Stages whose served ranges chain 0..L, with the smallest predicted time per token (None: no chain)."""
+        L = self.model.num_layers
+        best: dict[int, tuple[float, list[str]]] = {0: (0.0, [])}
+        candidates = sorted((s for s in self.stages.values() if usable(s)), key=lambda s: s.serving)
+        for boundary in range(L):
+            if boundary not in best:
+                continue
+            cost, path = best[boundary]
+            for s in candidates:
+                a, b = s.serving
+                if a != boundary or s.id in path:
+                    continue
+                total = cost + stage_cost(s.capacity, b - a, a == 0, b == L)
+                if b not in best or total < best[b][0]:
+                    best[b] = (total, path + [s.id])
+        return best[L][1] if L in best else None
+
+
+def model_shape(config: ModelConfig) -> ModelShape:
+    """Parameter counts of one layer, the embedding and the head, from the tensors a checkpoint must hold."""
+    from layerline.model import expected_tensors  # torch, only here
+
+    def count(tensors: dict[str, tuple[int, ...]]) -> int:
+        total = 0
+        for shape in tensors.values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    layer = count({k: v for k, v in expected_tensors(config, 0, 1).items() if k.startswith("model.layers.")})
+    embed = config.vocab_size * config.hidden_size
+    head = config.hidden_size + config.vocab_size * config.hidden_size  # final norm + LM head (tied: a copy)
+    return ModelShape(config.num_layers, layer, embed, head, tied=config.tie_word_embeddings)
+
+
+def _check_capacity(c: StageCapacity) -> None:
+    numbers = {
+        "decode_s_per_layer": c.decode_s_per_layer,
+        "head_decode_s": c.head_decode_s,
+        "send_s": c.send_s,
+        "prefill_s_per_layer": c.prefill_s_per_layer,
+        "bytes_per_param": c.bytes_per_param,
+    }
+    for name, value in numbers.items():
+        if not (value >= 0 and value < 1e6):  # also rejects NaN
+            raise BadInputError(f"capacity: {name} must be a finite non-negative number, got {value}")
+    if c.decode_s_per_layer <= 0 or c.bytes_per_param <= 0:
+        raise BadInputError("capacity: decode_s_per_layer and bytes_per_param must be positive (measured)")
+    if c.memory_bytes < 0 or c.kv_bytes < 0:
+        raise BadInputError("capacity: memory figures must not be negative")

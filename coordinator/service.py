@@ -1,0 +1,260 @@
+"""The Coordinator gRPC servicer and server: `registry.py` behind the RPCs of coordinator.proto.
+
+Every request is checked before it touches the registry; a bad one gets INVALID_ARGUMENT / FAILED_PRECONDITION /
+NOT_FOUND / RESOURCE_EXHAUSTED with a message naming the problem, and the coordinator keeps serving everyone else.
+A background task drops stages that stopped heartbeating. The coordinator holds no model weights: it reads the
+checkpoint's config only (its fingerprint, its layer shapes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from layerline.checkpoint import load_config
+from layerline.coordinator.placement import PlacementError, StageCapacity, stage_cost
+from layerline.coordinator.registry import Registry, StageEntry, model_shape
+from layerline.errors import BadInputError, LayerlineError
+from layerline.stage_server.server import model_fingerprint
+from layerline.stage_server.status import status_of
+from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "layerline.v1.Coordinator"
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+def capacity_from_report(report: coordinator_pb2.StageReport) -> StageCapacity:
+    for name in ("decode_s_per_layer", "decode_s_fixed", "head_decode_s", "prefill_s_per_layer_token"):
+        if not math.isfinite(getattr(report, name)):
+            raise BadInputError(f"report: {name} is not a finite number")
+    return StageCapacity(
+        name="",
+        decode_s_per_layer=report.decode_s_per_layer,
+        head_decode_s=report.head_decode_s,
+        memory_bytes=report.memory_bytes,
+        kv_bytes=report.kv_bytes,
+        bytes_per_param=report.bytes_per_param or 4.0,
+        fixed_s=max(report.decode_s_fixed, 0.0),
+        prefill_s_per_layer=report.prefill_s_per_layer_token,
+    )
+
+
+def _assignment(entry: StageEntry) -> coordinator_pb2.Assignment:
+    return coordinator_pb2.Assignment(
+        plan_version=entry.assigned_version, start_layer=entry.assignment[0], end_layer=entry.assignment[1]
+    )
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, registry: Registry, model_name: str) -> None:
+        self.registry = registry
+        self.model_name = model_name
+        self.reports: dict[str, coordinator_pb2.StageReport] = {}
+
+    async def _fail(self, context: grpc.aio.ServicerContext, error: LayerlineError) -> None:
+        code, message = status_of(error)
+        await context.abort(code, message)
+
+    async def Register(
+        self, request: coordinator_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.RegisterResponse:
+        r = request.stage
+        try:
+            entry = self.registry.register(
+                r.address,
+                r.model_fingerprint,
+                capacity_from_report(r),
+                (r.serving_start, r.serving_end),
+                device=r.device,
+                dtype=r.dtype,
+                threads=r.threads,
+                version=r.version,
+            )
+        except LayerlineError as e:
+            await self._fail(context, e)
+        self.reports = {sid: rep for sid, rep in self.reports.items() if sid in self.registry.stages}
+        self.reports[entry.id] = r
+        logger.info("stage %s registered from %s, assigned %s", entry.id, r.address, entry.assignment)
+        return coordinator_pb2.RegisterResponse(
+            stage_id=entry.id, assignment=_assignment(entry), heartbeat_seconds=self.registry.heartbeat_s
+        )
+
+    async def Heartbeat(
+        self, request: coordinator_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.HeartbeatResponse:
+        try:
+            entry = self.registry.heartbeat(
+                request.stage_id,
+                (request.serving_start, request.serving_end),
+                request.ready,
+                request.open_sessions,
+                request.kv_bytes_used,
+            )
+        except LayerlineError as e:
+            await self._fail(context, e)
+        return coordinator_pb2.HeartbeatResponse(assignment=_assignment(entry))
+
+    async def GetRoute(
+        self, request: coordinator_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.Route:
+        try:
+            choice = self.registry.route()
+        except LayerlineError as e:
+            await self._fail(context, e)
+        return coordinator_pb2.Route(
+            addresses=choice.addresses, plan_version=choice.plan_version, boundaries=choice.boundaries
+        )
+
+    async def Status(
+        self, request: coordinator_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ClusterStatus:
+        reg = self.registry
+        reg.expire()
+        now = reg.clock()
+        L = reg.model.num_layers
+        out = coordinator_pb2.ClusterStatus(
+            model_name=self.model_name, num_layers=L, plan_version=reg.plan_version, problem=reg.problem
+        )
+        for s in sorted(reg.stages.values(), key=lambda s: s.address):
+            a, b = s.assignment
+            predicted = stage_cost(s.capacity, b - a, a == 0, b == L) if b > a else 0.0
+            out.stages.append(
+                coordinator_pb2.StageStatus(
+                    stage_id=s.id,
+                    report=self.reports.get(s.id),
+                    assignment=_assignment(s),
+                    serving_start=s.serving[0],
+                    serving_end=s.serving[1],
+                    ready=s.ready,
+                    open_sessions=s.open_sessions,
+                    kv_bytes_used=s.kv_bytes_used,
+                    seconds_since_heartbeat=now - s.last_seen,
+                    predicted_decode_s=predicted,
+                )
+            )
+        if reg.plan is not None:
+            out.predicted_bottleneck_s = reg.plan.bottleneck_s
+            out.predicted_total_s = reg.plan.total_s
+        with contextlib.suppress(LayerlineError):
+            choice = reg.route()
+            out.route.CopyFrom(
+                coordinator_pb2.Route(
+                    addresses=choice.addresses, plan_version=choice.plan_version, boundaries=choice.boundaries
+                )
+            )
+        return out
+
+    async def Plan(
+        self, request: coordinator_pb2.PlanRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.PlanResponse:
+        reg = self.registry
+        reg.expire()
+        try:
+            plan = reg.dry_run()
+        except PlacementError as e:
+            code = grpc.StatusCode.FAILED_PRECONDITION if not reg.stages else grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, str(e) if reg.stages else "no stages have registered yet")
+        addresses = {s.id: s.address for s in reg.stages.values()}
+        text = plan.describe()
+        for sid, address in addresses.items():
+            text = text.replace(f"{sid}:", f"{address}:")
+        return coordinator_pb2.PlanResponse(
+            stage_ids=[a.name for a in plan.assignments],
+            addresses=[addresses[a.name] for a in plan.assignments],
+            boundaries=[0] + [a.end for a in plan.assignments],
+            predicted_bottleneck_s=plan.bottleneck_s,
+            predicted_total_s=plan.total_s,
+            explanation=text,
+        )
+
+
+@dataclass
+class RunningCoordinator:
+    server: grpc.aio.Server
+    service: CoordinatorService
+    address: str
+    sweeper: asyncio.Task
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.sweeper
+        await self.server.stop(grace)
+
+
+async def start_coordinator(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    heartbeat_s: float = 2.0,
+    miss_limit: int = 3,
+    settle_s: float = 4.0,
+    expected_stages: int = 0,
+) -> RunningCoordinator:
+    config = await asyncio.to_thread(load_config, model)
+    registry = Registry(
+        model_shape(config),
+        model_fingerprint(config),
+        heartbeat_s=heartbeat_s,
+        miss_limit=miss_limit,
+        settle_s=settle_s,
+        expected_stages=expected_stages,
+    )
+    service = CoordinatorService(registry, os.path.basename(model.rstrip("/")))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise LayerlineError(f"cannot listen on {host}:{port} (port taken or address not available)")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(heartbeat_s / 2)
+            gone = registry.expire()
+            if gone:
+                logger.warning("dropped %d stage(s) that stopped heartbeating: %s", len(gone), ", ".join(gone))
+
+    sweeper = asyncio.create_task(sweep(), name="coordinator sweeper")
+    return RunningCoordinator(server, service, f"{host}:{bound}", sweeper)
+
+
+async def serve_coordinator(
+    model: str, host: str, port: int, on_ready: Callable[[RunningCoordinator], None] | None = None, **options: object
+) -> None:
+    """Run a coordinator until SIGTERM or SIGINT."""
+    running = await start_coordinator(model, host, port, **options)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(running)
+    await stop.wait()
+    await running.stop()

@@ -1,0 +1,171 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StageReport(_message.Message):
+    __slots__ = ("address", "model_fingerprint", "device", "dtype", "threads", "decode_s_per_layer", "decode_s_fixed", "prefill_s_per_layer_token", "head_decode_s", "memory_bytes", "kv_bytes", "bytes_per_param", "serving_start", "serving_end", "version")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIXED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_PER_LAYER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_PARAM_FIELD_NUMBER: _ClassVar[int]
+    SERVING_START_FIELD_NUMBER: _ClassVar[int]
+    SERVING_END_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    model_fingerprint: str
+    device: str
+    dtype: str
+    threads: int
+    decode_s_per_layer: float
+    decode_s_fixed: float
+    prefill_s_per_layer_token: float
+    head_decode_s: float
+    memory_bytes: int
+    kv_bytes: int
+    bytes_per_param: float
+    serving_start: int
+    serving_end: int
+    version: str
+    def __init__(self, address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., threads: _Optional[int] = ..., decode_s_per_layer: _Optional[float] = ..., decode_s_fixed: _Optional[float] = ..., prefill_s_per_layer_token: _Optional[float] = ..., head_decode_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., bytes_per_param: _Optional[float] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("plan_version", "start_layer", "end_layer")
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    plan_version: int
+    start_layer: int
+    end_layer: int
+    def __init__(self, plan_version: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("stage",)
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: StageReport
+    def __init__(self, stage: _Optional[_Union[StageReport, _Mapping]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("stage_id", "assignment", "heartbeat_seconds")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    assignment: Assignment
+    heartbeat_seconds: float
+    def __init__(self, stage_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("stage_id", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVING_START_FIELD_NUMBER: _ClassVar[int]
+    SERVING_END_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    serving_start: int
+    serving_end: int
+    ready: bool
+    open_sessions: int
+    kv_bytes_used: int
+    def __init__(self, stage_id: _Optional[str] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("assignment",)
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    assignment: Assignment
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("addresses", "plan_version", "boundaries")
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARIES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    plan_version: int
+    boundaries: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ..., plan_version: _Optional[int] = ..., boundaries: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StageStatus(_message.Message):
+    __slots__ = ("stage_id", "report", "assignment", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "seconds_since_heartbeat", "predicted_decode_s")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVING_START_FIELD_NUMBER: _ClassVar[int]
+    SERVING_END_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    report: StageReport
+    assignment: Assignment
+    serving_start: int
+    serving_end: int
+    ready: bool
+    open_sessions: int
+    kv_bytes_used: int
+    seconds_since_heartbeat: float
+    predicted_decode_s: float
+    def __init__(self, stage_id: _Optional[str] = ..., report: _Optional[_Union[StageReport, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., predicted_decode_s: _Optional[float] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("model_name", "num_layers", "stages", "plan_version", "predicted_bottleneck_s", "predicted_total_s", "route", "problem")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_BOTTLENECK_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    num_layers: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
+    plan_version: int
+    predicted_bottleneck_s: float
+    predicted_total_s: float
+    route: Route
+    problem: str
+    def __init__(self, model_name: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., plan_version: _Optional[int] = ..., predicted_bottleneck_s: _Optional[float] = ..., predicted_total_s: _Optional[float] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., problem: _Optional[str] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PlanResponse(_message.Message):
+    __slots__ = ("stage_ids", "addresses", "boundaries", "predicted_bottleneck_s", "predicted_total_s", "explanation")
+    STAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARIES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_BOTTLENECK_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    stage_ids: _containers.RepeatedScalarFieldContainer[str]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    boundaries: _containers.RepeatedScalarFieldContainer[int]
+    predicted_bottleneck_s: float
+    predicted_total_s: float
+    explanation: str
+    def __init__(self, stage_ids: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ..., boundaries: _Optional[_Iterable[int]] = ..., predicted_bottleneck_s: _Optional[float] = ..., predicted_total_s: _Optional[float] = ..., explanation: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,177 @@
+"""The coordinator's registry (coordinator/registry.py) with a fake clock: registration and model checks, plans on
+join and leave, heartbeat expiry, adoption of the running chain after a coordinator restart, and routes that only
+use ready stages."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerline.config import ModelConfig
+from layerline.coordinator.placement import ModelShape, StageCapacity
+from layerline.coordinator.registry import Registry, model_shape
+from layerline.errors import BadInputError, FailedPreconditionError, NotFoundError
+
+MODEL = ModelShape(num_layers=12, layer_params=1000, embed_params=2000, head_params=2000)
+GB = 1 << 30
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cap(per_layer: float = 1e-3, memory: int = GB, head: float = 0.0) -> StageCapacity:
+    return StageCapacity("", decode_s_per_layer=per_layer, head_decode_s=head, memory_bytes=memory)
+
+
+def registry(clock: Clock | None = None, settle_s: float = 0.0, expected: int = 0) -> Registry:
+    return Registry(
+        MODEL, "fp", heartbeat_s=1.0, miss_limit=3, settle_s=settle_s, expected_stages=expected, clock=clock or Clock()
+    )
+
+
+def load(reg: Registry) -> None:
+    """Every stage loads its assignment and says so."""
+    for s in list(reg.stages.values()):
+        reg.heartbeat(s.id, s.assignment, ready=s.assignment != (0, 0))
+
+
+def test_stages_are_placed_by_capacity_and_the_route_waits_until_they_are_ready():
+    reg = registry()
+    with pytest.raises(FailedPreconditionError, match="no stages have registered"):
+        reg.route()
+    fast = reg.register("10.0.0.1:7000", "fp", cap(1e-3))
+    slow = reg.register("10.0.0.2:7000", "fp", cap(2e-3))
+    assert reg.plan_version >= 1
+    assert {fast.assignment, slow.assignment} == {(0, 8), (8, 12)}
+    assert fast.assignment[1] - fast.assignment[0] == 8  # twice as fast: twice the layers
+    with pytest.raises(FailedPreconditionError, match="still loading"):
+        reg.route()
+    load(reg)
+    route = reg.route()
+    assert route.boundaries[0] == 0 and route.boundaries[-1] == 12 and len(route.addresses) == 2
+    assert route.plan_version == reg.plan_version
+
+
+def test_model_mismatch_bad_reports_and_unknown_heartbeats_are_refused():
+    reg = registry()
+    with pytest.raises(FailedPreconditionError, match="another model"):
+        reg.register("h:1", "other", cap())
+    with pytest.raises(BadInputError, match="host:port"):
+        reg.register("nohost", "fp", cap())
+    with pytest.raises(BadInputError, match="decode_s_per_layer"):
+        reg.register("h:1", "fp", cap(per_layer=float("nan")))
+    with pytest.raises(BadInputError, match="serving range"):
+        reg.register("h:1", "fp", cap(), serving=(4, 40))
+    with pytest.raises(NotFoundError, match="register"):
+        reg.heartbeat("nope", (0, 0), False)
+
+
+def test_a_stage_that_misses_heartbeats_is_dropped_and_the_plan_follows():
+    clock = Clock()
+    reg = registry(clock)
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(1e-3))
+    load(reg)
+    version = reg.plan_version
+    assert len(reg.route().addresses) == 2
+    for _ in range(5):  # a keeps beating, b has died
+        clock.now += 1.0
+        reg.heartbeat(a.id, a.serving, True)
+    assert b.id not in reg.stages and reg.plan_version == version + 1
+    assert a.assignment == (0, 12)
+    with pytest.raises(FailedPreconditionError):  # a still serves 0:6 until it has loaded 0:12
+        reg.route()
+    load(reg)
+    assert reg.route().addresses == ["h:1"]
+
+
+def test_a_joining_stage_replans_only_for_a_real_gain_and_a_restarted_stage_replaces_itself():
+    reg = registry()
+    reg.register("h:1", "fp", cap(1e-3))
+    reg.register("h:2", "fp", cap(1e-3))
+    load(reg)
+    version = reg.plan_version
+    crawler = reg.register("h:3", "fp", cap(1.0))  # far too slow to help
+    assert reg.plan_version == version and crawler.assignment == (0, 0) and crawler.assigned_version == version
+    reg.register("h:4", "fp", cap(1e-3))  # a third equal stage: bottleneck 6 -> 4 layers
+    assert reg.plan_version == version + 1
+    assert sorted(s.assignment[1] - s.assignment[0] for s in reg.stages.values()) == [0, 4, 4, 4]
+    # the same address registering again is the same stage restarted: one entry, not two
+    before = len(reg.stages)
+    reg.register("h:4", "fp", cap(1e-3))
+    assert len(reg.stages) == before
+
+
+def test_after_a_coordinator_restart_the_running_chain_is_adopted_as_it_is():
+    clock = Clock()
+    reg = registry(clock)
+    # stages that serve an uneven but complete chain (what an earlier coordinator planned) register again
+    reg.register("h:1", "fp", cap(1e-3), serving=(0, 3))
+    assert reg.plan is None  # not a whole chain yet: wait for the rest of it
+    clock.now += 1.5
+    reg.register("h:2", "fp", cap(1e-3), serving=(3, 12))
+    assert reg.plan is not None and reg.plan.ranges()[0][1:] == (0, 3)
+    route = reg.route()
+    assert route.boundaries == [0, 3, 12]  # nothing moved: running sessions undisturbed
+    # a lone survivor of a chain whose other stage never comes back is planned afresh after the wait
+    clock2 = Clock()
+    lone = registry(clock2)
+    entry = lone.register("h:1", "fp", cap(1e-3), serving=(0, 3))
+    assert lone.plan is None
+    for _ in range(2):
+        clock2.now += 1.75
+        lone.heartbeat(entry.id, (0, 3), True)
+    assert lone.plan is not None and entry.assignment == (0, 12)
+
+
+def test_the_first_plan_waits_for_stages_starting_together():
+    clock = Clock()
+    reg = registry(clock, settle_s=2.0)
+    a = reg.register("h:1", "fp", cap())
+    assert reg.plan is None and a.assignment == (0, 0)
+    clock.now += 1.0
+    reg.register("h:2", "fp", cap())
+    assert reg.plan is None
+    clock.now += 1.5
+    reg.expire()
+    assert reg.plan is not None and len(reg.plan.assignments) == 2  # both placed at once, no churn
+    counted = registry(Clock(), settle_s=60.0, expected=2)
+    counted.register("h:1", "fp", cap())
+    assert counted.plan is None
+    counted.register("h:2", "fp", cap())
+    assert counted.plan is not None and len(counted.plan.assignments) == 2
+
+
+def test_not_enough_memory_is_reported_and_the_route_says_why():
+    reg = registry()
+    reg.register("h:1", "fp", cap(memory=1000))
+    assert reg.plan is None and "does not fit" in reg.problem
+    with pytest.raises(FailedPreconditionError, match="does not fit"):
+        reg.route()
+
+
+def test_model_shape_counts_the_parameters_of_a_real_config():
+    config = ModelConfig.from_hf_dict(
+        {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+        }
+    )
+    shape = model_shape(config)
+    # SmolLM2-135M: 30 layers of q,o 576x576, k,v 192x576, three 1536x576 MLP matrices and two norms
+    assert shape.layer_params == 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576 + 2 * 576
+    assert shape.embed_params == 49152 * 576 and shape.tied
+    total = shape.num_layers * shape.layer_params + shape.extra_params(True, True)
+    assert abs(total - 134_515_008) < 1000  # the published parameter count
