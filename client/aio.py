@@ -26,7 +26,7 @@ import grpc
 from layerline.client.errors import RPCError, code_from_int
 from layerline.text_stream import TextStream
 from layerline.tokenizer import Tokenizer
-from layerline.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
+from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +122,24 @@ class _Link:
 
 
 class AsyncClient:
-    """`AsyncClient(route=["host:port", ...])`: the stages in pipeline order (first stage first)."""
+    """`AsyncClient(route=["host:port", ...])`: the stages in pipeline order (first stage first); or
+    `AsyncClient(coordinator="host:port")`: the coordinator names them (the fastest chain of ready stages)."""
 
-    def __init__(self, route: Sequence[str] | str, *, config: ClientConfig | None = None) -> None:
+    def __init__(
+        self,
+        route: Sequence[str] | str | None = None,
+        *,
+        coordinator: str = "",
+        config: ClientConfig | None = None,
+    ) -> None:
         if isinstance(route, str):
             route = route.split(",")
-        self.route = [a.strip() for a in route if a.strip()]
-        if not self.route:
-            raise RPCError(INVALID, "the route names no stage (expected host:port,host:port,...)")
+        self.route = [a.strip() for a in route or () if a.strip()]
+        self.coordinator = coordinator.strip()
+        if not self.route and not self.coordinator:
+            raise RPCError(INVALID, "give a route (host:port,host:port,...) or a coordinator (host:port)")
+        if self.route and self.coordinator:
+            raise RPCError(INVALID, "give a route or a coordinator, not both")
         self.config = config or ClientConfig()
         self._links: list[_Link] | None = None
         self._tokenizer: Tokenizer | None = None
@@ -147,6 +157,8 @@ class AsyncClient:
         """Reach every stage and check that together they serve one model's layers in order."""
         async with self._lock:
             if self._links is None:
+                if self.coordinator:
+                    self.route = await self._route_from_coordinator()
                 opts = [
                     ("grpc.max_send_message_length", self.config.max_message_bytes),
                     ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -166,6 +178,20 @@ class AsyncClient:
                     link.info = info
                 self._links = links
         return [link.info for link in self._links]
+
+    async def _route_from_coordinator(self) -> list[str]:
+        async with grpc.aio.insecure_channel(self.coordinator) as channel:
+            try:
+                route = await coordinator_pb2_grpc.CoordinatorStub(channel).GetRoute(
+                    coordinator_pb2.RouteRequest(), timeout=self.config.connect_timeout
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise RPCError(
+                        e.code(), f"the coordinator is unreachable: {e.details()}", self.coordinator
+                    ) from None
+                raise RPCError.from_grpc(e, self.coordinator) from None
+        return list(route.addresses)
 
     async def _info(self, link: _Link) -> stage_pb2.StageInfo:
         try:

@@ -72,16 +72,23 @@ async def _cancel_pending() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _make(route: Sequence[str] | str, config: ClientConfig | None) -> AsyncClient:
-    return AsyncClient(route, config=config)
+async def _make(route: Sequence[str] | str | None, coordinator: str, config: ClientConfig | None) -> AsyncClient:
+    return AsyncClient(route, coordinator=coordinator, config=config)
 
 
 class Client:
-    """`Client(route=["host:port", ...])`; use as a context manager or call `close()`."""
+    """`Client(route=["host:port", ...])` or `Client(coordinator="host:port")`; use as a context manager or call
+    `close()`."""
 
-    def __init__(self, route: Sequence[str] | str, *, config: ClientConfig | None = None) -> None:
+    def __init__(
+        self, route: Sequence[str] | str | None = None, *, coordinator: str = "", config: ClientConfig | None = None
+    ) -> None:
         self._loop = _LoopThread()
-        self._aio = self._loop.run(_make(route, config))
+        try:
+            self._aio = self._loop.run(_make(route, coordinator, config))
+        except BaseException:
+            self._loop.stop()
+            raise
 
     def __enter__(self) -> Client:
         return self

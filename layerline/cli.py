@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: layerline stage --model smollm2 --layers 0:15 --port 7001 --next 10.0.0.2:7002",
     )
     _add_model_args(stage)
-    stage.add_argument("--layers", type=_layer_range, required=True, help="the layer range A:B this stage serves")
+    stage.add_argument("--layers", type=_layer_range, help="the layer range A:B this stage serves")
+    stage.add_argument(
+        "--coordinator", default="", help="host:port of a coordinator: register there and serve the layers it assigns"
+    )
+    stage.add_argument("--max-memory", type=_bytes, default=0, help="memory for weights + KV (default: free memory)")
+    stage.add_argument("--remeasure", action="store_true", help="measure capacity again instead of using the cache")
     stage.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     stage.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     stage.add_argument("--advertise", default="", help="host:port other machines use to reach this stage")
@@ -141,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream an answer from running stage servers",
         epilog='example: layerline generate --route 10.0.0.1:7001,10.0.0.2:7002 "Why is the sky blue?"',
     )
-    gen.add_argument("--route", required=True, help="the stages in order: host:port,host:port,...")
+    gen.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
+    gen.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
     _add_generation_args(gen)
     gen.add_argument("prompt")
 
@@ -256,11 +262,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from layerline.stage_server.server import print_ready, serve
 
     die_with_parent()
+    if args.layers is None and not args.coordinator:
+        raise LayerlineError("give --layers A:B, or --coordinator HOST:PORT to be assigned layers")
+    start, end = args.layers if args.layers is not None else (0, 0)
     try:
         config = StageConfig(
             model=resolve_model(args.model),
-            start=args.layers[0],
-            end=args.layers[1],
+            start=start,
+            end=end,
             host=args.host,
             port=args.port,
             advertise=args.advertise,
@@ -274,7 +283,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise LayerlineError(str(e)) from None
-    asyncio.run(serve(config, on_ready=print_ready))
+    asyncio.run(
+        serve(
+            config,
+            on_ready=print_ready,
+            coordinator=args.coordinator,
+            max_memory=args.max_memory,
+            remeasure=args.remeasure,
+        )
+    )
     return 0
 
 
@@ -290,11 +307,12 @@ def _options(args: argparse.Namespace) -> dict:
     }
 
 
-def _stream_answer(route: list[str], args: argparse.Namespace) -> int:
-    """Generate through the stages at `route` and print the answer (streamed text, or one JSON object)."""
+def _stream_answer(route: list[str] | None, args: argparse.Namespace, coordinator: str = "") -> int:
+    """Generate through the stages at `route` (or the coordinator's route) and print the answer (streamed text, or
+    one JSON object)."""
     from layerline.client import Client
 
-    with Client(route) as client:
+    with Client(route, coordinator=coordinator) as client:
         tok = client.tokenizer()
         if args.raw or tok is None or not tok.chat_template:
             pieces = client.generate(args.prompt, **_options(args))
@@ -320,7 +338,10 @@ def _stream_answer(route: list[str], args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    return _stream_answer([a.strip() for a in args.route.split(",") if a.strip()], args)
+    if bool(args.route) == bool(args.coordinator):
+        raise LayerlineError("give either --route HOST:PORT,... or --coordinator HOST:PORT")
+    route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
+    return _stream_answer(route, args, coordinator=args.coordinator)
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -344,10 +365,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     import asyncio
 
     from layerline.coordinator.service import serve_coordinator
+    from layerline.local_cluster import COORDINATOR_READY, die_with_parent
     from layerline.model_source import resolve_model
 
+    die_with_parent()
+
     def ready(running) -> None:
-        print(f"layerline coordinator for {args.model} listening on {running.address}", flush=True)
+        print(f"{COORDINATOR_READY}{args.model} listening on {running.address}", flush=True)
 
     asyncio.run(
         serve_coordinator(

@@ -45,8 +45,9 @@ class LocalCluster:
     def __init__(
         self,
         model: str,
-        ranges: Sequence[tuple[int, int]],
+        ranges: Sequence[tuple[int, int] | None],
         *,
+        coordinator: str = "",
         dtype: str = "float32",
         threads: int | None = None,
         extra_args: Sequence[str] = (),
@@ -54,6 +55,7 @@ class LocalCluster:
         env: dict[str, str] | None = None,
     ) -> None:
         self.model, self.ranges, self.dtype = model, list(ranges), dtype
+        self.coordinator = coordinator  # stages with no range (None) register there and get one
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // max(1, len(self.ranges)))
         self.extra_args, self.startup_timeout = list(extra_args), startup_timeout
@@ -69,7 +71,10 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def command(self, start: int, end: int) -> list[str]:
+    def command(self, layers: tuple[int, int] | None) -> list[str]:
+        if layers is None and not self.coordinator:
+            raise LayerlineError("a stage without a layer range needs a coordinator")
+        where = ["--layers", f"{layers[0]}:{layers[1]}"] if layers is not None else ["--coordinator", self.coordinator]
         return [
             sys.executable,
             "-m",
@@ -77,8 +82,7 @@ class LocalCluster:
             "stage",
             "--model",
             self.model,
-            "--layers",
-            f"{start}:{end}",
+            *where,
             "--host",
             "127.0.0.1",
             "--port",
@@ -94,11 +98,11 @@ class LocalCluster:
         ready: queue.Queue[tuple[int, dict | None]] = queue.Queue()
         env = dict(os.environ, **(self.env or {}), **{PARENT_ENV: str(os.getpid())})
         try:
-            for i, (a, b) in enumerate(self.ranges):
+            for i, layers in enumerate(self.ranges):
                 log = tempfile.NamedTemporaryFile(prefix=f"layerline-stage{i}-", suffix=".log", delete=False)
                 self.logs.append(log)
                 p = subprocess.Popen(
-                    self.command(a, b),
+                    self.command(layers),
                     stdout=subprocess.PIPE,
                     stderr=log,
                     stdin=subprocess.DEVNULL,
@@ -115,9 +119,8 @@ class LocalCluster:
                 except queue.Empty:
                     raise LayerlineError(f"stage servers did not start within {self.startup_timeout:g} s") from None
                 if info is None:
-                    raise LayerlineError(
-                        f"stage {self.ranges[i][0]}:{self.ranges[i][1]} failed to start:\n{self.log_tail(i)}"
-                    )
+                    what = "assigned by the coordinator" if self.ranges[i] is None else "{}:{}".format(*self.ranges[i])
+                    raise LayerlineError(f"stage {what} failed to start:\n{self.log_tail(i)}")
                 addresses[i] = info["address"]
             self.route = [a for a in addresses if a is not None]
             return self.route
@@ -160,3 +163,75 @@ def _watch(i: int, p: subprocess.Popen, ready: queue.Queue) -> None:
             announced = True
     if not announced:
         ready.put((i, None))
+
+
+COORDINATOR_READY = "layerline coordinator for "  # printed by `layerline coordinator` once it listens
+
+
+class LocalCoordinator:
+    """`layerline coordinator` as a child process on 127.0.0.1 (port 0); `address` once it listens."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        heartbeat: float = 2.0,
+        settle: float = 4.0,
+        expect: int = 0,
+        startup_timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.args = ["--heartbeat", str(heartbeat), "--settle", str(settle), "--expect", str(expect)]
+        self.model, self.startup_timeout, self.env = model, startup_timeout, env
+        self.process: subprocess.Popen | None = None
+        self.address = ""
+        self.log = tempfile.NamedTemporaryFile(prefix="layerline-coordinator-", suffix=".log", delete=False)
+
+    def __enter__(self) -> LocalCoordinator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> str:
+        env = dict(os.environ, **(self.env or {}), **{PARENT_ENV: str(os.getpid())})
+        cmd = [sys.executable, "-m", "layerline.cli", "coordinator", "--model", self.model, "--port", "0", *self.args]
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True, env=env
+        )
+        ready: queue.Queue[str | None] = queue.Queue()
+
+        def watch() -> None:
+            assert self.process is not None and self.process.stdout is not None
+            announced = False
+            for line in self.process.stdout:
+                if not announced and line.startswith(COORDINATOR_READY):
+                    ready.put(line.strip().rsplit(" ", 1)[-1])
+                    announced = True
+            if not announced:
+                ready.put(None)
+
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            address = ready.get(timeout=self.startup_timeout)
+        except queue.Empty:
+            address = None
+        if address is None:
+            self.stop()
+            with open(self.log.name, errors="replace") as f:
+                raise LayerlineError(f"the coordinator did not start:\n{f.read()[-2000:]}")
+        self.address = address
+        return address
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log.name)

@@ -58,10 +58,13 @@ async def start_stage(config: StageConfig) -> RunningStage:
         torch.set_num_threads(config.threads)
     ckpt = await asyncio.to_thread(open_checkpoint, config.model)
     try:
-        model = await asyncio.to_thread(
-            load_stage, config.model, config.start, config.end, config.dtype, config.device, ckpt
-        )
-        fingerprint = model_fingerprint(ckpt.config)
+        model = None
+        if config.end > config.start:  # else: no layers until a coordinator assigns some
+            model = await asyncio.to_thread(
+                load_stage, config.model, config.start, config.end, config.dtype, config.device, ckpt
+            )
+        model_config = ckpt.config
+        fingerprint = model_fingerprint(model_config)
     finally:
         ckpt.close()
     try:
@@ -69,7 +72,9 @@ async def start_stage(config: StageConfig) -> RunningStage:
     except CheckpointError as e:
         logger.warning("no tokenizer served: %s", e)
         tokenizer_json = None
-    service = StageService(model, config, os.path.basename(config.model.rstrip("/")), fingerprint, tokenizer_json)
+    service = StageService(
+        model, config, os.path.basename(config.model.rstrip("/")), fingerprint, tokenizer_json, model_config
+    )
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
     stage_pb2_grpc.add_StageServicer_to_server(service, server)
     health = health_aio.HealthServicer()
@@ -85,28 +90,78 @@ async def start_stage(config: StageConfig) -> RunningStage:
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = config.advertise or f"{config.host}:{port}"
-    logger.info("stage %s:%s of %s serving on %s", config.start, config.end, config.model, address)
+    logger.info("stage %s of %s serving on %s", service.label, config.model, address)
     return RunningStage(server, service, health, address)
 
 
-async def serve(config: StageConfig, on_ready: Callable[[RunningStage], None] | None = None) -> None:
-    """Run a stage until SIGTERM or SIGINT, then shut down gracefully."""
+async def load_layers(stage: RunningStage, start: int, end: int) -> None:
+    """Load layers [start, end) next to what the stage serves, then serve them to new sessions (running sessions
+    finish on the layers they started with)."""
+    c = stage.service.config
+    model = await asyncio.to_thread(load_stage, c.model, start, end, c.dtype, c.device)
+    stage.service.swap_model(model)
+
+
+async def serve(
+    config: StageConfig,
+    on_ready: Callable[[RunningStage], None] | None = None,
+    coordinator: str = "",
+    max_memory: int = 0,
+    remeasure: bool = False,
+) -> None:
+    """Run a stage until SIGTERM or SIGINT, then shut down gracefully. With `coordinator`, the stage measures its
+    capacity (cached on disk), registers, heartbeats and loads the layers it is assigned (`agent.py`)."""
     stage = await start_stage(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready(stage)
-    await stop.wait()
-    logger.info("stopping stage on %s", stage.address)
-    await stage.stop()
+    agent_task = None
+    agent = None
+    try:
+        if coordinator:
+            from layerline.stage_server.agent import AgentConfig, CoordinatorAgent
+            from layerline.stage_server.capacity import cached_capacity, free_memory
+
+            capacity, cached = await asyncio.to_thread(
+                cached_capacity,
+                stage.service.model_config,
+                stage.service.fingerprint,
+                config.dtype,
+                config.device,
+                remeasure=remeasure,
+            )
+            logger.info(
+                "capacity (%s): %.3f ms/layer decode, %.1f us/layer/token prefill, %.2f ms LM head",
+                "cached" if cached else "measured",
+                1e3 * capacity.decode_s_per_layer,
+                1e6 * capacity.prefill_s_per_layer_token,
+                1e3 * capacity.head_decode_s,
+            )
+            memory = max_memory or free_memory(config.device)[0]
+            agent = CoordinatorAgent(stage, capacity, AgentConfig(coordinator, memory))
+            agent_task = asyncio.create_task(agent.run(), name="coordinator agent")
+        if on_ready is not None:
+            on_ready(stage)
+        waiters = {asyncio.ensure_future(stop.wait())} | ({agent_task} if agent_task else set())
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if agent_task is not None and agent_task in done:
+            agent_task.result()  # the coordinator refused this stage: its message ends the stage
+    finally:
+        if agent_task is not None:
+            agent_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await agent_task
+        if agent is not None:
+            await agent.stop()
+        logger.info("stopping stage on %s", stage.address)
+        await stage.stop()
 
 
 def print_ready(stage: RunningStage) -> None:
     """The line launchers wait for: where the stage listens and what it serves."""
-    m = stage.service.model
-    info = {"address": stage.address, "start": m.start, "end": m.end, "pid": os.getpid()}
+    start, end = stage.service.serving
+    info = {"address": stage.address, "start": start, "end": end, "pid": os.getpid()}
     sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
     sys.stdout.flush()

@@ -31,6 +31,7 @@ import torch
 
 import layerline
 from layerline import wire
+from layerline.config import ModelConfig
 from layerline.errors import (
     BadInputError,
     FailedPreconditionError,
@@ -82,15 +83,21 @@ def sampling_from_wire(msg: stage_pb2.SamplingParams) -> SamplingParams:
 class StageService(stage_pb2_grpc.StageServicer):
     def __init__(
         self,
-        model: StageModel,
+        model: StageModel | None,
         config: StageConfig,
         model_name: str,
         fingerprint: str,
         tokenizer_json: str | None,
+        model_config: ModelConfig | None = None,
     ) -> None:
-        self.model, self.config = model, config
+        # the layers new sessions get; a session keeps the model it was opened with (Session.model), so a stage
+        # given another range by its coordinator serves its running sessions to their end on the old one
+        self.model: StageModel | None = model
+        self.model_config = model.config if model is not None else model_config
+        if self.model_config is None:
+            raise ValueError("a stage without layers needs the model's config")
+        self.config = config
         self.model_name, self.fingerprint, self.tokenizer_json = model_name, fingerprint, tokenizer_json
-        self.label = f"layers {model.start}:{model.end}"
         self.sessions = SessionTable(config.kv_cache_bytes, config.session_ttl, config.max_sessions)
         # steps travel loop -> compute thread through a plain thread-safe queue and come back with one
         # call_soon_threadsafe: the cheapest hand-off there is (an executor adds futures and callbacks per step)
@@ -102,6 +109,22 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.steps_done = 0
+
+    @property
+    def label(self) -> str:
+        return _label(self.model)
+
+    @property
+    def serving(self) -> tuple[int, int]:
+        return (self.model.start, self.model.end) if self.model is not None else (0, 0)
+
+    def swap_model(self, model: StageModel) -> StageModel | None:
+        """New sessions get `model` from now on; sessions already open finish on the one they have."""
+        if model.config != self.model_config:
+            raise ValueError("the new layers belong to another model")
+        old, self.model = self.model, model
+        logger.info("now serving %s (was %s)", _label(model), _label(old))
+        return old
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -131,32 +154,37 @@ class StageService(stage_pb2_grpc.StageServicer):
     # ---- unary RPCs ----------------------------------------------------------------------------------------------
 
     async def Info(self, request: stage_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageInfo:
-        m, c = self.model, self.config
+        m, c, mc = self.model, self.config, self.model_config
+        start, end = self.serving
         return stage_pb2.StageInfo(
             model_name=self.model_name,
             model_fingerprint=self.fingerprint,
-            start_layer=m.start,
-            end_layer=m.end,
-            num_layers=m.config.num_layers,
-            hidden_size=m.config.hidden_size,
-            vocab_size=m.config.vocab_size,
-            dtype=str(m.dtype).removeprefix("torch."),
-            device=str(m.device),
+            start_layer=start,
+            end_layer=end,
+            num_layers=mc.num_layers,
+            hidden_size=mc.hidden_size,
+            vocab_size=mc.vocab_size,
+            dtype=str(c.dtype).removeprefix("torch."),
+            device=str(c.device),
             wire_dtype=wire.TO_WIRE[c.wire_dtype],
             next_address=c.next_address,
             kv_bytes_total=self.sessions.budget_bytes,
             kv_bytes_used=self.sessions.used_bytes,
             open_sessions=len(self.sessions),
             max_message_bytes=c.max_message_bytes,
-            kv_bytes_per_token=m.cache_bytes(1, 1),
+            kv_bytes_per_token=m.cache_bytes(1, 1) if m is not None else 0,
             version=layerline.__version__,
-            max_length=m.config.max_position_embeddings,
+            max_length=mc.max_position_embeddings,
         )
 
     async def OpenSession(
         self, request: stage_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.OpenSessionResponse:
         m = self.model
+        if m is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this stage has no layers yet (waiting for its coordinator's assignment)"
+            )
         rows = request.rows or 1
         limit = m.config.max_position_embeddings
         if not 0 < rows <= MAX_ROWS:
@@ -199,6 +227,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 next_address=next_address,
                 next_session_id=next_id,
                 wire_dtype=wire_dtype,
+                model=m,
             )
         except ResourceExhaustedError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -229,12 +258,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         return stage_pb2.TokenizerResponse(tokenizer_json=self.tokenizer_json)
 
     async def Halt(self, request: stage_pb2.HaltRequest, context: grpc.aio.ServicerContext) -> stage_pb2.HaltResponse:
-        if not self.model.is_last:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.label} is not the last stage")
-        try:
-            session = self.sessions.get(request.session_id)
-        except NotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        session = await self._last_stage_session(request.session_id, context)
         loop = session.loop
         if loop is not None:
             loop.halted = True
@@ -284,8 +308,8 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def _admit(self, step: stage_pb2.Step, replies: asyncio.Queue) -> WorkItem:
         """Check everything about a step that does not need the cache, on the event loop."""
-        m = self.model
         session = self.sessions.get(step.session_id)
+        m = session.model
         if not step.looped:  # failures of loop steps go back to the loop's stage, not to the client's stream
             session.reply_to = replies
         if not step.HasField("positions"):
@@ -337,15 +361,21 @@ class StageService(stage_pb2_grpc.StageServicer):
             raise FailedPreconditionError("nowhere to send the step")
         return WorkItem(step, session, replies, x, positions, tokens, rows, sampling)
 
+    async def _last_stage_session(self, session_id: str, context: grpc.aio.ServicerContext) -> Session:
+        """The session, for an RPC only the last stage answers."""
+        session = self.sessions.peek(session_id)
+        model = session.model if session is not None else self.model
+        if model is None or not model.is_last:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{_label(model)} is not the last stage")
+        try:
+            return self.sessions.get(session_id)
+        except NotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
     async def Subscribe(
         self, request: stage_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[stage_pb2.Result]:
-        if not self.model.is_last:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.label} is not the last stage")
-        try:
-            session = self.sessions.get(request.session_id)
-        except NotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        session = await self._last_stage_session(request.session_id, context)
         if session.subscribed:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the session already has a subscriber")
         session.subscribed = True
@@ -420,7 +450,8 @@ class StageService(stage_pb2_grpc.StageServicer):
     def _compute(self, item: WorkItem) -> stage_pb2.Step | stage_pb2.Result | None:
         """On the compute thread: the stage's layers for one step, then sampling (last stage) or the wire message
         for the next stage."""
-        step, session, m = item.step, item.session, self.model
+        step, session = item.step, item.session
+        m = session.model
         cache = session.cache
         if cache is None:
             raise NotFoundError("the session was closed")
@@ -575,6 +606,10 @@ class StageService(stage_pb2_grpc.StageServicer):
             await asyncio.sleep(period)
             for sid in self.sessions.expired():
                 self._close(sid, f"expired after {self.config.session_ttl:g} s without use")
+
+
+def _label(model: StageModel | None) -> str:
+    return f"layers {model.start}:{model.end}" if model is not None else "a stage with no layers yet"
 
 
 def _check_loop(step: stage_pb2.Step) -> None:

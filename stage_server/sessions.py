@@ -61,6 +61,7 @@ class Session:
     close_reason: str = ""
     subscribed: bool = False
     loop: LoopState | None = None  # last stage only: the running generation loop
+    model: Any = None  # the StageModel this session computes with (the stage's layers when it was opened)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,6 +122,10 @@ class SessionTable:
             raise NotFoundError(f"session {shown!r} not found on this stage (never opened, closed or expired)")
         session.last_used = self.clock()
         return session
+
+    def peek(self, session_id: str) -> Session | None:
+        """The open session with this id, without counting it as a use."""
+        return self._sessions.get(session_id)
 
     def find(self, predicate: Callable[[Session], bool]) -> Session | None:
         return next((s for s in self._sessions.values() if predicate(s)), None)

@@ -1,0 +1,148 @@
+"""A stage's side of the coordinator: register with the measured capacity, heartbeat, and load the layer range the
+coordinator assigns - without a restart, while the gRPC server keeps running.
+
+What happens to sessions when the range changes: sessions already open keep the layers they were opened with until
+they end (each session holds its model, `Session.model`); new sessions get the new range. The route the coordinator
+hands clients only includes stages that report their assigned range as loaded, so clients never meet a half-built
+chain. Loading the new range while the old one is still referenced takes memory for both for a while.
+
+When the coordinator is unreachable the stage keeps serving what it has and retries with backoff; when the
+coordinator no longer knows it (it restarted) the stage registers again with the range it serves, which lets the
+coordinator adopt the running chain as it is. A stage of another model is refused by the coordinator: that error
+ends the stage with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+import layerline
+from layerline.errors import LayerlineError
+from layerline.stage_server.capacity import Capacity
+from layerline.stage_server.server import RunningStage, load_layers
+from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    coordinator: str  # host:port
+    memory_bytes: int  # what this stage may give the model (weights + KV cache)
+    timeout: float = 10.0  # per call to the coordinator
+    max_backoff: float = 10.0
+
+
+class CoordinatorAgent:
+    def __init__(self, stage: RunningStage, capacity: Capacity, config: AgentConfig) -> None:
+        self.stage, self.capacity, self.config = stage, capacity, config
+        self.stage_id: str | None = None
+        self.heartbeat_s = 2.0
+        self.assigned: tuple[int, int] = (0, 0)
+        self.loading: asyncio.Task | None = None
+        self.load_error = ""
+        self.registered = asyncio.Event()
+
+    def report(self) -> coordinator_pb2.StageReport:
+        c, service = self.capacity, self.stage.service
+        start, end = service.serving
+        return coordinator_pb2.StageReport(
+            address=self.stage.address,
+            model_fingerprint=service.fingerprint,
+            device=c.device,
+            dtype=c.dtype,
+            threads=c.threads,
+            decode_s_per_layer=c.decode_s_per_layer,
+            decode_s_fixed=c.decode_s_fixed,
+            prefill_s_per_layer_token=c.prefill_s_per_layer_token,
+            head_decode_s=c.head_decode_s,
+            memory_bytes=self.config.memory_bytes,
+            kv_bytes=service.config.kv_cache_bytes,
+            bytes_per_param=torch.empty((), dtype=service.config.dtype).element_size(),
+            serving_start=start,
+            serving_end=end,
+            version=layerline.__version__,
+        )
+
+    async def run(self) -> None:
+        """Until cancelled. Raises LayerlineError when the coordinator refuses this stage for good."""
+        backoff = 0.5
+        async with grpc.aio.insecure_channel(self.config.coordinator) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            while True:
+                try:
+                    await self._exchange(stub)
+                    backoff = 0.5
+                    await asyncio.sleep(self.heartbeat_s)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.NOT_FOUND:  # the coordinator forgot us: register again
+                        self.stage_id = None
+                        continue
+                    if self.stage_id is None and e.code() in (
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                    ):
+                        raise LayerlineError(
+                            f"the coordinator at {self.config.coordinator} refused this stage: {e.details()}"
+                        ) from None
+                    logger.warning(
+                        "coordinator %s: %s (retrying in %.1f s)", self.config.coordinator, e.details(), backoff
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.max_backoff)
+
+    async def _exchange(self, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
+        timeout = self.config.timeout
+        if self.stage_id is None:
+            resp = await stub.Register(coordinator_pb2.RegisterRequest(stage=self.report()), timeout=timeout)
+            self.stage_id, self.heartbeat_s = resp.stage_id, resp.heartbeat_seconds or self.heartbeat_s
+            self.registered.set()
+            logger.info("registered with %s as %s", self.config.coordinator, self.stage_id)
+            self._apply(resp.assignment)
+            return
+        service = self.stage.service
+        start, end = service.serving
+        ready = end > start  # what it serves is loaded; an assignment being loaded shows in `serving` once swapped in
+        resp = await stub.Heartbeat(
+            coordinator_pb2.HeartbeatRequest(
+                stage_id=self.stage_id,
+                serving_start=start,
+                serving_end=end,
+                ready=ready,
+                open_sessions=len(service.sessions),
+                kv_bytes_used=service.sessions.used_bytes,
+            ),
+            timeout=timeout,
+        )
+        self._apply(resp.assignment)
+
+    def _apply(self, assignment: coordinator_pb2.Assignment) -> None:
+        wanted = (assignment.start_layer, assignment.end_layer)
+        if wanted[1] <= wanted[0] or wanted == self.stage.service.serving or wanted == self.assigned:
+            return  # standby (keep what is loaded: it may still serve a chain), or nothing new
+        if self.loading is not None and not self.loading.done():
+            self.loading.cancel()  # a newer plan overtook the load under way
+        self.assigned = wanted
+        self.loading = asyncio.create_task(self._load(*wanted), name=f"load layers {wanted[0]}:{wanted[1]}")
+
+    async def _load(self, start: int, end: int) -> None:
+        logger.info("loading layers %d:%d as assigned by %s", start, end, self.config.coordinator)
+        try:
+            await load_layers(self.stage, start, end)
+            self.load_error = ""
+        except (LayerlineError, OSError, RuntimeError) as e:
+            self.load_error = f"could not load layers {start}:{end}: {e}"
+            self.assigned = (0, 0)  # try again on the next heartbeat's assignment
+            logger.error("%s", self.load_error)
+
+    async def stop(self) -> None:
+        if self.loading is not None:
+            self.loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.loading

@@ -1,0 +1,81 @@
+"""Stages placed by a coordinator, end to end (all in subprocesses, real gRPC on 127.0.0.1): stages measure
+themselves, register and load the layers they are assigned; clients ask the coordinator for the route and get
+transformers' tokens; a joining stage makes the coordinator re-plan while a running session keeps its chain; a
+killed stage is dropped and the survivors take over its layers."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from layerline.client import Client, RPCError
+from layerline.local_cluster import LocalCluster, LocalCoordinator
+from layerline.v1 import coordinator_pb2 as pb
+from layerline.v1 import coordinator_pb2_grpc
+from tiny_models import TinySpec, hf_greedy
+
+SPEC = TinySpec("llama", layers=6, kv_heads=2)
+PROMPT = [17, 101, 5, 250, 33, 42, 7, 199]
+
+
+def status(address: str) -> pb.ClusterStatus:
+    with grpc.insecure_channel(address) as channel:
+        return coordinator_pb2_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
+
+
+def wait_for_route(address: str, stages: int, timeout: float = 90.0) -> pb.Route:
+    """Poll until the coordinator's route has `stages` stages, all ready."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = status(address)
+        if len(last.route.addresses) == stages and all(s.ready for s in last.stages if s.assignment.end_layer):
+            return last.route
+        time.sleep(0.2)
+    raise AssertionError(f"no route over {stages} stages within {timeout} s: {last}")
+
+
+@pytest.fixture
+def cache_env(tmp_path):
+    return {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # capacity measurements land here, not in ~/.cache
+
+
+def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, cache_env):
+    folder, ref = tiny_checkpoint(SPEC)
+    expected = hf_greedy(ref, PROMPT, 12)
+    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
+        address = coordinator.address
+        with Client(coordinator=address) as early:
+            with pytest.raises(RPCError) as err:
+                early.connect()
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no stages" in err.value.details
+        with LocalCluster(folder, [None, None], coordinator=address, threads=1, env=cache_env) as pair:
+            route = wait_for_route(address, 2)
+            assert route.boundaries[0] == 0 and route.boundaries[-1] == SPEC.layers
+            assert sorted(route.addresses) == sorted(pair.route)
+            with Client(coordinator=address) as client:
+                assert client.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False).token_ids == expected
+                with client.session(max_length=256) as s:
+                    first = s.generate(PROMPT, max_new_tokens=6, stop_token_ids=[], stream=False).token_ids
+                    # a third equal stage joins: 6 layers over 3 stages beats 3 over 2, so the coordinator re-plans
+                    version = status(address).plan_version
+                    with LocalCluster(folder, [None], coordinator=address, threads=1, env=cache_env) as third:
+                        route = wait_for_route(address, 3)
+                        assert status(address).plan_version > version
+                        assert third.route[0] in route.addresses
+                        # the running session kept the chain it was opened on
+                        second = s.generate([9, 8, 7], max_new_tokens=6, stop_token_ids=[], stream=False).token_ids
+                        assert first == hf_greedy(ref, PROMPT, 6)
+                        assert second == hf_greedy(ref, PROMPT + first + [9, 8, 7], 6)
+                        with Client(coordinator=address) as fresh:
+                            out = fresh.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False)
+                            assert out.token_ids == expected and fresh.route == list(route.addresses)
+                        # one stage dies: the coordinator drops it after missed heartbeats, the others take its layers
+                        third.processes[0].kill()
+                        third.processes[0].wait()
+                    route = wait_for_route(address, 2)
+                    assert third.route[0] not in route.addresses
+            with Client(coordinator=address) as after:
+                assert after.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False).token_ids == expected
