@@ -345,20 +345,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
+    """`--layers 5,2,4`: exactly that split. Otherwise a coordinator places `--stages N` stages (default 3) by their
+    measured capacity, as on a real cluster."""
     from layerline.checkpoint import load_config
-    from layerline.local_cluster import LocalCluster
+    from layerline.local_cluster import LocalCluster, LocalCoordinator
     from layerline.model_source import resolve_model
     from layerline.pipeline import split_layers
 
     path = resolve_model(args.model)
     config = load_config(path)
-    try:
-        ranges = split_layers(config.num_layers, args.stages or (None if args.layers else 3), args.layers)
-    except ValueError as e:
-        raise LayerlineError(str(e)) from None
-    with LocalCluster(path, ranges, dtype=args.dtype, threads=args.threads) as cluster:
-        logger.info("stages %s at %s", ranges, cluster.route)
-        return _stream_answer(cluster.route, args)
+    if args.layers:
+        try:
+            ranges = split_layers(config.num_layers, None, args.layers)
+        except ValueError as e:
+            raise LayerlineError(str(e)) from None
+        with LocalCluster(path, ranges, dtype=args.dtype, threads=args.threads) as cluster:
+            logger.info("stages %s at %s", ranges, cluster.route)
+            return _stream_answer(cluster.route, args)
+    stages = args.stages or 3
+    if stages > config.num_layers:
+        raise LayerlineError(f"{stages} stages for a model of {config.num_layers} layers: use at most that many")
+    with LocalCoordinator(path, heartbeat=1.0, settle=120.0, expect=stages) as coordinator:
+        with LocalCluster(
+            path, [None] * stages, coordinator=coordinator.address, dtype=args.dtype, threads=args.threads
+        ):
+            route = _wait_for_route(coordinator.address, timeout=300.0)
+            logger.info("coordinator %s placed the stages: %s", coordinator.address, route)
+            return _stream_answer(None, args, coordinator=coordinator.address)
+
+
+def _wait_for_route(address: str, timeout: float) -> list[str]:
+    """Until the coordinator's plan is loaded on every stage it uses; its route."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _ask_coordinator(address, "Status")
+        assigned = [s for s in status.stages if s.assignment.end_layer > s.assignment.start_layer]
+        loaded = all(
+            (s.serving_start, s.serving_end) == (s.assignment.start_layer, s.assignment.end_layer) for s in assigned
+        )
+        if status.route.addresses and assigned and loaded:
+            return list(status.route.addresses)
+        if time.monotonic() > deadline:
+            why = status.problem or "the stages did not load their layers in time"
+            raise LayerlineError(f"no route from the coordinator after {timeout:g} s: {why}")
+        time.sleep(0.2)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:

@@ -124,6 +124,27 @@ def test_local_json_equals_the_in_process_pipeline(folder):
     assert set(_stage_pids(folder)) <= before
 
 
+def test_local_with_stages_is_placed_by_a_coordinator_and_exact(folder, tmp_path):
+    """`local --stages N` starts a coordinator that places the stages by their measured capacity."""
+    before = set(_stage_pids(folder))
+    out = subprocess.run(
+        [sys.executable, "-m", "layerline.cli", "--log-level", "INFO", "local", "--model", folder, "--stages", "2"]
+        + ["--raw", "--json", "--max-new-tokens", "10", "hello world"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "coordinator 127.0.0.1:" in out.stderr and "placed the stages" in out.stderr
+    got = json.loads(out.stdout)
+    tok = Tokenizer.from_path(folder)
+    pipe = LocalPipeline.load(folder, [(0, 4)])
+    assert got["token_ids"] == list(pipe.generate(got["prompt_token_ids"], 10, stop_token_ids=tok.eos_token_ids))
+    assert os.listdir(tmp_path / "layerline" / "capacity")  # the stages measured themselves and kept the result
+    assert set(_stage_pids(folder)) <= before
+
+
 def test_generate_command_streams_from_a_running_route(folder, stage_cluster):
     route = stage_cluster(folder, [(0, 2), (2, 4)])
     cmd = [sys.executable, "-m", "layerline.cli", "generate", "--route", ",".join(route), "--raw"]
