@@ -6,7 +6,8 @@ they end (each session holds its model, `Session.model`); new sessions get the n
 hands clients only includes stages that report their assigned range as loaded, so clients never meet a half-built
 chain. Loading the new range while the old one is still referenced takes memory for both for a while.
 
-When the coordinator is unreachable the stage keeps serving what it has and retries with backoff; when the
+When the CPU quota of the stage's cgroup changes, the stage measures itself again and registers anew, so the plan
+follows its new capacity. When the coordinator is unreachable the stage keeps serving what it has and retries with backoff; when the
 coordinator no longer knows it (it restarted) the stage registers again with the range it serves, which lets the
 coordinator adopt the running chain as it is. A stage of another model is refused by the coordinator: that error
 ends the stage with its message.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +26,7 @@ import torch
 
 import layerline
 from layerline.errors import LayerlineError
-from layerline.stage_server.capacity import Capacity
+from layerline.stage_server.capacity import Capacity, cpu_quota
 from layerline.stage_server.server import RunningStage, load_layers
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -40,8 +42,15 @@ class AgentConfig:
 
 
 class CoordinatorAgent:
-    def __init__(self, stage: RunningStage, capacity: Capacity, config: AgentConfig) -> None:
+    def __init__(
+        self,
+        stage: RunningStage,
+        capacity: Capacity,
+        config: AgentConfig,
+        remeasure: Callable[[], Awaitable[Capacity]] | None = None,
+    ) -> None:
         self.stage, self.capacity, self.config = stage, capacity, config
+        self.remeasure = remeasure  # called when the CPU quota changes: the stage then registers anew
         self.stage_id: str | None = None
         self.heartbeat_s = 2.0
         self.assigned: tuple[int, int] = (0, 0)
@@ -99,6 +108,10 @@ class CoordinatorAgent:
 
     async def _exchange(self, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
         timeout = self.config.timeout
+        if self.remeasure is not None and cpu_quota() != self.capacity.cpu_quota:
+            logger.info("the CPU quota changed (%s -> %s): measuring again", self.capacity.cpu_quota, cpu_quota())
+            self.capacity = await self.remeasure()
+            self.stage_id = None  # register with the new figures: the coordinator re-plans
         if self.stage_id is None:
             resp = await stub.Register(coordinator_pb2.RegisterRequest(stage=self.report()), timeout=timeout)
             self.stage_id, self.heartbeat_s = resp.stage_id, resp.heartbeat_seconds or self.heartbeat_s

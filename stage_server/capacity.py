@@ -1,7 +1,8 @@
 """What a stage can do, measured on its own device, dtype and threads with the model's real layer shapes.
 
 `measure` builds layers of the model's shapes with random weights (the checkpoint is not needed: time depends on
-shapes, not values), and times, each as the median of repeated runs after a warm-up:
+shapes, not values), and times, each as the mean over a window of repeated runs after a warm-up (a throughput:
+CPU quotas show in it):
 - a decode step (batch 1, one token at position `context`) through 1 and through 2 middle layers: the difference is
   the time per layer, the rest a fixed cost per step;
 - a prefill chunk of `chunk` tokens through 1 and 2 layers: time per layer per prompt token;
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -136,17 +136,19 @@ def _random_stage(config: ModelConfig, start: int, end: int, dtype: torch.dtype,
     return StageModel(config, start, end, tensors, dtype=dtype, device=device)
 
 
-def _median_time(fn: Callable[[], object], min_time: float, min_runs: int, sync: Callable[[], None]) -> float:
+def _mean_time(fn: Callable[[], object], min_time: float, min_runs: int, sync: Callable[[], None]) -> float:
+    """Seconds per call over a window of at least `min_time`: a throughput, so that a CPU quota (which lets a
+    process run full speed for part of each 100 ms period and then stops it) shows in the figure as it will in
+    serving, where a median of single calls would hide it."""
     fn()  # warm-up
     sync()
-    times: list[float] = []
+    runs = 0
     began = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - began < min_time:
-        t = time.perf_counter()
+    while runs < min_runs or time.perf_counter() - began < min_time:
         fn()
         sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        runs += 1
+    return (time.perf_counter() - began) / runs
 
 
 def measure(
@@ -156,7 +158,7 @@ def measure(
     *,
     context: int = 128,
     chunk: int = 128,
-    min_time: float = 0.3,
+    min_time: float = 0.4,
 ) -> Capacity:
     """Time the model's layer shapes here (see the module docstring). Needs a model with at least 3 layers' worth
     of config (any real one); uses memory for 2 layers and one LM head."""
@@ -184,7 +186,7 @@ def measure(
             cache.truncate(0, context)
             stage(one, pos, cache, last_only=True)
 
-        return _median_time(step, min_time, 10, sync)
+        return _mean_time(step, min_time, 10, sync)
 
     def prefill_time(stage: StageModel) -> float:
         cache = stage.new_cache(1, chunk)
@@ -196,7 +198,7 @@ def measure(
             cache.truncate(0, 0)
             stage(x, cache=cache, last_only=True)
 
-        return _median_time(run, min_time, 3, sync)
+        return _mean_time(run, min_time, 3, sync)
 
     one, two = middle(1), middle(2)
     d1, d2 = decode_time(one), decode_time(two)

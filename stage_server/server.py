@@ -124,14 +124,20 @@ async def serve(
             from layerline.stage_server.agent import AgentConfig, CoordinatorAgent
             from layerline.stage_server.capacity import cached_capacity, free_memory
 
-            capacity, cached = await asyncio.to_thread(
-                cached_capacity,
-                stage.service.model_config,
-                stage.service.fingerprint,
-                config.dtype,
-                config.device,
-                remeasure=remeasure,
-            )
+            async def measure(again: bool) -> tuple:
+                return await asyncio.to_thread(
+                    cached_capacity,
+                    stage.service.model_config,
+                    stage.service.fingerprint,
+                    config.dtype,
+                    config.device,
+                    remeasure=again,
+                )
+
+            async def measure_again():
+                return (await measure(False))[0]  # keyed by the new quota: measured unless seen before
+
+            capacity, cached = await measure(remeasure)
             logger.info(
                 "capacity (%s): %.3f ms/layer decode, %.1f us/layer/token prefill, %.2f ms LM head",
                 "cached" if cached else "measured",
@@ -140,7 +146,7 @@ async def serve(
                 1e3 * capacity.head_decode_s,
             )
             memory = max_memory or free_memory(config.device)[0]
-            agent = CoordinatorAgent(stage, capacity, AgentConfig(coordinator, memory))
+            agent = CoordinatorAgent(stage, capacity, AgentConfig(coordinator, memory), measure_again)
             agent_task = asyncio.create_task(agent.run(), name="coordinator agent")
         if on_ready is not None:
             on_ready(stage)

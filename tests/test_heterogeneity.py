@@ -1,0 +1,159 @@
+"""Unequal stages for real: one stage's CPU is cut to half a core with a cgroup v1 quota; it measures itself slower
+and the coordinator gives it about half the layers of its peer. When the quota is lifted the stage measures itself
+again, registers anew, and the plan follows. (Needs root and the cgroup v1 cpu controller, as on this project's
+machines; elsewhere the test says so and is skipped.)"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from layerline.client import Client
+from layerline.local_cluster import PARENT_ENV, READY_PREFIX, LocalCluster, LocalCoordinator
+from layerline.v1 import coordinator_pb2 as pb
+from layerline.v1 import coordinator_pb2_grpc
+from tiny_models import TinySpec, hf_greedy
+
+CGROUP_ROOT = "/sys/fs/cgroup/cpu"
+SPEC = TinySpec("llama", layers=12, hidden=256, heads=4, kv_heads=2, intermediate=1024)
+PROMPT = [17, 101, 5, 250, 33, 42, 7, 199]
+
+
+def cgroup_available() -> bool:
+    return os.access(CGROUP_ROOT, os.W_OK) and os.path.exists(os.path.join(CGROUP_ROOT, "cpu.cfs_quota_us"))
+
+
+pytestmark = pytest.mark.skipif(not cgroup_available(), reason="needs a writable cgroup v1 cpu controller (root)")
+
+
+class CpuQuota:
+    """A cgroup v1 cpu group of its own, with a quota in cores."""
+
+    def __init__(self, cores: float) -> None:
+        self.path = os.path.join(CGROUP_ROOT, f"layerline-test-{os.getpid()}-{time.monotonic_ns()}")
+        os.mkdir(self.path)
+        self.write("cpu.cfs_period_us", 100_000)
+        self.set(cores)
+
+    def write(self, name: str, value: int) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(str(value))
+
+    def set(self, cores: float) -> None:
+        self.write("cpu.cfs_quota_us", int(cores * 100_000))
+
+    def remove(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def start_in_cgroup(argv: list[str], quota: CpuQuota, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A stage process that joins the cgroup before it execs (so it measures itself under the quota)."""
+    wrapped = ["sh", "-c", f'echo $$ > {quota.path}/cgroup.procs && exec "$@"', "sh", *argv]
+    p = subprocess.Popen(
+        wrapped,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ, **env, **{PARENT_ENV: str(os.getpid())}),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        for line in p.stdout:
+            lines.put(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            assert p.poll() is None, "the stage in the cgroup exited"
+            continue
+        if line.startswith(READY_PREFIX):
+            return p, line
+    raise AssertionError("the stage in the cgroup did not start")
+
+
+def layers_by_address(address: str) -> dict[str, int]:
+    with grpc.insecure_channel(address) as channel:
+        status = coordinator_pb2_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
+    return {s.report.address: s.assignment.end_layer - s.assignment.start_layer for s in status.stages}
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"{what} within {timeout} s (last: {value})")
+
+
+def test_half_the_cpu_gets_about_half_the_layers_and_the_plan_follows_changes(tiny_checkpoint, tmp_path):
+    folder, ref = tiny_checkpoint(SPEC)
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    quota = CpuQuota(0.5)
+    slow = None
+    try:
+        with LocalCoordinator(folder, heartbeat=0.5, settle=120, expect=2, env=env) as coordinator:
+            address = coordinator.address
+            with LocalCluster(folder, [None], coordinator=address, threads=1, env=env) as fast:
+                argv = LocalCluster(folder, [None], coordinator=address, threads=1).command(None)
+                slow, _ = start_in_cgroup(argv, quota, env)
+
+                def split() -> tuple[int, int] | None:
+                    layers = layers_by_address(address)
+                    if len(layers) < 2 or sum(layers.values()) != SPEC.layers:
+                        return None
+                    fast_layers = layers.pop(fast.route[0])
+                    return fast_layers, next(iter(layers.values()))
+
+                fast_layers, slow_layers = wait_for(split, 120, "a plan over both stages")
+                assert 0.3 <= slow_layers / fast_layers <= 0.8, (fast_layers, slow_layers)  # about half
+                with Client(coordinator=address) as client:
+                    wait_for(lambda: _route_ok(client), 60, "a route")
+                    out = client.generate(PROMPT, max_new_tokens=8, stop_token_ids=[], stream=False)
+                    assert out.token_ids == hf_greedy(ref, PROMPT, 8)
+                # the quota is lifted: the stage measures itself again and the plan evens out
+                quota.set(1.0)
+
+                def even() -> tuple[int, int] | None:
+                    s = split()
+                    return s if s and 0.75 <= s[1] / s[0] <= 1.34 else None
+
+                wait_for(even, 90, "an even plan after the quota was lifted")
+    finally:
+        if slow is not None:
+            slow.terminate()
+            try:
+                slow.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                slow.kill()
+                slow.wait()
+        quota.remove()
+
+
+def _route_ok(client: Client) -> bool:
+    try:
+        client.connect()
+        return True
+    except Exception:
+        return False
