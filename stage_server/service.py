@@ -23,6 +23,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -109,6 +110,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.steps_done = 0
+        self.compute_seconds = 0.0  # compute thread time on steps (read by Info; written by that thread only)
+        self.steps_computed = 0
 
     @property
     def label(self) -> str:
@@ -175,6 +178,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             kv_bytes_per_token=m.cache_bytes(1, 1) if m is not None else 0,
             version=layerline.__version__,
             max_length=mc.max_position_embeddings,
+            compute_seconds=self.compute_seconds,
+            steps_computed=self.steps_computed,
         )
 
     async def OpenSession(
@@ -396,19 +401,24 @@ class StageService(stage_pb2_grpc.StageServicer):
         while (item := self._inbox.get()) is not None:
             out, error = None, None
             if not item.session.closed:
+                began = time.perf_counter()
                 try:
                     out = self._compute(item)
                 except Exception as e:
                     error = e
+                self.compute_seconds += time.perf_counter() - began
+                self.steps_computed += 1
             self._loop.call_soon_threadsafe(self._dispatch, item, out, error)
 
     def _dispatch(self, item: WorkItem, out: stage_pb2.Step | stage_pb2.Result | None, error: Exception | None) -> None:
         """On the event loop, in step order: hand a computed step on (or its failure back)."""
+        if error is None and item.session.closed:  # closed while the step waited or ran: its sender must hear of it
+            error = NotFoundError(f"session closed: {item.session.close_reason}")
         if error is not None:
             if not isinstance(error, LayerlineError):
                 logger.error("step %d of session %s failed", item.step.seq, item.session.id[:8], exc_info=error)
             item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, error))
-        elif out is not None and not item.session.closed:
+        elif out is not None:
             self.steps_done += 1
             if isinstance(out, stage_pb2.Step):
                 self._downstream(item.session.next_address).send(out, on_sent=self._release)

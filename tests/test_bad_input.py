@@ -16,6 +16,7 @@ import pytest
 import torch
 from stage_wire import (
     TIMEOUT,
+    Probe,
     assert_status,
     close_session,
     connect,
@@ -466,10 +467,23 @@ def test_negative_positions_other_than_padding_and_resubscribing(route):
                 padded_last.positions.CopyFrom(wire.encode(torch.tensor([[0, -1]])))
                 await p.rejected(padded_last, INVALID, "layers 2:4", "last column")
                 assert len(await p.accepted(last_step(sid, 2))) == 1
-            # the probe's Subscribe stream was cancelled: subscribing again works and results keep coming
-            async with probe(stubs[1], stubs[1], sid) as p:
-                await asyncio.sleep(0.2)  # let the server notice the old subscriber is gone
+            # the probe's Subscribe stream was cancelled: once the server has noticed, subscribing again works
+            # (until then a second subscriber is refused) and results keep coming
+            deadline = asyncio.get_running_loop().time() + TIMEOUT
+            while True:
+                p = Probe(stubs[1], stubs[1], sid)
+                try:
+                    kind, e = await asyncio.wait_for(p.events.get(), 0.3)
+                except TimeoutError:
+                    break  # the new Subscribe stream is open
+                await p.close()
+                assert kind == "result failed", (kind, e)
+                assert_status(e, PRECONDITION, "already has a subscriber")
+                assert asyncio.get_running_loop().time() < deadline, "the old subscriber was never let go"
+            try:
                 assert len(await p.accepted(last_step(sid, 1, start=2))) == 1
+            finally:
+                await p.close()
             await close_session(stubs[1], sid)
 
     run(check())
