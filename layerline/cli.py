@@ -135,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     stage.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     stage.add_argument(
-        "--kv-cache-bytes", type=_bytes, default=0, help="KV cache budget, e.g. 2GiB (default: 1/4 of free RAM)"
+        "--kv-cache-bytes",
+        type=_bytes,
+        default=0,
+        help="KV cache budget, e.g. 2GiB (default: 1/4 of --max-memory, else 1/4 of free RAM)",
     )
     stage.add_argument("--session-ttl", type=float, default=600.0, help="seconds an unused session lives (600)")
     stage.add_argument("--max-message-bytes", type=_bytes, default=64 << 20, help="largest gRPC message (64MiB)")
@@ -276,13 +279,18 @@ def cmd_stage(args: argparse.Namespace) -> int:
             next_address=args.next,
             dtype=FLOAT_DTYPES[args.dtype],
             wire_dtype=FLOAT_DTYPES[args.wire_dtype],
-            kv_cache_bytes=args.kv_cache_bytes,
+            # with --max-memory, the KV budget defaults to a quarter of it (it is part of what the stage gives)
+            kv_cache_bytes=args.kv_cache_bytes or args.max_memory // 4,
             session_ttl=args.session_ttl,
             max_message_bytes=args.max_message_bytes,
             threads=args.threads,
         )
     except ValueError as e:
         raise LayerlineError(str(e)) from None
+    if args.max_memory and config.kv_cache_bytes >= args.max_memory:
+        raise LayerlineError(
+            f"--kv-cache-bytes ({config.kv_cache_bytes}) leaves nothing of --max-memory ({args.max_memory}) for weights"
+        )
     asyncio.run(
         serve(
             config,

@@ -53,8 +53,10 @@ class LocalCluster:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 180.0,
         env: dict[str, str] | None = None,
+        prefixes: Sequence[Sequence[str] | None] = (),
     ) -> None:
         self.model, self.ranges, self.dtype = model, list(ranges), dtype
+        self.prefixes = list(prefixes)  # per stage: argv put in front of its command (e.g. a wrapper), or None
         self.coordinator = coordinator  # stages with no range (None) register there and get one
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // max(1, len(self.ranges)))
@@ -101,8 +103,9 @@ class LocalCluster:
             for i, layers in enumerate(self.ranges):
                 log = tempfile.NamedTemporaryFile(prefix=f"layerline-stage{i}-", suffix=".log", delete=False)
                 self.logs.append(log)
+                prefix = self.prefixes[i] if i < len(self.prefixes) and self.prefixes[i] else []
                 p = subprocess.Popen(
-                    self.command(layers),
+                    [*prefix, *self.command(layers)],
                     stdout=subprocess.PIPE,
                     stderr=log,
                     stdin=subprocess.DEVNULL,

@@ -3,9 +3,10 @@
 `measure` builds layers of the model's shapes with random weights (the checkpoint is not needed: time depends on
 shapes, not values), and times, each as the mean over a window of repeated runs after a warm-up (a throughput:
 CPU quotas show in it):
-- a decode step (batch 1, one token at position `context`) through 1 and through 2 middle layers: the difference is
-  the time per layer, the rest a fixed cost per step;
-- a prefill chunk of `chunk` tokens through 1 and 2 layers: time per layer per prompt token;
+- a decode step (batch 1, one token at position `context`) through 2 and through 4 middle layers (1 and 2 for
+  layers too big to hold 4 of in a quarter of free memory): the difference is the time per layer, the rest a fixed
+  cost per step;
+- a prefill chunk of `chunk` tokens through the same layer counts: time per layer per prompt token;
 - the last stage's extra work for a decode step (final norm, LM head over the vocabulary, greedy pick).
 Nothing is looked up in tables of chip names: what is reported is what was timed here. Free memory is read from
 the OS (and the cgroup limit, where there is one) or from the GPU.
@@ -151,6 +152,18 @@ def _mean_time(fn: Callable[[], object], min_time: float, min_runs: int, sync: C
     return (time.perf_counter() - began) / runs
 
 
+def _layer_params(config: ModelConfig) -> int:
+    shapes = expected_tensors(config, 0, 1)
+    total = 0
+    for name, shape in shapes.items():
+        if name.startswith("model.layers."):
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+    return total
+
+
 def measure(
     config: ModelConfig,
     dtype: torch.dtype = torch.float32,
@@ -158,10 +171,10 @@ def measure(
     *,
     context: int = 128,
     chunk: int = 128,
-    min_time: float = 0.4,
+    min_time: float = 1.0,
 ) -> Capacity:
-    """Time the model's layer shapes here (see the module docstring). Needs a model with at least 3 layers' worth
-    of config (any real one); uses memory for 2 layers and one LM head."""
+    """Time the model's layer shapes here (see the module docstring); takes memory for up to 4 layers and one LM
+    head while it runs."""
     began = time.perf_counter()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     L = config.num_layers
@@ -200,17 +213,22 @@ def measure(
 
         return _mean_time(run, min_time, 3, sync)
 
-    one, two = middle(1), middle(2)
-    d1, d2 = decode_time(one), decode_time(two)
-    p1, p2 = prefill_time(one), prefill_time(two)
-    per_layer = max(d2 - d1, 1e-9)
-    del two
-    last = _random_stage(config, L - 1, L, dtype, device)
-    head = max(decode_time(last) - d1, 0.0)
+    # Two layer counts, both past what a CPU cache holds when the model allows (one layer of a small model stays in
+    # cache when run again and again, and would look faster than layers streamed from memory in serving): the
+    # difference is the time per layer. Big layers: 1 and 2, to keep the memory this takes small.
+    layer_bytes = _layer_params(config) * torch.empty((), dtype=dtype).element_size()
+    small, big = (2, 4) if 4 * layer_bytes <= free_memory(device)[0] // 4 and L >= 4 else (1, 2)
+    a, b = middle(small), middle(big)
+    da, db = decode_time(a), decode_time(b)
+    pa, pb = prefill_time(a), prefill_time(b)
+    per_layer = max((db - da) / (big - small), 1e-9)
+    del b
+    last = _random_stage(config, L - small, L, dtype, device)
+    head = max(decode_time(last) - da, 0.0)
     return Capacity(
         decode_s_per_layer=per_layer,
-        decode_s_fixed=max(d1 - per_layer, 0.0),
-        prefill_s_per_layer_token=max(p2 - p1, 1e-12) / chunk,
+        decode_s_fixed=max(da - small * per_layer, 0.0),
+        prefill_s_per_layer_token=max(pb - pa, 1e-12) / (big - small) / chunk,
         head_decode_s=head,
         context=context,
         chunk=chunk,

@@ -14,55 +14,24 @@ import time
 import grpc
 import pytest
 
+from layerline import cpu_quota
 from layerline.client import Client
+from layerline.cpu_quota import CpuQuota
 from layerline.local_cluster import PARENT_ENV, READY_PREFIX, LocalCluster, LocalCoordinator
 from layerline.v1 import coordinator_pb2 as pb
 from layerline.v1 import coordinator_pb2_grpc
 from tiny_models import TinySpec, hf_greedy
 
-CGROUP_ROOT = "/sys/fs/cgroup/cpu"
 SPEC = TinySpec("llama", layers=12, hidden=256, heads=4, kv_heads=2, intermediate=1024)
 PROMPT = [17, 101, 5, 250, 33, 42, 7, 199]
 
 
-def cgroup_available() -> bool:
-    return os.access(CGROUP_ROOT, os.W_OK) and os.path.exists(os.path.join(CGROUP_ROOT, "cpu.cfs_quota_us"))
-
-
-pytestmark = pytest.mark.skipif(not cgroup_available(), reason="needs a writable cgroup v1 cpu controller (root)")
-
-
-class CpuQuota:
-    """A cgroup v1 cpu group of its own, with a quota in cores."""
-
-    def __init__(self, cores: float) -> None:
-        self.path = os.path.join(CGROUP_ROOT, f"layerline-test-{os.getpid()}-{time.monotonic_ns()}")
-        os.mkdir(self.path)
-        self.write("cpu.cfs_period_us", 100_000)
-        self.set(cores)
-
-    def write(self, name: str, value: int) -> None:
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(str(value))
-
-    def set(self, cores: float) -> None:
-        self.write("cpu.cfs_quota_us", int(cores * 100_000))
-
-    def remove(self) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                os.rmdir(self.path)
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+pytestmark = pytest.mark.skipif(not cpu_quota.available(), reason="needs a writable cgroup v1 cpu controller (root)")
 
 
 def start_in_cgroup(argv: list[str], quota: CpuQuota, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """A stage process that joins the cgroup before it execs (so it measures itself under the quota)."""
-    wrapped = ["sh", "-c", f'echo $$ > {quota.path}/cgroup.procs && exec "$@"', "sh", *argv]
+    wrapped = [*quota.prefix(), *argv]
     p = subprocess.Popen(
         wrapped,
         stdout=subprocess.PIPE,
@@ -110,7 +79,7 @@ def wait_for(predicate, timeout: float, what: str):
 def test_half_the_cpu_gets_about_half_the_layers_and_the_plan_follows_changes(tiny_checkpoint, tmp_path):
     folder, ref = tiny_checkpoint(SPEC)
     env = {"XDG_CACHE_HOME": str(tmp_path)}
-    quota = CpuQuota(0.5)
+    quota = CpuQuota(0.5, tag="layerline-test")
     slow = None
     try:
         with LocalCoordinator(folder, heartbeat=0.5, settle=120, expect=2, env=env) as coordinator:

@@ -1,0 +1,210 @@
+"""Placement by measured capacity vs the usual rules, measured side by side in one run: 2 stages of unequal strength
+on SmolLM2 (one stage held to half a core by a cgroup v1 CPU quota), each split served by real stage servers:
+
+- the coordinator's plan (the stages measure themselves, register, and the coordinator places them),
+- an even split,
+- a memory-proportional split (exo's rule: layers in proportion to each stage's memory; here the slow stage is given
+  twice the memory of the fast one, as a big-RAM CPU box next to a small fast card).
+
+For each split: decode throughput with several sessions at once (the pipeline full), prefill throughput (concurrent
+prompts), and, for the coordinator's plan, each stage's predicted time per decode step next to the time its compute
+thread measured with the pipeline full. Needs root (cgroup v1 cpu controller).
+
+    .venv/bin/python bench/placement.py [--sessions 4] [--tokens 32] [--prompt 128] [--repeats 3] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import benchlib  # bench/benchlib.py, next to this script
+import grpc
+import torch
+
+from layerline import cpu_quota
+from layerline.checkpoint import load_config
+from layerline.client import AsyncClient
+from layerline.cpu_quota import CpuQuota
+from layerline.local_cluster import LocalCluster, LocalCoordinator
+from layerline.model_source import resolve_model
+from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
+
+SECTION = "## Placement by measured capacity"
+GiB = 1 << 30
+
+
+def coordinator_status(address: str) -> coordinator_pb2.ClusterStatus:
+    with grpc.insecure_channel(address) as channel:
+        return coordinator_pb2_grpc.CoordinatorStub(channel).Status(coordinator_pb2.StatusRequest(), timeout=10)
+
+
+def coordinator_plan(model: str, quota: CpuQuota, memories: list[int], env: dict[str, str]) -> tuple[list, list]:
+    """Let a coordinator place the two stages: their layer counts (fast stage first) and predicted seconds/step."""
+    with LocalCoordinator(model, heartbeat=0.5, settle=300, expect=2, env=env) as coordinator:
+        stages = [
+            LocalCluster(
+                model,
+                [None],
+                coordinator=coordinator.address,
+                threads=1,
+                env=env,
+                extra_args=["--max-memory", str(memory)],
+                prefixes=[quota.prefix() if slow else None],
+            )
+            for slow, memory in zip((False, True), memories, strict=True)
+        ]
+        try:
+            for s in stages:
+                s.start()
+            deadline = time.monotonic() + 300
+            while True:
+                status = coordinator_status(coordinator.address)
+                by_address = {st.report.address: st for st in status.stages}
+                chosen = [by_address.get(s.route[0]) for s in stages]
+                if all(c is not None and c.assignment.end_layer > c.assignment.start_layer for c in chosen):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the coordinator made no plan over both stages: {status}")
+                time.sleep(0.2)
+            ranges = [(c.assignment.start_layer, c.assignment.end_layer) for c in chosen]
+            predicted = [c.predicted_decode_s for c in chosen]
+            measured_capacity = [c.report.decode_s_per_layer for c in chosen]
+            return ranges, predicted, measured_capacity
+        finally:
+            for s in stages:
+                s.stop()
+
+
+def ordered(counts: tuple[int, int], fast_first: bool) -> list[tuple[int, int]]:
+    """Contiguous ranges for (fast, slow) layer counts, in pipeline order."""
+    first, second = counts if fast_first else counts[::-1]
+    return [(0, first), (first, first + second)]
+
+
+async def decode_throughput(route: list[str], prompts: list[list[int]], tokens: int) -> float:
+    async with AsyncClient(route) as client:
+        began = time.perf_counter()
+        outs = await asyncio.gather(
+            *(client.generate(p, max_new_tokens=tokens, stop_token_ids=[], stream=False) for p in prompts)
+        )
+        elapsed = time.perf_counter() - began
+    return sum(len(o.token_ids) for o in outs) / elapsed
+
+
+async def prefill_throughput(route: list[str], prompts: list[list[int]]) -> float:
+    async with AsyncClient(route) as client:
+        began = time.perf_counter()
+        await asyncio.gather(*(client.generate(p, max_new_tokens=1, stop_token_ids=[], stream=False) for p in prompts))
+        elapsed = time.perf_counter() - began
+    return sum(len(p) for p in prompts) / elapsed
+
+
+def compute_time(address: str) -> tuple[float, int]:
+    with grpc.insecure_channel(address) as channel:
+        info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
+    return info.compute_seconds, info.steps_computed
+
+
+def per_stage_decode(route: list[str], prompts: list[list[int]], tokens: int) -> list[float]:
+    """Each stage's compute seconds per decode step with all the sessions running at once (the pipeline full, as
+    the prediction assumes), from its own counters: (run of `tokens` - run of 1 token) / the steps between."""
+    runs = []
+    for n in (1, tokens):
+        before = [compute_time(a) for a in route]
+        asyncio.run(decode_throughput(route, prompts, n))
+        after = [compute_time(a) for a in route]
+        runs.append([(s1 - s0, n1 - n0) for (s0, n0), (s1, n1) in zip(before, after, strict=True)])
+    return [(sn - s1) / (nn - n1) for (s1, n1), (sn, nn) in zip(runs[0], runs[1], strict=True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--slow-cores", type=float, default=0.5, help="CPU quota of the slow stage, in cores")
+    ap.add_argument("--sessions", type=int, default=4, help="concurrent sessions for the throughput figures")
+    ap.add_argument("--tokens", type=int, default=32, help="decode tokens per session")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per session (prefill figure)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not cpu_quota.available():
+        sys.exit("bench/placement.py needs root and the cgroup v1 cpu controller to make one stage slower")
+    path = resolve_model(args.model)
+    config = load_config(path)
+    L = config.num_layers
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, config.vocab_size, (16,), generator=g).tolist() for _ in range(args.sessions)]
+    long_prompts = [torch.randint(100, config.vocab_size, (args.prompt,), generator=g).tolist() for _ in prompts]
+    memories = [1 * GiB, 2 * GiB]  # fast stage, slow stage
+    quota = CpuQuota(args.slow_cores, tag="layerline-bench")
+    try:
+        with tempfile.TemporaryDirectory(prefix="layerline-bench-") as cache:
+            env = {"XDG_CACHE_HOME": cache}  # measured afresh in this run
+            plan_ranges, predicted, capacity = coordinator_plan(path, quota, memories, env)
+        fast_first = plan_ranges[0][0] == 0
+        plan_counts = tuple(b - a for a, b in plan_ranges)
+        even = (L // 2, L - L // 2)
+        by_memory = (round(L * memories[0] / sum(memories)), L - round(L * memories[0] / sum(memories)))
+        splits = {"coordinator's plan": plan_counts, "even split": even, "memory-proportional (exo)": by_memory}
+        results = {}
+        for name, counts in splits.items():
+            ranges = ordered(counts, fast_first)
+            prefixes = [None, quota.prefix()] if fast_first else [quota.prefix(), None]
+            with LocalCluster(path, ranges, threads=1, prefixes=prefixes) as cluster:
+                route = cluster.route
+                asyncio.run(decode_throughput(route, prompts[:1], 4))  # warm-up
+                dec = [asyncio.run(decode_throughput(route, prompts, args.tokens)) for _ in range(args.repeats)]
+                pre = [asyncio.run(prefill_throughput(route, long_prompts)) for _ in range(args.repeats)]
+                stage_times = per_stage_decode(route, prompts, args.tokens) if name == "coordinator's plan" else []
+            results[name] = (counts, statistics.median(dec), statistics.median(pre), stage_times)
+    finally:
+        quota.remove()
+
+    base_dec, base_pre = results["even split"][1], results["even split"][2]
+    lines = [
+        f"Placement: {os.path.basename(path)}, float32, 2 stage servers on 127.0.0.1, 1 torch thread each; the slow "
+        f"stage is held to {args.slow_cores:g} core by a cgroup v1 CPU quota. Memory given to the stages (fast, slow): "
+        f"{memories[0] / GiB:g} GiB, {memories[1] / GiB:g} GiB. Decode: {args.sessions} concurrent sessions x "
+        f"{args.tokens} tokens; prefill: {args.sessions} concurrent {args.prompt}-token prompts; medians of "
+        f"{args.repeats}. The coordinator's plan comes from the stages' own measurements in this run (decode "
+        f"{1e3 * capacity[0]:.2f} and {1e3 * capacity[1]:.2f} ms/layer, fast and slow).",
+        f"Machine: {benchlib.machine()}.",
+        "",
+        "| split (fast stage, slow stage layers) | decode tok/s | vs even | prefill tok/s | vs even |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, (counts, dec, pre, _) in results.items():
+        lines.append(
+            f"| {name} ({counts[0]}, {counts[1]}) | {dec:.1f} | {dec / base_dec:.2f}x | {pre:.0f} | "
+            f"{pre / base_pre:.2f}x |"
+        )
+    lines += [
+        "",
+        "Target: the coordinator's plan >= 1.3x the even split when one stage has half the CPU.",
+        "",
+        "Predicted vs measured time per decode step on each stage of the coordinator's plan (measured = the stage's "
+        f"compute-thread seconds per decode step from its own counters, {args.sessions} sessions at once):",
+        "",
+        "| stage | layers | predicted ms | measured ms | measured / predicted |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    counts, _, _, measured = results["coordinator's plan"]
+    names = ["fast", "slow"]
+    for i, (pred, meas) in enumerate(zip(predicted, measured, strict=True)):
+        lines.append(f"| {names[i]} | {counts[i]} | {1e3 * pred:.2f} | {1e3 * meas:.2f} | {meas / pred:.2f} |")
+    lines += ["", "Target: predicted within 15% of measured."]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        command = " ".join([".venv/bin/python bench/placement.py", *sys.argv[1:]])
+        benchlib.update_section(args.out, SECTION.removeprefix("## "), text, command)
+
+
+if __name__ == "__main__":
+    main()
