@@ -2,8 +2,9 @@
 
 Every request is checked before it touches the registry; a bad one gets INVALID_ARGUMENT / FAILED_PRECONDITION /
 NOT_FOUND / RESOURCE_EXHAUSTED with a message naming the problem, and the coordinator keeps serving everyone else.
-A background task drops stages that stopped heartbeating. The coordinator holds no model weights: it reads the
-checkpoint's config only (its fingerprint, its layer shapes).
+A background task drops stages that stopped heartbeating. The coordinator holds no model weights in memory: it plans
+from the checkpoint's config (its fingerprint, its layer shapes), and reads tensors from the checkpoint only to
+stream them to stage hosts that do not hold it (GetModel, FetchWeights: `weights.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -22,11 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from layerline.checkpoint import load_config
+from layerline.config import ModelConfig, config_to_json
 from layerline.coordinator.placement import PlacementError, StageCapacity, stage_cost
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
-from layerline.errors import BadInputError, LayerlineError
+from layerline.coordinator.weights import check_request, stream_tensors
+from layerline.errors import BadInputError, CheckpointError, LayerlineError
 from layerline.stage_server.server import model_fingerprint
 from layerline.stage_server.status import status_of
+from layerline.tokenizer import Tokenizer
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -57,10 +61,22 @@ def _assignment(entry: StageEntry) -> coordinator_pb2.Assignment:
     )
 
 
+@dataclass
+class ServedModel:
+    """The checkpoint a coordinator plans for, and serves to stage hosts that do not hold it (`weights.py`)."""
+
+    path: str
+    name: str
+    config: ModelConfig
+    fingerprint: str
+    tokenizer_json: str  # empty: the checkpoint has no tokenizer
+
+
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, registry: Registry, model_name: str) -> None:
+    def __init__(self, registry: Registry, model: ServedModel) -> None:
         self.registry = registry
-        self.model_name = model_name
+        self.model = model
+        self.model_name = model.name
         self.reports: dict[str, coordinator_pb2.StageReport] = {}
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: LayerlineError) -> None:
@@ -156,6 +172,33 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         return out
 
+    async def GetModel(
+        self, request: coordinator_pb2.ModelRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ModelInfo:
+        m = self.model
+        return coordinator_pb2.ModelInfo(
+            name=m.name,
+            model_fingerprint=m.fingerprint,
+            config_json=config_to_json(m.config),
+            tokenizer_json=m.tokenizer_json,
+            num_layers=m.config.num_layers,
+        )
+
+    async def FetchWeights(
+        self, request: coordinator_pb2.FetchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.WeightChunk]:
+        m = self.model
+        try:
+            names, chunk = check_request(request, m.config, m.fingerprint)
+        except LayerlineError as e:
+            await self._fail(context, e)
+        logger.info("streaming %d tensor(s) as %s to %s", len(names), request.dtype, context.peer())
+        try:
+            async for piece in stream_tensors(m.path, names, request.dtype, chunk):
+                yield piece
+        except LayerlineError as e:  # the checkpoint went missing or bad under the coordinator
+            await self._fail(context, e)
+
     async def Plan(
         self, request: coordinator_pb2.PlanRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.PlanResponse:
@@ -205,6 +248,11 @@ async def start_coordinator(
     expected_stages: int = 0,
 ) -> RunningCoordinator:
     config = await asyncio.to_thread(load_config, model)
+    try:
+        tokenizer_json = (await asyncio.to_thread(Tokenizer.from_path, model)).to_json()
+    except CheckpointError as e:
+        logger.warning("no tokenizer to serve to stage hosts: %s", e)
+        tokenizer_json = ""
     registry = Registry(
         model_shape(config),
         model_fingerprint(config),
@@ -213,7 +261,8 @@ async def start_coordinator(
         settle_s=settle_s,
         expected_stages=expected_stages,
     )
-    service = CoordinatorService(registry, os.path.basename(model.rstrip("/")))
+    served = ServedModel(model, os.path.basename(model.rstrip("/")), config, registry.fingerprint, tokenizer_json)
+    service = CoordinatorService(registry, served)
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -1,7 +1,8 @@
 """Opening a checkpoint and building the stage model for a layer range from it, reading only that range's tensors.
 
 Two formats: a Hugging Face folder (config.json + model.safetensors, or sharded *.safetensors with
-model.safetensors.index.json) and a GGUF file (`gguf_model.py`). Pickled checkpoints (pytorch_model.bin) are
+model.safetensors.index.json) and a GGUF file (`gguf_model.py`); and a stage host's cache of weights fetched from a
+coordinator (`weight_cache.py`). Pickled checkpoints (pytorch_model.bin) are
 refused: nothing untrusted is unpickled. Errors name the file and what is wrong with it.
 """
 
@@ -18,6 +19,7 @@ from layerline.errors import CheckpointError
 from layerline.gguf_model import GGUFCheckpoint
 from layerline.model import StageModel, check_range, expected_tensors
 from layerline.safetensors_io import SafetensorsFile, TensorEntry
+from layerline.weight_cache import FetchedCheckpoint, is_fetched_folder
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -95,13 +97,15 @@ class HFCheckpoint:
         self._files.clear()
 
 
-Checkpoint = HFCheckpoint | GGUFCheckpoint
+Checkpoint = HFCheckpoint | GGUFCheckpoint | FetchedCheckpoint
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """A HF checkpoint folder or a GGUF file; anything else is a CheckpointError saying what was found."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        if is_fetched_folder(path):
+            return FetchedCheckpoint(path)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path}: a checkpoint folder needs a config.json")
         return HFCheckpoint(path)

@@ -121,13 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve layers [A, B) of a model as a stage server; prints a ready line with its address.",
         epilog="example: layerline stage --model smollm2 --layers 0:15 --port 7001 --next 10.0.0.2:7002",
     )
-    _add_model_args(stage)
+    stage.add_argument(
+        "--model",
+        default=None,
+        help="embedded model name (smollm2), HF folder or .gguf file (default: smollm2 with --layers; with "
+        "--coordinator and no --model, the layers' tensors are fetched from the coordinator and cached)",
+    )
     stage.add_argument("--layers", type=_layer_range, help="the layer range A:B this stage serves")
     stage.add_argument(
         "--coordinator", default="", help="host:port of a coordinator: register there and serve the layers it assigns"
     )
     stage.add_argument("--max-memory", type=_bytes, default=0, help="memory for weights + KV (default: free memory)")
     stage.add_argument("--remeasure", action="store_true", help="measure capacity again instead of using the cache")
+    stage.add_argument(
+        "--connect-timeout", type=float, default=20.0, help="seconds to wait for the coordinator at start (20)"
+    )
+    stage.add_argument(
+        "--cache-dir", default="", help="where measured capacity and fetched weights are kept (~/.cache/layerline)"
+    )
     stage.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     stage.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     stage.add_argument("--advertise", default="", help="host:port other machines use to reach this stage")
@@ -170,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the coordinator: registry of stages and planner of their layer ranges",
         description="Serve the Coordinator service for one model: stages register with their measured capacity and "
         "heartbeat; it assigns contiguous layer ranges (slowest stage as fast as possible, within each stage's "
-        "memory) and answers clients' route requests. Only the checkpoint's config is read.",
+        "memory) and answers clients' route requests. Stage hosts without the checkpoint fetch their layers from it.",
         epilog="example: layerline coordinator --model smollm2 --host 0.0.0.0 --port 7000",
     )
     _add_model_args(coord)
@@ -260,7 +271,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     from layerline.local_cluster import die_with_parent
     from layerline.model import FLOAT_DTYPES
-    from layerline.model_source import resolve_model
+    from layerline.model_source import DEFAULT_MODEL, resolve_model
     from layerline.stage_server.config import StageConfig
     from layerline.stage_server.server import print_ready, serve
 
@@ -268,9 +279,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.layers is None and not args.coordinator:
         raise LayerlineError("give --layers A:B, or --coordinator HOST:PORT to be assigned layers")
     start, end = args.layers if args.layers is not None else (0, 0)
+    model = args.model
+    if model is None and args.layers is not None:
+        model = DEFAULT_MODEL  # no coordinator to fetch from: the embedded default
     try:
         config = StageConfig(
-            model=resolve_model(args.model),
+            model=resolve_model(model) if model is not None else "",  # "": fetched from the coordinator
             start=start,
             end=end,
             host=args.host,
@@ -298,6 +312,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             coordinator=args.coordinator,
             max_memory=args.max_memory,
             remeasure=args.remeasure,
+            cache_dir=args.cache_dir,
+            connect_timeout=args.connect_timeout,
         )
     )
     return 0

@@ -8,9 +8,11 @@ not at all. This module knows nothing of tensors or files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from layerline.errors import CheckpointError, UnsupportedModelError
@@ -226,3 +228,33 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         raise CheckpointError(f"config lacks the field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config has a field of the wrong type: {e}") from None
+
+
+def config_to_json(config: ModelConfig) -> str:
+    """layerline's own form of a config (what a coordinator sends a stage host); `config_from_json` reads it."""
+    return json.dumps(asdict(config), sort_keys=True)
+
+
+def config_from_json(text: str) -> ModelConfig:
+    """The inverse of `config_to_json`; anything else is a CheckpointError naming the problem."""
+    try:
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise TypeError("expected a JSON object")
+        fields = {f.name for f in dataclass_fields(ModelConfig)}
+        unknown = set(d) - fields
+        if unknown:
+            raise TypeError(f"unknown field(s) {', '.join(sorted(unknown))[:200]}")
+        rope = d.get("rope_scaling")
+        d["rope_scaling"] = RopeScaling(**rope) if rope is not None else None
+        d["sliding_windows"] = tuple(None if w is None else int(w) for w in d.get("sliding_windows", ()))
+        d["eos_token_ids"] = tuple(int(t) for t in d.get("eos_token_ids", ()))
+        return ModelConfig(**d)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"not a layerline model config ({type(e).__name__}: {e})") from None
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """Stages of one pipeline must serve the same model: a hash of its config."""
+    text = json.dumps(asdict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -34,8 +34,9 @@ class CpuQuota:
         with open(os.path.join(self.path, name), "w") as f:
             f.write(str(value))
 
-    def set(self, cores: float) -> None:
-        self._write("cpu.cfs_quota_us", int(cores * PERIOD_US))
+    def set(self, cores: float | None) -> None:
+        """Limit the group to `cores` CPUs (None: no limit)."""
+        self._write("cpu.cfs_quota_us", -1 if cores is None else int(cores * PERIOD_US))
 
     def prefix(self) -> list[str]:
         """Argv put in front of a command: the process joins this group before it execs the command."""

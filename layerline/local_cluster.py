@@ -44,7 +44,7 @@ def die_with_parent() -> None:
 class LocalCluster:
     def __init__(
         self,
-        model: str,
+        model: str | None,  # None: stages fetch it from the coordinator
         ranges: Sequence[tuple[int, int] | None],
         *,
         coordinator: str = "",
@@ -82,8 +82,7 @@ class LocalCluster:
             "-m",
             "layerline.cli",
             "stage",
-            "--model",
-            self.model,
+            *(["--model", self.model] if self.model is not None else []),  # None: fetched from the coordinator
             *where,
             "--host",
             "127.0.0.1",

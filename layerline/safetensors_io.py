@@ -64,7 +64,10 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object")
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path}: __metadata__ is not a JSON object")
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in metadata.items()}
         base = 8 + n
         self.entries: dict[str, TensorEntry] = {}
         for name, info in header.items():
@@ -104,3 +107,29 @@ class SafetensorsFile:
                 self.bytes_read += got
                 out[name] = buf.view(e.dtype).reshape(e.shape)
         return out
+
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` (CPU, any of the dtypes above) as one .safetensors file, with string `metadata`."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    blobs = []
+    for name, t in tensors.items():
+        data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
+        header[name] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        offset += data.nbytes
+        blobs.append(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for data in blobs:
+            f.write(memoryview(data))

@@ -6,8 +6,8 @@ they end (each session holds its model, `Session.model`); new sessions get the n
 hands clients only includes stages that report their assigned range as loaded, so clients never meet a half-built
 chain. Loading the new range while the old one is still referenced takes memory for both for a while.
 
-When the CPU quota of the stage's cgroup changes, the stage measures itself again and registers anew, so the plan
-follows its new capacity. When the coordinator is unreachable the stage keeps serving what it has and retries with backoff; when the
+When the CPU quota of the stage's cgroup changes, the stage measures itself again (in the background, heartbeating
+meanwhile) and registers anew, so the plan follows its new capacity. When the coordinator is unreachable the stage keeps serving what it has and retries with backoff; when the
 coordinator no longer knows it (it restarted) the stage registers again with the range it serves, which lets the
 coordinator adopt the running chain as it is. A stage of another model is refused by the coordinator: that error
 ends the stage with its message.
@@ -57,6 +57,7 @@ class CoordinatorAgent:
         self.loading: asyncio.Task | None = None
         self.load_error = ""
         self.registered = asyncio.Event()
+        self.remeasuring: asyncio.Task | None = None
 
     def report(self) -> coordinator_pb2.StageReport:
         c, service = self.capacity, self.stage.service
@@ -108,10 +109,7 @@ class CoordinatorAgent:
 
     async def _exchange(self, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
         timeout = self.config.timeout
-        if self.remeasure is not None and cpu_quota() != self.capacity.cpu_quota:
-            logger.info("the CPU quota changed (%s -> %s): measuring again", self.capacity.cpu_quota, cpu_quota())
-            self.capacity = await self.remeasure()
-            self.stage_id = None  # register with the new figures: the coordinator re-plans
+        self._check_quota()
         if self.stage_id is None:
             resp = await stub.Register(coordinator_pb2.RegisterRequest(stage=self.report()), timeout=timeout)
             self.stage_id, self.heartbeat_s = resp.stage_id, resp.heartbeat_seconds or self.heartbeat_s
@@ -135,6 +133,22 @@ class CoordinatorAgent:
         )
         self._apply(resp.assignment)
 
+    def _check_quota(self) -> None:
+        """When the CPU quota changed, measure again in the background (heartbeats go on meanwhile, so the stage is
+        not dropped as dead while it measures); once measured, register anew with the new figures (re-plan)."""
+        task = self.remeasuring
+        if task is not None and task.done():
+            self.remeasuring = None
+            try:
+                self.capacity = task.result()
+                self.stage_id = None  # register with the new figures: the coordinator re-plans
+            except Exception as e:  # keep the old figures; try again on the next heartbeat
+                logger.error("measuring again failed: %s", e)
+            return
+        if task is None and self.remeasure is not None and cpu_quota() != self.capacity.cpu_quota:
+            logger.info("the CPU quota changed (%s -> %s): measuring again", self.capacity.cpu_quota, cpu_quota())
+            self.remeasuring = asyncio.create_task(self.remeasure(), name="measure capacity again")
+
     def _apply(self, assignment: coordinator_pb2.Assignment) -> None:
         wanted = (assignment.start_layer, assignment.end_layer)
         if wanted[1] <= wanted[0] or wanted == self.stage.service.serving or wanted == self.assigned:
@@ -155,7 +169,8 @@ class CoordinatorAgent:
             logger.error("%s", self.load_error)
 
     async def stop(self) -> None:
-        if self.loading is not None:
-            self.loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.loading
+        for task in (self.loading, self.remeasuring):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task

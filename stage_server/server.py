@@ -6,38 +6,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from layerline import weight_cache
 from layerline.checkpoint import load_stage, open_checkpoint
+from layerline.config import model_fingerprint
 from layerline.errors import CheckpointError, LayerlineError
 from layerline.local_cluster import READY_PREFIX
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import channel_options
+from layerline.stage_server.fetch import WeightFetcher, prepare
 from layerline.stage_server.service import StageService
 from layerline.tokenizer import Tokenizer
 from layerline.v1 import stage_pb2_grpc
+from layerline.weight_cache import FetchedCheckpoint
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "layerline.v1.Stage"
-
-
-def model_fingerprint(config: object) -> str:
-    """Stages of one pipeline must serve the same model: a hash of its config."""
-    text = json.dumps(asdict(config), sort_keys=True, default=str)  # type: ignore[call-overload]
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -46,6 +43,7 @@ class RunningStage:
     service: StageService
     health: health_aio.HealthServicer
     address: str
+    fetcher: WeightFetcher | None = None  # a host without the checkpoint: layers come from the coordinator
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
@@ -65,16 +63,17 @@ async def start_stage(config: StageConfig) -> RunningStage:
             )
         model_config = ckpt.config
         fingerprint = model_fingerprint(model_config)
+        fetched = isinstance(ckpt, FetchedCheckpoint)
+        name = ckpt.name if fetched else os.path.basename(config.model.rstrip("/"))
+        tokenizer_json = ckpt.tokenizer_json() if fetched else None
     finally:
         ckpt.close()
-    try:
-        tokenizer_json = (await asyncio.to_thread(Tokenizer.from_path, config.model)).to_json()
-    except CheckpointError as e:
-        logger.warning("no tokenizer served: %s", e)
-        tokenizer_json = None
-    service = StageService(
-        model, config, os.path.basename(config.model.rstrip("/")), fingerprint, tokenizer_json, model_config
-    )
+    if not fetched:
+        try:
+            tokenizer_json = (await asyncio.to_thread(Tokenizer.from_path, config.model)).to_json()
+        except CheckpointError as e:
+            logger.warning("no tokenizer served: %s", e)
+    service = StageService(model, config, name, fingerprint, tokenizer_json, model_config)
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
     stage_pb2_grpc.add_StageServicer_to_server(service, server)
     health = health_aio.HealthServicer()
@@ -98,6 +97,8 @@ async def load_layers(stage: RunningStage, start: int, end: int) -> None:
     """Load layers [start, end) next to what the stage serves, then serve them to new sessions (running sessions
     finish on the layers they started with)."""
     c = stage.service.config
+    if stage.fetcher is not None:
+        await stage.fetcher.ensure(start, end)
     model = await asyncio.to_thread(load_stage, c.model, start, end, c.dtype, c.device)
     stage.service.swap_model(model)
 
@@ -108,10 +109,23 @@ async def serve(
     coordinator: str = "",
     max_memory: int = 0,
     remeasure: bool = False,
+    cache_dir: str = "",
+    connect_timeout: float = 20.0,
 ) -> None:
     """Run a stage until SIGTERM or SIGINT, then shut down gracefully. With `coordinator`, the stage measures its
-    capacity (cached on disk), registers, heartbeats and loads the layers it is assigned (`agent.py`)."""
+    capacity (cached on disk), registers, heartbeats and loads the layers it is assigned (`agent.py`). With a
+    coordinator and no model (`config.model` empty), the model's description and the assigned layers' tensors come
+    from the coordinator into the weight cache under `cache_dir` (`fetch.py`)."""
+    fetcher = None
+    if not config.model:
+        if not coordinator:
+            raise LayerlineError("a stage without a model needs a coordinator to fetch it from")
+        root = os.path.join(cache_dir, "weights") if cache_dir else weight_cache.default_root()
+        config.model = await prepare(coordinator, root, config.dtype, connect_timeout)
+        fetcher = WeightFetcher(coordinator, config.model, config.dtype)
+        logger.info("model %s comes from the coordinator at %s (cache: %s)", fetcher.fingerprint, coordinator, root)
     stage = await start_stage(config)
+    stage.fetcher = fetcher
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +146,7 @@ async def serve(
                     config.dtype,
                     config.device,
                     remeasure=again,
+                    cache_dir=os.path.join(cache_dir, "capacity") if cache_dir else None,
                 )
 
             async def measure_again():

@@ -81,7 +81,7 @@ def test_info():
     assert "num_layers: 30" in out.stdout and "num_kv_heads: 3" in out.stdout
 
 
-def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys):
+def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path):
     """`layerline coordinator` in a subprocess; two stages register by hand; `status` and `plan` describe them; a
     coordinator that is not there is a one-line error; SIGTERM stops it cleanly."""
     import grpc
@@ -131,3 +131,7 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys):
         proc.stderr.close()
     assert main(["status", "--coordinator", address]) == 2
     assert "unreachable" in capsys.readouterr().err
+    # a stage host without the checkpoint needs the coordinator to fetch the model from
+    stage = layerline("stage", "--coordinator", address, "--connect-timeout", "1", "--cache-dir", str(tmp_path))
+    assert stage.returncode == 2 and f"the coordinator at {address} is unreachable" in stage.stderr, stage.stderr
+    assert "Traceback" not in stage.stderr

@@ -3,9 +3,11 @@ model code does not implement."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from layerline.config import ModelConfig
+from layerline.config import ModelConfig, config_from_json, config_to_json, model_fingerprint
 from layerline.errors import CheckpointError, UnsupportedModelError
 
 BASE = {
@@ -84,3 +86,31 @@ def test_missing_field_is_named():
     del d["hidden_size"]
     with pytest.raises(CheckpointError, match="'hidden_size'"):
         ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        cfg(eos_token_id=[2, 3], bos_token_id=1, tie_word_embeddings=True),
+        cfg(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}),
+        cfg(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1),
+        cfg(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 4.0}, pad_token_id=0),
+    ],
+)
+def test_layerline_json_round_trip_keeps_the_fingerprint(config):
+    again = config_from_json(config_to_json(config))
+    assert again == config and model_fingerprint(again) == model_fingerprint(config)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[1, 2]", "expected a JSON object"),
+        ("{", "JSONDecodeError"),
+        ('{"architecture": "llama", "evil": 1}', "unknown field(s) evil"),
+        ('{"architecture": "llama"}', "missing"),
+    ],
+)
+def test_bad_layerline_json_is_a_checkpoint_error(text, words):
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        config_from_json(text)

@@ -60,7 +60,9 @@ def test_coordinator_service_methods():
     from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
-    assert {m.name for m in service.methods} == {"Register", "Heartbeat", "GetRoute", "Status", "Plan"}
-    assert not any(m.client_streaming or m.server_streaming for m in service.methods)
+    unary = {"Register", "Heartbeat", "GetRoute", "Status", "Plan", "GetModel"}
+    assert {m.name for m in service.methods} == unary | {"FetchWeights"}
+    assert not any(m.client_streaming for m in service.methods)
+    assert {m.name for m in service.methods if m.server_streaming} == {"FetchWeights"}
     for m in service.methods:
         assert callable(getattr(coordinator_pb2_grpc.CoordinatorServicer, m.name))

@@ -169,3 +169,51 @@ class PlanResponse(_message.Message):
     predicted_total_s: float
     explanation: str
     def __init__(self, stage_ids: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ..., boundaries: _Optional[_Iterable[int]] = ..., predicted_bottleneck_s: _Optional[float] = ..., predicted_total_s: _Optional[float] = ..., explanation: _Optional[str] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "model_fingerprint", "config_json", "tokenizer_json", "num_layers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_fingerprint: str
+    config_json: str
+    tokenizer_json: str
+    num_layers: int
+    def __init__(self, name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("model_fingerprint", "names", "dtype", "chunk_bytes")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    dtype: str
+    chunk_bytes: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class WeightChunk(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "total_bytes", "offset", "data", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    total_bytes: int
+    offset: int
+    data: bytes
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,16 @@ class CoordinatorStub:
                 request_serializer=layerline_dot_v1_dot_coordinator__pb2.PlanRequest.SerializeToString,
                 response_deserializer=layerline_dot_v1_dot_coordinator__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/layerline.v1.Coordinator/GetModel',
+                request_serializer=layerline_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
+                response_deserializer=layerline_dot_v1_dot_coordinator__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.FetchWeights = channel.unary_stream(
+                '/layerline.v1.Coordinator/FetchWeights',
+                request_serializer=layerline_dot_v1_dot_coordinator__pb2.FetchRequest.SerializeToString,
+                response_deserializer=layerline_dot_v1_dot_coordinator__pb2.WeightChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -99,6 +109,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """For stage hosts without the checkpoint: the model's config and tokenizer ...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchWeights(self, request, context):
+        """... and the tensors of their layers, streamed in chunks, each tensor with its SHA-256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +150,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=layerline_dot_v1_dot_coordinator__pb2.PlanRequest.FromString,
                     response_serializer=layerline_dot_v1_dot_coordinator__pb2.PlanResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=layerline_dot_v1_dot_coordinator__pb2.ModelRequest.FromString,
+                    response_serializer=layerline_dot_v1_dot_coordinator__pb2.ModelInfo.SerializeToString,
+            ),
+            'FetchWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchWeights,
+                    request_deserializer=layerline_dot_v1_dot_coordinator__pb2.FetchRequest.FromString,
+                    response_serializer=layerline_dot_v1_dot_coordinator__pb2.WeightChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +297,60 @@ class Coordinator:
             '/layerline.v1.Coordinator/Plan',
             layerline_dot_v1_dot_coordinator__pb2.PlanRequest.SerializeToString,
             layerline_dot_v1_dot_coordinator__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Coordinator/GetModel',
+            layerline_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
+            layerline_dot_v1_dot_coordinator__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/layerline.v1.Coordinator/FetchWeights',
+            layerline_dot_v1_dot_coordinator__pb2.FetchRequest.SerializeToString,
+            layerline_dot_v1_dot_coordinator__pb2.WeightChunk.FromString,
             options,
             channel_credentials,
             insecure,

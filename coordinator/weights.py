@@ -1,0 +1,81 @@
+"""The coordinator as a weight server: stage hosts without the checkpoint fetch their layers' tensors from it.
+
+A request names tensors by their Hugging Face names; only the tensors of this model's layers, embedding, final norm
+and LM head can be asked for, in one of the float dtypes. Each tensor is read from the checkpoint (GGUF tensors are
+dequantized), converted to the dtype asked for, and streamed in chunks of consecutive bytes; its last chunk carries
+the SHA-256 of all its bytes, which the stage checks before it keeps the tensor. One tensor at a time is held in
+memory per request; gRPC flow control paces the stream to the receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import torch
+
+from layerline.checkpoint import open_checkpoint
+from layerline.config import ModelConfig
+from layerline.errors import BadInputError, FailedPreconditionError
+from layerline.model import expected_tensors
+from layerline.v1 import coordinator_pb2
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CHUNK = 1 << 20
+MIN_CHUNK, MAX_CHUNK = 16 << 10, 2 << 20  # the coordinator's messages stay under its 4 MiB limit
+MAX_NAMES = 100_000
+
+
+def check_request(req: coordinator_pb2.FetchRequest, config: ModelConfig, fingerprint: str) -> tuple[list, int]:
+    """The names and chunk size of a valid request; BadInputError / FailedPreconditionError name what is wrong."""
+    if req.model_fingerprint != fingerprint:
+        raise FailedPreconditionError(
+            f"fetch: model fingerprint {req.model_fingerprint or 'none'!r} is not this coordinator's ({fingerprint})"
+        )
+    if req.dtype not in DTYPES:
+        raise BadInputError(f"fetch: dtype {req.dtype!r} is not one of {', '.join(DTYPES)}")
+    if not req.names:
+        raise BadInputError("fetch: no tensor names given")
+    if len(req.names) > MAX_NAMES:
+        raise BadInputError(f"fetch: {len(req.names)} names is more than {MAX_NAMES}")
+    known = expected_tensors(config, 0, config.num_layers)
+    unknown = [n for n in req.names if n not in known]
+    if unknown:
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        raise BadInputError(f"fetch: {unknown[0][:200]!r}{more} is not a tensor of this model")
+    if len(set(req.names)) != len(req.names):
+        raise BadInputError("fetch: a tensor is named twice")
+    if req.chunk_bytes < 0:
+        raise BadInputError(f"fetch: chunk_bytes must not be negative, got {req.chunk_bytes}")
+    chunk = min(max(req.chunk_bytes or DEFAULT_CHUNK, MIN_CHUNK), MAX_CHUNK)
+    return list(req.names), chunk
+
+
+async def stream_tensors(model: str, names: list[str], dtype_name: str, chunk: int) -> AsyncIterator:
+    """WeightChunk messages for `names`, read from the checkpoint at `model` (opened for this request)."""
+    dtype = DTYPES[dtype_name]
+    ckpt = await asyncio.to_thread(open_checkpoint, model)
+    try:
+        for name in names:
+            t = (await asyncio.to_thread(ckpt.read, [name], dtype))[name].contiguous()
+            data = t.view(torch.uint8).numpy().reshape(-1)
+            digest = await asyncio.to_thread(lambda d=data: hashlib.sha256(d).hexdigest())
+            total = data.nbytes
+            offset = 0
+            while True:
+                piece = data[offset : offset + chunk].tobytes()
+                msg = coordinator_pb2.WeightChunk(name=name, offset=offset, data=piece)
+                if offset == 0:
+                    msg.dtype = dtype_name
+                    msg.shape.extend(t.shape)
+                    msg.total_bytes = total
+                offset += len(piece)
+                if offset >= total:
+                    msg.sha256 = digest
+                yield msg
+                if offset >= total:
+                    break
+            del t, data
+    finally:
+        ckpt.close()

@@ -1,0 +1,193 @@
+"""A stage host without the checkpoint: the model's description and its layers' tensors come from the coordinator.
+
+`prepare` asks the coordinator for the model (GetModel) and writes its description into the weight cache
+(`layerline/weight_cache.py`); the folder then serves as the stage's checkpoint. Before the stage loads an assigned
+range, `WeightFetcher.ensure` checks which of the range's tensors the cache already holds (hashing them) and fetches
+only the rest (FetchWeights): each tensor is taken only if its chunks arrive in order, its size matches its dtype and
+shape, and the SHA-256 of its bytes is the one the coordinator sent. A broken or bad stream keeps no partial group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import grpc
+import torch
+
+from layerline import weight_cache
+from layerline.config import config_from_json, model_fingerprint
+from layerline.errors import CheckpointError, LayerlineError
+from layerline.model import expected_tensors
+from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise LayerlineError(f"weights can be fetched as float32, bfloat16 or float16, not {name}")
+    return name
+
+
+async def prepare(coordinator: str, root: str, dtype: torch.dtype, timeout: float = 20.0) -> str:
+    """The weight-cache folder of the coordinator's model (its description written there); raises LayerlineError
+    with a clear message when the coordinator cannot be reached or answers nonsense."""
+    async with grpc.aio.insecure_channel(coordinator) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            info = await stub.GetModel(coordinator_pb2.ModelRequest(), timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise LayerlineError(
+                    f"the coordinator at {coordinator} is unreachable (no answer within {timeout:g} s)"
+                ) from None
+            raise LayerlineError(
+                f"cannot get the model from the coordinator at {coordinator}: {e.code().name}: {e.details()}"
+            ) from None
+    try:
+        config = config_from_json(info.config_json)
+    except CheckpointError as e:
+        raise LayerlineError(
+            f"the coordinator at {coordinator} sent a model config this stage cannot use: {e}"
+        ) from None
+    if model_fingerprint(config) != info.model_fingerprint:
+        raise LayerlineError(
+            f"the model config from {coordinator} does not match its fingerprint {info.model_fingerprint} "
+            "(different layerline versions?)"
+        )
+    folder = weight_cache.model_folder(root, info.model_fingerprint, dtype)
+    weight_cache.write_model(folder, info.name, info.model_fingerprint, info.config_json, info.tokenizer_json)
+    return folder
+
+
+class WeightFetcher:
+    def __init__(self, coordinator: str, folder: str, dtype: torch.dtype, timeout: float = 600.0) -> None:
+        self.coordinator, self.folder, self.dtype = coordinator, folder, dtype
+        self.timeout = timeout  # for one fetch call (all the tensors of a range)
+        ckpt = weight_cache.FetchedCheckpoint(folder)
+        self.config, self.fingerprint = ckpt.config, ckpt.fingerprint
+        self.bytes_fetched = 0
+        self.tensors_fetched = 0
+
+    async def ensure(self, start: int, end: int) -> None:
+        """Every tensor layers [start, end) need is in the cache afterwards (fetched if it was not)."""
+        names = list(expected_tensors(self.config, start, end))
+        have = await asyncio.to_thread(weight_cache.verified, self.folder, names)
+        missing = [n for n in names if n not in have]
+        if not missing:
+            logger.info("layers %d:%d: all %d tensors already in %s", start, end, len(names), self.folder)
+            return
+        began, before = time.perf_counter(), self.bytes_fetched
+        await self._fetch(missing)
+        took = time.perf_counter() - began
+        got = self.bytes_fetched - before
+        logger.info(
+            "layers %d:%d: fetched %d tensors (%.1f MiB) from %s in %.1f s (%.0f MiB/s)",
+            start,
+            end,
+            len(missing),
+            got / 2**20,
+            self.coordinator,
+            took,
+            got / 2**20 / max(took, 1e-9),
+        )
+
+    async def _fetch(self, names: list[str]) -> None:
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(weight_cache.group_of(n), []).append(n)
+        ordered = [n for g in groups.values() for n in g]  # a group's tensors arrive together
+        remaining = {g: set(ns) for g, ns in groups.items()}
+        done: dict[str, dict[str, torch.Tensor]] = {g: {} for g in groups}
+        hashes: dict[str, str] = {}
+        receiver = TensorReceiver(ordered, dtype_name(self.dtype))
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        async with grpc.aio.insecure_channel(self.coordinator, options=options) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            request = coordinator_pb2.FetchRequest(
+                model_fingerprint=self.fingerprint, names=ordered, dtype=dtype_name(self.dtype)
+            )
+            try:
+                async for chunk in stub.FetchWeights(request, timeout=self.timeout):
+                    finished = receiver.take(chunk)
+                    if finished is None:
+                        continue
+                    name, tensor, digest = finished
+                    self.bytes_fetched += tensor.numel() * tensor.element_size()
+                    self.tensors_fetched += 1
+                    group = weight_cache.group_of(name)
+                    done[group][name], hashes[name] = tensor, digest
+                    remaining[group].discard(name)
+                    if not remaining[group]:
+                        await asyncio.to_thread(weight_cache.write_group, self.folder, group, done.pop(group), hashes)
+            except grpc.aio.AioRpcError as e:
+                raise LayerlineError(
+                    f"fetching weights from {self.coordinator} failed: {e.code().name}: {e.details()}"
+                ) from None
+        receiver.finish()
+
+
+class TensorReceiver:
+    """Checks a FetchWeights stream chunk by chunk and assembles its tensors (`take` returns each finished one)."""
+
+    def __init__(self, names: list[str], dtype: str) -> None:
+        self.names, self.dtype = names, dtype
+        self.index = 0  # the tensor expected next
+        self.buf: bytearray | None = None
+        self.total = 0
+        self.shape: tuple[int, ...] = ()
+
+    def take(self, chunk: coordinator_pb2.WeightChunk) -> tuple[str, torch.Tensor, str] | None:
+        if self.index >= len(self.names):
+            raise CheckpointError(f"fetch: the coordinator sent {chunk.name[:100]!r} after every tensor asked for")
+        name = self.names[self.index]
+        if chunk.name != name:
+            raise CheckpointError(f"fetch: expected tensor {name!r}, the coordinator sent {chunk.name[:100]!r}")
+        if self.buf is None:  # the tensor's first chunk
+            if chunk.offset != 0 or chunk.dtype != self.dtype:
+                raise CheckpointError(
+                    f"fetch: {name}: first chunk at offset {chunk.offset} of dtype {chunk.dtype!r} "
+                    f"(expected offset 0, {self.dtype})"
+                )
+            self.shape = tuple(int(d) for d in chunk.shape)
+            want = math.prod(self.shape) * _DTYPES[self.dtype].itemsize
+            if any(d < 0 for d in self.shape) or chunk.total_bytes != want:
+                raise CheckpointError(
+                    f"fetch: {name}: {chunk.total_bytes} bytes do not fit shape {list(self.shape)} of {self.dtype}"
+                )
+            self.total, self.buf = want, bytearray()
+        if chunk.offset != len(self.buf):
+            raise CheckpointError(f"fetch: {name}: chunk at offset {chunk.offset}, expected {len(self.buf)}")
+        if len(self.buf) + len(chunk.data) > self.total:
+            raise CheckpointError(f"fetch: {name}: more bytes than its {self.total}")
+        self.buf += chunk.data
+        if len(self.buf) < self.total:
+            if chunk.sha256:
+                raise CheckpointError(f"fetch: {name}: checksum sent before all {self.total} bytes")
+            return None
+        data = self.buf
+        self.buf = None
+        self.index += 1
+        tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        tensor = tensor.view(_DTYPES[self.dtype]).reshape(self.shape)
+        digest = weight_cache.sha256_of(tensor)
+        if chunk.sha256 != digest:
+            raise CheckpointError(
+                f"fetch: {name}: SHA-256 of the received bytes is {digest[:16]}..., the coordinator sent "
+                f"{chunk.sha256[:16] or 'none'}...: the transfer was corrupted"
+            )
+        return name, tensor, digest
+
+    def finish(self) -> None:
+        if self.index < len(self.names) or self.buf is not None:
+            raise CheckpointError(
+                f"fetch: the stream ended after {self.index} of {len(self.names)} tensors "
+                f"(next: {self.names[min(self.index, len(self.names) - 1)]!r})"
+            )
