@@ -42,6 +42,8 @@ class ClientConfig:
     wire_dtype: str = ""  # "float32", "float16" or "bfloat16" for hidden states between stages; "" = stage default
     server_loop: bool = True  # the last stage feeds sampled tokens back to the first (N hops per token); False: the
     # client feeds each token back itself (N + 1 hops; kept for comparison and for stages without loops)
+    route_retries: int = 4  # with a coordinator: ask again when its route is out of date (a stage just died, or is
+    # switching layers and its heartbeat has not said so yet), waiting 0.25, 0.5, 1, 2 s between tries
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,8 @@ class AsyncClient:
     async def connect(self) -> list[stage_pb2.StageInfo]:
         """Reach every stage and check that together they serve one model's layers in order."""
         async with self._lock:
-            if self._links is None:
+            attempt = 0
+            while self._links is None:
                 if self.coordinator:
                     self.route = await self._route_from_coordinator()
                 opts = [
@@ -170,10 +173,19 @@ class AsyncClient:
                 try:
                     infos = await asyncio.gather(*(self._info(link) for link in links))
                     _check_route(links, infos)
-                except BaseException:
+                except BaseException as e:
                     for link in links:
                         await link.channel.close()
-                    raise
+                    stale = isinstance(e, RPCError) and e.code in (
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.UNAVAILABLE,
+                    )
+                    if not (self.coordinator and stale and attempt < self.config.route_retries):
+                        raise
+                    # the coordinator's soft state lags the stages by up to a heartbeat: ask it again
+                    await asyncio.sleep(0.25 * 2**attempt)
+                    attempt += 1
+                    continue
                 for link, info in zip(links, infos, strict=True):
                     link.info = info
                 self._links = links

@@ -17,6 +17,9 @@ with the smallest B, then the smallest total, wins. A stage that gets no layer i
 reason.
 
 Exact against brute force on random small cases (tests/test_placement.py).
+
+Replicas (`assign_replicas`): stages left out of the chain copy spans of it that fit their memory, for failover and
+for a second chain (the registry decides when they take over).
 """
 
 from __future__ import annotations
@@ -274,3 +277,34 @@ def _not_enough_memory(model: ModelShape, stages: Sequence[StageCapacity]) -> st
             else "no split fits the embedding and LM head with whole layers: more memory on one stage is needed"
         )
     )
+
+
+def assign_replicas(
+    model: ModelShape, plan: Plan, spare: Sequence[StageCapacity], held: dict[str, tuple[int, int]] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Spans of the plan for the stages it leaves out: copies of plan stages' ranges, for failover (a replica takes
+    over its span without loading anything) and for throughput (another chain for routes to use).
+
+    A spare stage that already holds one of the plan's spans (`held`) keeps it (no reload). The others, fastest
+    first, each copy the span they can hold in memory (in that span's role) that has the fewest copies so far, then
+    the one whose plan stage is slowest (the bottleneck is the span most worth a spare). A stage that can hold no
+    span gets none."""
+    L = model.num_layers
+    cost = {(a.start, a.end): a.decode_s for a in plan.assignments}
+    copies = dict.fromkeys(cost, 0)
+    out: dict[str, tuple[int, int]] = {}
+    rest = []
+    for s in spare:
+        span = (held or {}).get(s.name)
+        if span in copies and fits(model, s, span[1] - span[0], span[0] == 0, span[1] == L):
+            out[s.name] = span
+            copies[span] += 1
+        else:
+            rest.append(s)
+    for s in sorted(rest, key=lambda s: (s.decode_s_per_layer, s.name)):
+        fitting = [span for span in cost if fits(model, s, span[1] - span[0], span[0] == 0, span[1] == L)]
+        if fitting:
+            pick = min(fitting, key=lambda span: (copies[span], -cost[span], span))
+            copies[pick] += 1
+            out[s.name] = pick
+    return out

@@ -12,9 +12,14 @@ Rules (the coordinator is never on the token path, and its state is soft):
   together are placed together. After a coordinator restart the stages register again with the ranges they serve:
   when those form a whole chain it is adopted as the plan as it is, so running sessions are not disturbed; until
   then (for up to `miss_limit` heartbeats) nothing is planned.
+- Stages the plan leaves out become replicas: each copies a span of the plan that fits its memory (the span with
+  the fewest copies, then the slowest). When a stage of the plan is dropped and a ready replica serves its span,
+  the replica takes its place (nothing is loaded; a fresh plan follows only if it is `min_gain` faster); without
+  one, the coordinator re-plans.
 - The route is the fastest chain of ready stages by what they serve now (the plan's, once its stages have loaded
-  their ranges; until then the chain they still serve) - the coordinator never sends clients to a stage that is
-  still loading.
+  their ranges; until then the chain they still serve), each stage's predicted time weighted by the sessions it
+  already has, so that new sessions spread over replica chains - the coordinator never sends clients to a stage
+  that is still loading.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from layerline.coordinator.placement import (
     PlacementError,
     Plan,
     StageCapacity,
+    assign_replicas,
     place,
     stage_cost,
 )
@@ -50,6 +56,7 @@ class StageEntry:
     kv_bytes_used: int = 0
     assignment: tuple[int, int] = (0, 0)
     assigned_version: int = 0
+    replica: bool = False  # its assignment copies a plan stage's span (it is not in the plan's chain)
 
 
 @dataclass
@@ -149,7 +156,8 @@ class Registry:
         for sid in gone:
             del self.stages[sid]
         if gone and self.plan is not None and any(a.name in gone for a in self.plan.assignments):
-            self._replan(joined=False)
+            if not self._promote_replicas():
+                self._replan(joined=False)
         elif (
             self.plan is None and self.stages and (gone or (self.settle_until is not None and now >= self.settle_until))
         ):
@@ -184,17 +192,65 @@ class Registry:
         self._install(new)
 
     def _install(self, plan: Plan) -> None:
+        before = {s.id: s.assignment if s.assignment != (0, 0) else s.serving for s in self.stages.values()}
         self.plan = plan
         self.plan_version += 1
         for s in self.stages.values():
-            s.assignment, s.assigned_version = (0, 0), self.plan_version
+            s.assignment, s.assigned_version, s.replica = (0, 0), self.plan_version, False
         for a in plan.assignments:
             self.stages[a.name].assignment = (a.start, a.end)
+        self._assign_replicas(before)
 
     def _assign_standby(self) -> None:
+        """A stage joined but the plan stays: it (and any stage without a span) becomes a replica where it fits."""
         for s in self.stages.values():
             if s.assigned_version == 0:
-                s.assigned_version = self.plan_version  # known, holds nothing in this plan
+                s.assigned_version = self.plan_version
+        self._assign_replicas({s.id: s.assignment for s in self.stages.values()})
+
+    def _assign_replicas(self, held: dict[str, tuple[int, int]]) -> None:
+        """Stages outside the plan's chain copy a span of it (`placement.assign_replicas`): failover without a
+        reload, and another chain for routes."""
+        in_plan = {a.name for a in self.plan.assignments}  # type: ignore[union-attr]
+        spare = [s for s in self._ordered() if s.id not in in_plan]
+        for sid, span in assign_replicas(self.model, self.plan, [s.capacity for s in spare], held).items():  # type: ignore[arg-type]
+            entry = self.stages[sid]
+            entry.assignment, entry.replica = span, True
+        for s in spare:
+            if not s.replica:
+                s.assignment = (0, 0)  # standby: its memory holds no span of this plan
+
+    def _promote_replicas(self) -> bool:
+        """Stages of the plan are gone: where a ready replica serves the same span, it takes the dead stage's place
+        (nothing is loaded, routes go on at once). Then, as for a join, a fresh plan replaces that only if it is at
+        least `min_gain` faster. False when some span has no ready replica (the caller re-plans)."""
+        plan = self.plan
+        assert plan is not None
+        L = self.model.num_layers
+        used: set[str] = set()
+        chain = []
+        for a in plan.assignments:
+            if a.name in self.stages:
+                chain.append(a)
+                continue
+            stand_in = min(
+                (
+                    s
+                    for s in self.stages.values()
+                    if s.replica and s.ready and s.serving == (a.start, a.end) and s.id not in used
+                ),
+                key=lambda s: stage_cost(s.capacity, a.end - a.start, a.start == 0, a.end == L),
+                default=None,
+            )
+            if stand_in is None:
+                return False
+            used.add(stand_in.id)
+            cost = stage_cost(stand_in.capacity, a.end - a.start, a.start == 0, a.end == L)
+            chain.append(Assignment(stand_in.id, a.start, a.end, cost, a.prefill_s_per_token, a.weight_bytes))
+        promoted = Plan(tuple(chain), {s.id: "replica" for s in self.stages.values() if s.id not in used})
+        self._install(promoted)
+        self._replan(joined=True)  # a better plan without the dead stages, if one is worth the reload
+        return True
 
     def _adopt(self) -> bool:
         """No plan yet (a fresh or restarted coordinator): take the chain the stages already serve, if whole."""
@@ -243,7 +299,8 @@ class Registry:
         )
 
     def _fastest_chain(self, usable: Callable[[StageEntry], bool]) -> list[str] | None:
-        """Stages whose served ranges chain 0..L, with the smallest predicted time per token (None: no chain)."""
+        """Stages whose served ranges chain 0..L, with the smallest predicted time per token given the sessions each
+        already has (None: no chain). With replicas, new sessions spread over the chains as they fill up."""
         L = self.model.num_layers
         best: dict[int, tuple[float, list[str]]] = {0: (0.0, [])}
         candidates = sorted((s for s in self.stages.values() if usable(s)), key=lambda s: s.serving)
@@ -255,7 +312,8 @@ class Registry:
                 a, b = s.serving
                 if a != boundary or s.id in path:
                     continue
-                total = cost + stage_cost(s.capacity, b - a, a == 0, b == L)
+                # a stage busy with k sessions serves a new one's tokens about k + 1 times slower (one step each)
+                total = cost + stage_cost(s.capacity, b - a, a == 0, b == L) * (1 + s.open_sessions)
                 if b not in best or total < best[b][0]:
                     best[b] = (total, path + [s.id])
         return best[L][1] if L in best else None

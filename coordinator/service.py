@@ -24,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from layerline.checkpoint import load_config
 from layerline.config import ModelConfig, config_to_json
-from layerline.coordinator.placement import PlacementError, StageCapacity, stage_cost
+from layerline.coordinator.placement import PlacementError, StageCapacity, assign_replicas, stage_cost
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
 from layerline.coordinator.weights import check_request, stream_tensors
 from layerline.errors import BadInputError, CheckpointError, LayerlineError
@@ -158,6 +158,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     kv_bytes_used=s.kv_bytes_used,
                     seconds_since_heartbeat=now - s.last_seen,
                     predicted_decode_s=predicted,
+                    replica=s.replica,
                 )
             )
         if reg.plan is not None:
@@ -211,6 +212,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(code, str(e) if reg.stages else "no stages have registered yet")
         addresses = {s.id: s.address for s in reg.stages.values()}
         text = plan.describe()
+        spare = [s for s in reg.stages.values() if s.id in plan.left_out]
+        held = {s.id: s.assignment if s.assignment != (0, 0) else s.serving for s in spare}
+        for sid, (a, b) in assign_replicas(reg.model, plan, [s.capacity for s in spare], held).items():
+            text += f"\n{sid}: replica of layers {a}:{b} (failover and a second chain for routes)"
         for sid, address in addresses.items():
             text = text.replace(f"{sid}:", f"{address}:")
         return coordinator_pb2.PlanResponse(

@@ -487,6 +487,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         r = s.report
         serving = f"{s.serving_start}:{s.serving_end}" if s.serving_end else "-"
         assigned = f"{s.assignment.start_layer}:{s.assignment.end_layer}" if s.assignment.end_layer else "standby"
+        if s.replica:
+            assigned += " (replica)"
         health = ("ready" if s.ready else "loading") + f", seen {s.seconds_since_heartbeat:.1f}s ago"
         rows.append(
             [

@@ -79,3 +79,38 @@ def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, ca
                     assert third.route[0] not in route.addresses
             with Client(coordinator=address) as after:
                 assert after.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False).token_ids == expected
+
+
+def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_checkpoint, cache_env):
+    spec = TinySpec("llama", layers=2, kv_heads=2)  # 2 layers: a chain of 2 stages at most, the third is spare
+    folder, ref = tiny_checkpoint(spec)
+    expected = hf_greedy(ref, PROMPT, 8)
+    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=3) as coordinator:
+        address = coordinator.address
+        with LocalCluster(folder, [None, None, None], coordinator=address, threads=1, env=cache_env) as trio:
+
+            def replica_ready() -> pb.StageStatus | None:
+                st = status(address)
+                spare = [s for s in st.stages if s.replica and s.ready]
+                chain = wait_for_route(address, 2)
+                return spare[0] if len(st.stages) == 3 and spare and len(chain.addresses) == 2 else None
+
+            deadline = time.monotonic() + 90
+            while (spare := replica_ready()) is None:
+                assert time.monotonic() < deadline, status(address)
+                time.sleep(0.2)
+            span = (spare.serving_start, spare.serving_end)
+            twin = next(s for s in status(address).stages if not s.replica and (s.serving_start, s.serving_end) == span)
+            # the twin dies: the replica takes its place in the chain without loading anything
+            trio.processes[trio.route.index(twin.report.address)].kill()
+            route = wait_for_route(address, 2)
+            deadline = time.monotonic() + 30
+            while twin.report.address in route.addresses:
+                assert time.monotonic() < deadline, status(address)
+                time.sleep(0.2)
+                route = wait_for_route(address, 2)
+            assert spare.report.address in route.addresses
+            after = {s.report.address: s for s in status(address).stages}[spare.report.address]
+            assert not after.replica and (after.serving_start, after.serving_end) == span and after.ready
+            with Client(coordinator=address) as client:
+                assert client.generate(PROMPT, max_new_tokens=8, stop_token_ids=[], stream=False).token_ids == expected

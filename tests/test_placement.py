@@ -13,6 +13,7 @@ from layerline.coordinator.placement import (
     ModelShape,
     PlacementError,
     StageCapacity,
+    assign_replicas,
     fits,
     place,
     stage_cost,
@@ -142,3 +143,23 @@ def test_plan_describes_itself():
     text = plan.describe()
     assert "a:1: layers 0:" in text and "bottleneck" in text
     assert plan.ranges()[0][1] == 0 and plan.ranges()[-1][2] == 4
+
+
+def test_replicas_copy_spans_that_fit_fewest_copies_first_and_keep_what_they_hold():
+    model = ModelShape(num_layers=6, layer_params=1000, embed_params=3000, head_params=3000)
+    plan = place(model, [StageCapacity("a", 1e-3, 0.0, 10**6), StageCapacity("b", 2e-3, 0.0, 10**6)])
+    (_, a0, a1), (_, b0, b1) = plan.ranges()
+    spans = {(a0, a1), (b0, b1)}
+    slow_span = max(plan.assignments, key=lambda x: x.decode_s)
+    spare = [StageCapacity(f"s{i}", 1e-3, 0.0, 10**6) for i in range(3)]
+    got = assign_replicas(model, plan, spare)
+    assert set(got.values()) == spans  # three spares over two spans: both covered
+    assert sorted(got.values()).count((slow_span.start, slow_span.end)) == 2  # the slower span gets the third
+    # what a spare already holds is kept
+    held = {"s0": (a0, a1) if got["s0"] != (a0, a1) else (b0, b1)}
+    assert assign_replicas(model, plan, spare[:1], held) == held
+    # memory: a stage that holds only the middle-free span, or nothing
+    small = StageCapacity("small", 1e-3, 0.0, int(4.0 * (model.layer_params * 2 + model.embed_params)))
+    for name, (x, y) in assign_replicas(model, plan, [small]).items():
+        assert fits(model, small, y - x, x == 0, y == model.num_layers), (name, x, y)
+    assert assign_replicas(model, plan, [StageCapacity("none", 1e-3, 0.0, 100)]) == {}

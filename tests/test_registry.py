@@ -95,11 +95,15 @@ def test_a_joining_stage_replans_only_for_a_real_gain_and_a_restarted_stage_repl
     reg.register("h:2", "fp", cap(1e-3))
     load(reg)
     version = reg.plan_version
-    crawler = reg.register("h:3", "fp", cap(1.0))  # far too slow to help
-    assert reg.plan_version == version and crawler.assignment == (0, 0) and crawler.assigned_version == version
+    crawler = reg.register("h:3", "fp", cap(1.0))  # far too slow to help: a replica of a span, not in the chain
+    assert reg.plan_version == version and crawler.assigned_version == version
+    assert crawler.replica and crawler.assignment in {(0, 6), (6, 12)}
+    assert crawler.id not in {a.name for a in reg.plan.assignments}
     reg.register("h:4", "fp", cap(1e-3))  # a third equal stage: bottleneck 6 -> 4 layers
     assert reg.plan_version == version + 1
-    assert sorted(s.assignment[1] - s.assignment[0] for s in reg.stages.values()) == [0, 4, 4, 4]
+    chain = {a.name for a in reg.plan.assignments}
+    assert sorted(s.assignment[1] - s.assignment[0] for s in reg.stages.values() if s.id in chain) == [4, 4, 4]
+    assert crawler.id not in chain and crawler.replica and crawler.assignment[1] - crawler.assignment[0] == 4
     # the same address registering again is the same stage restarted: one entry, not two
     before = len(reg.stages)
     reg.register("h:4", "fp", cap(1e-3))
@@ -175,3 +179,56 @@ def test_model_shape_counts_the_parameters_of_a_real_config():
     assert shape.embed_params == 49152 * 576 and shape.tied
     total = shape.num_layers * shape.layer_params + shape.extra_params(True, True)
     assert abs(total - 134_515_008) < 1000  # the published parameter count
+
+
+def test_spare_stages_become_replicas_and_take_over_a_dead_stage_without_a_reload():
+    clock = Clock()
+    reg = Registry(
+        ModelShape(num_layers=2, layer_params=1000, embed_params=2000, head_params=2000),
+        "fp",
+        heartbeat_s=1.0,
+        miss_limit=3,
+        settle_s=0.0,
+        clock=clock,
+    )
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(1.5e-3))  # the slower span: the one worth a spare
+    version = reg.plan_version
+    spare = reg.register("h:3", "fp", cap(1.5e-3))  # 2 layers on 2 stages: a third cannot shorten the chain
+    assert reg.plan_version == version and spare.replica and spare.assignment == b.assignment
+    assert not a.replica and not b.replica
+    load(reg)
+    # a new session goes to the chain whose stages have the fewest sessions: the replica takes the next one
+    assert reg.route().stage_ids[0] == a.id and len(reg.route().stage_ids) == 2
+    reg.heartbeat(b.id, b.serving, True, open_sessions=3)
+    assert reg.route().stage_ids == [a.id, spare.id]
+    reg.heartbeat(spare.id, spare.serving, True, open_sessions=5)
+    assert reg.route().stage_ids == [a.id, b.id]
+    reg.heartbeat(spare.id, spare.serving, True, open_sessions=0)
+    # b dies: its replica steps in, nothing is reloaded, the route goes on at once
+    for _ in range(4):
+        clock.now += 1.0
+        for s in (a, spare):
+            reg.heartbeat(s.id, s.serving, True)
+    assert b.id not in reg.stages and reg.plan_version > version
+    assert [x[0] for x in reg.plan.ranges()] == [a.id, spare.id] and spare.assignment == spare.serving
+    assert not spare.replica and reg.route().stage_ids == [a.id, spare.id]
+    # a stage whose memory holds no span stays on standby
+    tiny = reg.register("h:4", "fp", cap(1e-3, memory=1000))
+    assert tiny.assignment == (0, 0) and not tiny.replica
+
+
+def test_without_a_ready_replica_a_dead_stage_means_a_new_plan():
+    clock = Clock()
+    reg = registry(clock)
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(1e-3))
+    crawler = reg.register("h:3", "fp", cap(1.0))  # a replica, but still loading when b dies
+    assert crawler.replica
+    for _ in range(4):
+        clock.now += 1.0
+        reg.heartbeat(a.id, a.serving, True)
+        reg.heartbeat(crawler.id, (0, 0), False)
+    assert b.id not in reg.stages
+    assert a.assignment == (0, 12) and not a.replica  # the crawler would slow the chain down: a takes all
+    assert crawler.replica and crawler.assignment == (0, 12)

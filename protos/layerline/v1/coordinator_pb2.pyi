@@ -107,7 +107,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage_id", "report", "assignment", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "seconds_since_heartbeat", "predicted_decode_s")
+    __slots__ = ("stage_id", "report", "assignment", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "seconds_since_heartbeat", "predicted_decode_s", "replica")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class StageStatus(_message.Message):
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     report: StageReport
     assignment: Assignment
@@ -128,7 +129,8 @@ class StageStatus(_message.Message):
     kv_bytes_used: int
     seconds_since_heartbeat: float
     predicted_decode_s: float
-    def __init__(self, stage_id: _Optional[str] = ..., report: _Optional[_Union[StageReport, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., predicted_decode_s: _Optional[float] = ...) -> None: ...
+    replica: bool
+    def __init__(self, stage_id: _Optional[str] = ..., report: _Optional[_Union[StageReport, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., predicted_decode_s: _Optional[float] = ..., replica: _Optional[bool] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("model_name", "num_layers", "stages", "plan_version", "predicted_bottleneck_s", "predicted_total_s", "route", "problem")
