@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--session-ttl", type=float, default=600.0, help="seconds an unused session lives (600)")
     stage.add_argument("--max-message-bytes", type=_bytes, default=64 << 20, help="largest gRPC message (64MiB)")
     stage.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    stage.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=16,
+        help="decode steps of different sessions run as one forward pass, up to this many (16; 1: never)",
+    )
 
     gen = sub.add_parser(
         "generate",
@@ -298,6 +304,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             session_ttl=args.session_ttl,
             max_message_bytes=args.max_message_bytes,
             threads=args.threads,
+            max_batch=args.max_batch,
         )
     except ValueError as e:
         raise LayerlineError(str(e)) from None

@@ -9,6 +9,8 @@ module knows nothing of files, tokenizers or the network.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,9 +142,41 @@ class Attention(nn.Module):
         layer: int,
         plan: ForwardPlan,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        H, Hkv, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
         qkv = linear_t(x, self.wqkv_t, self.bqkv)  # [B, T, (H + 2 Hkv) * D]
+        return linear_t(self.attend(qkv, cos, sin, mask, cache, layer, plan), self.wo_t, self.bo)
+
+    def forward_many(
+        self,
+        x: torch.Tensor,
+        sizes: list[int],
+        rotary: list[tuple[torch.Tensor, torch.Tensor]],
+        masks: list[torch.Tensor | None],
+        caches: list[KVCache],
+        layer: int,
+        plans: list[ForwardPlan],
+    ) -> torch.Tensor:
+        """Several sessions' rows stacked in `x` (`sizes` rows each): the projections run once over all of them,
+        attention per session against its own cache."""
+        qkv = linear_t(x, self.wqkv_t, self.bqkv)
+        outs = [
+            self.attend(part, cs[0], cs[1], mask, cache, layer, plan)
+            for part, cs, mask, cache, plan in zip(qkv.split(sizes), rotary, masks, caches, plans, strict=True)
+        ]
+        return linear_t(torch.cat(outs), self.wo_t, self.bo)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        plan: ForwardPlan,
+    ) -> torch.Tensor:
+        """Projected q, k, v [B, T, (H + 2 Hkv) * D] -> attention output [B, T, H * D] (rotary, cache, SDPA)."""
+        B, T, _ = qkv.shape
+        H, Hkv, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
         # rotary once over q and k together: [B, H + Hkv, T, D]
         qk = apply_rotary(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)
         q, k = qk[:, :H], qk[:, H:]  # [B, H, T, D], [B, Hkv, T, D]
@@ -154,8 +188,7 @@ class Attention(nn.Module):
         if mask is not None and G > 1:
             mask = mask.repeat(1, 1, G, 1)  # [B|1, 1, G*T, S]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
-        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return linear_t(out, self.wo_t, self.bo)
+        return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -284,6 +317,54 @@ class StageModel(nn.Module):
         if last_only:
             h = h[:, -1:]
         return head_logits(self.norm.forward(h), self.head, self.config.vocab_size).float()
+
+    @torch.inference_mode()
+    def forward_many(
+        self,
+        parts: Sequence[tuple[torch.Tensor, torch.Tensor, KVCache, list[int] | None]],
+        last_only: bool = False,
+    ) -> list[torch.Tensor]:
+        """The steps of several sessions in one pass (selective batching): each part is (x, positions, cache, rows)
+        as for `forward`, all with the same number of columns T (decode steps: T = 1), each with its own cache.
+        The embedding, the projections, the MLP and the LM head run once over all the parts' rows; rotary, the
+        cache and attention run per part. Returns what `forward` would return for each part."""
+        if len(parts) == 1:
+            x, positions, cache, rows = parts[0]
+            return [self.forward(x, positions, cache, rows, last_only)]
+        if len({id(p[2]) for p in parts}) != len(parts):
+            raise ValueError("each part of a batched step needs a cache of its own")
+        xs, plans, sizes = [], [], []
+        for x, positions, cache, rows in parts:
+            x = self._check_input(x)
+            B, T = x.shape[:2]
+            if T != parts[0][0].shape[1]:
+                raise BadInputError(
+                    f"parts of a batched step must have the same width, got {T} and {parts[0][0].shape[1]}"
+                )
+            positions = positions.to("cpu", torch.int64)
+            if positions.shape != (B, T):
+                raise BadInputError(f"positions have shape {tuple(positions.shape)}, expected {(B, T)}")
+            plans.append(cache.plan(positions, rows, self.windows))
+            xs.append(x)
+            sizes.append(B)
+        x = torch.cat(xs)
+        if self.embed_in_head:
+            h = embed_from_head(x, self.head)
+        else:
+            h = F.embedding(x, self.embed) if self.is_first else x
+        rotary = [self.rotary.lookup(plan.positions, self.dtype, top=plan.top) for plan in plans]
+        caches = [p[2] for p in parts]
+        for i, block in enumerate(self.layers):
+            masks = [plan.masks[block.window] for plan in plans]
+            h = h + block.attn.forward_many(block.attn_norm.forward(h), sizes, rotary, masks, caches, i, plans)
+            h = h + block.mlp.forward(block.mlp_norm.forward(h))
+        for cache, plan in zip(caches, plans, strict=True):
+            cache.commit(plan)
+        if self.is_last:
+            if last_only:
+                h = h[:, -1:]
+            h = head_logits(self.norm.forward(h), self.head, self.config.vocab_size).float()
+        return list(h.split(sizes))
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:

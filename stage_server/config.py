@@ -35,6 +35,7 @@ class StageConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message sent or received
     max_sessions: int = 1024  # open sessions at most
     max_queued_steps: int = 64  # steps waiting for compute before senders are slowed down (flow control)
+    max_batch: int = 16  # decode steps of different sessions run as one forward pass, up to this many (1: never)
     max_queued_results: int = 4096  # results a subscriber may fall behind before its session is dropped
     threads: int = 0  # torch threads for compute; 0 = torch's default
     grace: float = 5.0  # seconds in-flight work gets to finish on shutdown

@@ -112,6 +112,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.steps_done = 0
         self.compute_seconds = 0.0  # compute thread time on steps (read by Info; written by that thread only)
         self.steps_computed = 0
+        self.batched_steps = 0  # of which ran in a forward pass shared with other sessions' steps
 
     @property
     def label(self) -> str:
@@ -180,6 +181,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             max_length=mc.max_position_embeddings,
             compute_seconds=self.compute_seconds,
             steps_computed=self.steps_computed,
+            batched_steps=self.batched_steps,
         )
 
     async def OpenSession(
@@ -398,17 +400,80 @@ class StageService(stage_pb2_grpc.StageServicer):
     # ---- compute -------------------------------------------------------------------------------------------------
 
     def _compute_thread(self) -> None:
-        while (item := self._inbox.get()) is not None:
-            out, error = None, None
-            if not item.session.closed:
-                began = time.perf_counter()
-                try:
-                    out = self._compute(item)
-                except Exception as e:
-                    error = e
-                self.compute_seconds += time.perf_counter() - began
-                self.steps_computed += 1
-            self._loop.call_soon_threadsafe(self._dispatch, item, out, error)
+        """Steps in arrival order. Decode steps of different sessions that are waiting at the same time run as one
+        batched forward pass (`StageModel.forward_many`); everything else, one step at a time."""
+        pending: list[WorkItem] = []
+        while True:
+            item = pending.pop(0) if pending else self._inbox.get()
+            if item is None:
+                return
+            batch = [item]
+            if self.config.max_batch > 1 and self._batchable(item):
+                while len(batch) < self.config.max_batch:
+                    try:
+                        nxt = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is not None and self._batchable(nxt, batch):
+                        batch.append(nxt)
+                    else:
+                        pending.append(nxt)  # runs after the batch: order is kept
+                        break
+            began = time.perf_counter()
+            results = self._compute_batch(batch) if len(batch) > 1 else [self._compute_one(item)]
+            self.compute_seconds += time.perf_counter() - began
+            self.steps_computed += len(batch)
+            if len(batch) > 1:
+                self.batched_steps += len(batch)
+            for it, (out, error) in zip(batch, results, strict=True):
+                self._loop.call_soon_threadsafe(self._dispatch, it, out, error)
+
+    @staticmethod
+    def _batchable(item: WorkItem, batch: list[WorkItem] | None = None) -> bool:
+        """A one-token step that may share a forward pass with the `batch` so far: same model, same kind of output,
+        another session, nothing to truncate first."""
+        step = item.step
+        if item.session.closed or item.x.shape[1] != 1 or step.HasField("truncate"):
+            return False
+        if not batch:
+            return True
+        head = batch[0]
+        return (
+            item.session.model is head.session.model
+            and step.sample == head.step.sample
+            and all(item.session is not b.session for b in batch)
+        )
+
+    def _compute_one(self, item: WorkItem) -> tuple[stage_pb2.Step | stage_pb2.Result | None, Exception | None]:
+        if item.session.closed:
+            return None, None
+        try:
+            return self._compute(item), None
+        except Exception as e:
+            return None, e
+
+    def _compute_batch(self, batch: list[WorkItem]) -> list[tuple]:
+        """One forward pass for several sessions' steps; if it fails (one bad step), each runs alone so that only
+        the bad one fails."""
+        try:
+            parts = [(it.x, it.positions, self._cache_of(it), it.rows) for it in batch]
+            outs = batch[0].session.model.forward_many(parts, last_only=batch[0].step.sample)
+        except Exception:
+            return [self._compute_one(it) for it in batch]
+        results = []
+        for it, out in zip(batch, outs, strict=True):
+            try:
+                results.append((self._finish(it, out), None))
+            except Exception as e:
+                results.append((None, e))
+        return results
+
+    @staticmethod
+    def _cache_of(item: WorkItem):
+        cache = item.session.cache
+        if cache is None:
+            raise NotFoundError("the session was closed")
+        return cache
 
     def _dispatch(self, item: WorkItem, out: stage_pb2.Step | stage_pb2.Result | None, error: Exception | None) -> None:
         """On the event loop, in step order: hand a computed step on (or its failure back)."""
@@ -461,10 +526,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         """On the compute thread: the stage's layers for one step, then sampling (last stage) or the wire message
         for the next stage."""
         step, session = item.step, item.session
-        m = session.model
-        cache = session.cache
-        if cache is None:
-            raise NotFoundError("the session was closed")
+        cache = self._cache_of(item)
         if step.HasField("truncate"):
             for r in item.rows:
                 if not 0 <= step.truncate <= cache.lengths[r]:
@@ -475,8 +537,13 @@ class StageService(stage_pb2_grpc.StageServicer):
                 cache.truncate(r, step.truncate)
                 if session.sampler is not None:
                     del session.sampler.history[r][step.truncate :]
-        out = m(item.x, item.positions, cache, item.rows, last_only=step.sample)
-        if not m.is_last:
+        out = session.model(item.x, item.positions, cache, item.rows, last_only=step.sample)
+        return self._finish(item, out)
+
+    def _finish(self, item: WorkItem, out: torch.Tensor) -> stage_pb2.Step | stage_pb2.Result | None:
+        """After the forward pass: the message for the next stage, or (last stage) sampling and the loop."""
+        step, session = item.step, item.session
+        if not session.model.is_last:
             onward = stage_pb2.Step(
                 session_id=session.next_session_id,
                 seq=step.seq,

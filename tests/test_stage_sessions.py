@@ -69,8 +69,14 @@ def test_eight_concurrent_sessions_match_each_alone(tiny, route):
             )
         return [o.token_ids for o in outs]
 
+    before = [i.batched_steps for i in infos(route)]
     assert asyncio.run(asyncio.wait_for(run(), 120)) == alone
-    assert all(i.open_sessions == 0 for i in wait_until_free(route))
+    after = wait_until_free(route)
+    assert all(i.open_sessions == 0 for i in after)
+    # decode steps of sessions waiting at a stage at the same time ran as one forward pass (and changed nothing)
+    batched = [i.batched_steps - b for i, b in zip(after, before, strict=True)]
+    print("steps run in shared forward passes, per stage:", batched)
+    assert sum(batched) > 0, batched
 
 
 def test_multi_turn_session_equals_generating_from_the_whole_history(tiny, route):
