@@ -3,11 +3,16 @@ docs/benchmarks.md without touching the other scripts' sections."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import re
+import sys
+import time
 
 import torch
+
+from layerline.client import AsyncClient
 
 
 def machine() -> str:
@@ -37,3 +42,25 @@ def update_section(path: str, title: str, text: str, command: str) -> None:
         new = "# layerline benchmarks\n\n" + section
     with open(path, "w") as f:
         f.write(new)
+
+
+async def decode_throughput(route: list[str], prompts: list[list[int]], tokens: int) -> float:
+    """Generated tokens per second with one session per prompt, all at once (greedy, no early stop)."""
+    async with AsyncClient(route) as client:
+        began = time.perf_counter()
+        outs = await asyncio.gather(
+            *(client.generate(p, max_new_tokens=tokens, stop_token_ids=[], stream=False) for p in prompts)
+        )
+        elapsed = time.perf_counter() - began
+    return sum(len(o.token_ids) for o in outs) / elapsed
+
+
+def publish(lines: list[str], out: str, title: str) -> None:
+    """Print a script's results and, with `out`, put them in its section of that file (with the command that made
+    them: this script and its arguments)."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        script = os.path.relpath(os.path.abspath(sys.argv[0]))
+        command = " ".join([".venv/bin/python", script, *sys.argv[1:]])
+        update_section(out, title.removeprefix("## "), text, command)

@@ -476,11 +476,7 @@ def main() -> None:
             f"| {label(k, mode)} | {1e6 * t_k:.0f} | {1e6 * over:.0f} | {per_hop} | {'yes' if same else 'NO'} |"
         )
     lines += ["", "Target: overhead per hop <= 1.5x the raw round trip."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        command = " ".join([".venv/bin/python bench/decode_overhead.py", *sys.argv[1:]])
-        benchlib.update_section(args.out, SECTION.removeprefix("## "), text, command)
+    benchlib.publish(lines, args.out, SECTION)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import benchlib  # bench/benchlib.py, next to this script
@@ -102,11 +101,7 @@ def main() -> None:
         lines.append(f"| {label} | {theirs:.2f} | {ours:.2f} | {ratio:.2f}x |")
     lines.append("")
     lines.append("Ratios > 1 mean layerline is faster (for prefill: transformers' time / layerline's time).")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        command = ".venv/bin/python bench/model_speed.py " + " ".join(sys.argv[1:])
-        benchlib.update_section(args.out, "Model core vs transformers", text, command)
+    benchlib.publish(lines, args.out, "Model core vs transformers")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from layerline.model_source import resolve_model
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
 
 SECTION = "## Placement by measured capacity"
+# one step at a time, as capacity is measured and placement predicts (bench/sessions.py measures batching)
+UNBATCHED = ["--max-batch", "1"]
 GiB = 1 << 30
 
 
@@ -54,7 +56,7 @@ def coordinator_plan(model: str, quota: CpuQuota, memories: list[int], env: dict
                 coordinator=coordinator.address,
                 threads=1,
                 env=env,
-                extra_args=["--max-memory", str(memory)],
+                extra_args=["--max-memory", str(memory), *UNBATCHED],
                 prefixes=[quota.prefix() if slow else None],
             )
             for slow, memory in zip((False, True), memories, strict=True)
@@ -87,16 +89,6 @@ def ordered(counts: tuple[int, int], fast_first: bool) -> list[tuple[int, int]]:
     return [(0, first), (first, first + second)]
 
 
-async def decode_throughput(route: list[str], prompts: list[list[int]], tokens: int) -> float:
-    async with AsyncClient(route) as client:
-        began = time.perf_counter()
-        outs = await asyncio.gather(
-            *(client.generate(p, max_new_tokens=tokens, stop_token_ids=[], stream=False) for p in prompts)
-        )
-        elapsed = time.perf_counter() - began
-    return sum(len(o.token_ids) for o in outs) / elapsed
-
-
 async def prefill_throughput(route: list[str], prompts: list[list[int]]) -> float:
     async with AsyncClient(route) as client:
         began = time.perf_counter()
@@ -117,7 +109,7 @@ def per_stage_decode(route: list[str], prompts: list[list[int]], tokens: int) ->
     runs = []
     for n in (1, tokens):
         before = [compute_time(a) for a in route]
-        asyncio.run(decode_throughput(route, prompts, n))
+        asyncio.run(benchlib.decode_throughput(route, prompts, n))
         after = [compute_time(a) for a in route]
         runs.append([(s1 - s0, n1 - n0) for (s0, n0), (s1, n1) in zip(before, after, strict=True)])
     return [(sn - s1) / (nn - n1) for (s1, n1), (sn, nn) in zip(runs[0], runs[1], strict=True)]
@@ -156,10 +148,12 @@ def main() -> None:
         for name, counts in splits.items():
             ranges = ordered(counts, fast_first)
             prefixes = [None, quota.prefix()] if fast_first else [quota.prefix(), None]
-            with LocalCluster(path, ranges, threads=1, prefixes=prefixes) as cluster:
+            with LocalCluster(path, ranges, threads=1, prefixes=prefixes, extra_args=UNBATCHED) as cluster:
                 route = cluster.route
-                asyncio.run(decode_throughput(route, prompts[:1], 4))  # warm-up
-                dec = [asyncio.run(decode_throughput(route, prompts, args.tokens)) for _ in range(args.repeats)]
+                asyncio.run(benchlib.decode_throughput(route, prompts[:1], 4))  # warm-up
+                dec = [
+                    asyncio.run(benchlib.decode_throughput(route, prompts, args.tokens)) for _ in range(args.repeats)
+                ]
                 pre = [asyncio.run(prefill_throughput(route, long_prompts)) for _ in range(args.repeats)]
                 stage_times = per_stage_decode(route, prompts, args.tokens) if name == "coordinator's plan" else []
             results[name] = (counts, statistics.median(dec), statistics.median(pre), stage_times)
@@ -199,11 +193,7 @@ def main() -> None:
     for i, (pred, meas) in enumerate(zip(predicted, measured, strict=True)):
         lines.append(f"| {names[i]} | {counts[i]} | {1e3 * pred:.2f} | {1e3 * meas:.2f} | {meas / pred:.2f} |")
     lines += ["", "Target: predicted within 15% of measured."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        command = " ".join([".venv/bin/python bench/placement.py", *sys.argv[1:]])
-        benchlib.update_section(args.out, SECTION.removeprefix("## "), text, command)
+    benchlib.publish(lines, args.out, SECTION)
 
 
 if __name__ == "__main__":
