@@ -293,16 +293,20 @@ def assign_replicas(
     cost = {(a.start, a.end): a.decode_s for a in plan.assignments}
     copies = dict.fromkeys(cost, 0)
     out: dict[str, tuple[int, int]] = {}
+
+    def holds(s: StageCapacity, span: tuple[int, int]) -> bool:
+        return fits(model, s, span[1] - span[0], span[0] == 0, span[1] == L)
+
     rest = []
     for s in spare:
         span = (held or {}).get(s.name)
-        if span in copies and fits(model, s, span[1] - span[0], span[0] == 0, span[1] == L):
+        if span in copies and holds(s, span):
             out[s.name] = span
             copies[span] += 1
         else:
             rest.append(s)
     for s in sorted(rest, key=lambda s: (s.decode_s_per_layer, s.name)):
-        fitting = [span for span in cost if fits(model, s, span[1] - span[0], span[0] == 0, span[1] == L)]
+        fitting = [span for span in cost if holds(s, span)]
         if fitting:
             pick = min(fitting, key=lambda span: (copies[span], -cost[span], span))
             copies[pick] += 1

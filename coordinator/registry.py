@@ -58,6 +58,11 @@ class StageEntry:
     assigned_version: int = 0
     replica: bool = False  # its assignment copies a plan stage's span (it is not in the plan's chain)
 
+    @property
+    def held(self) -> tuple[int, int]:
+        """The span it holds or is loading: its assignment, else what it serves (after a coordinator restart)."""
+        return self.assignment if self.assignment != (0, 0) else self.serving
+
 
 @dataclass
 class RouteChoice:
@@ -192,7 +197,7 @@ class Registry:
         self._install(new)
 
     def _install(self, plan: Plan) -> None:
-        before = {s.id: s.assignment if s.assignment != (0, 0) else s.serving for s in self.stages.values()}
+        before = {s.id: s.held for s in self.stages.values()}
         self.plan = plan
         self.plan_version += 1
         for s in self.stages.values():
@@ -233,20 +238,16 @@ class Registry:
             if a.name in self.stages:
                 chain.append(a)
                 continue
-            stand_in = min(
-                (
-                    s
-                    for s in self.stages.values()
-                    if s.replica and s.ready and s.serving == (a.start, a.end) and s.id not in used
-                ),
-                key=lambda s: stage_cost(s.capacity, a.end - a.start, a.start == 0, a.end == L),
-                default=None,
-            )
-            if stand_in is None:
+            costs = {
+                s.id: stage_cost(s.capacity, a.end - a.start, a.start == 0, a.end == L)
+                for s in self.stages.values()
+                if s.replica and s.ready and s.serving == (a.start, a.end) and s.id not in used
+            }
+            if not costs:
                 return False
-            used.add(stand_in.id)
-            cost = stage_cost(stand_in.capacity, a.end - a.start, a.start == 0, a.end == L)
-            chain.append(Assignment(stand_in.id, a.start, a.end, cost, a.prefill_s_per_token, a.weight_bytes))
+            stand_in = min(costs, key=costs.__getitem__)
+            used.add(stand_in)
+            chain.append(Assignment(stand_in, a.start, a.end, costs[stand_in], a.prefill_s_per_token, a.weight_bytes))
         promoted = Plan(tuple(chain), {s.id: "replica" for s in self.stages.values() if s.id not in used})
         self._install(promoted)
         self._replan(joined=True)  # a better plan without the dead stages, if one is worth the reload

@@ -213,7 +213,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         addresses = {s.id: s.address for s in reg.stages.values()}
         text = plan.describe()
         spare = [s for s in reg.stages.values() if s.id in plan.left_out]
-        held = {s.id: s.assignment if s.assignment != (0, 0) else s.serving for s in spare}
+        held = {s.id: s.held for s in spare}
         for sid, (a, b) in assign_replicas(reg.model, plan, [s.capacity for s in spare], held).items():
             text += f"\n{sid}: replica of layers {a}:{b} (failover and a second chain for routes)"
         for sid, address in addresses.items():

@@ -10,18 +10,16 @@ memory per request; gRPC flow control paces the stream to the receiver.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator
-
-import torch
 
 from layerline.checkpoint import open_checkpoint
 from layerline.config import ModelConfig
 from layerline.errors import BadInputError, FailedPreconditionError
-from layerline.model import expected_tensors
+from layerline.model import FLOAT_DTYPES, expected_tensors
+from layerline.safetensors_io import raw_bytes
 from layerline.v1 import coordinator_pb2
+from layerline.weight_cache import sha256_of
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CHUNK = 1 << 20
 MIN_CHUNK, MAX_CHUNK = 16 << 10, 2 << 20  # the coordinator's messages stay under its 4 MiB limit
 MAX_NAMES = 100_000
@@ -33,8 +31,8 @@ def check_request(req: coordinator_pb2.FetchRequest, config: ModelConfig, finger
         raise FailedPreconditionError(
             f"fetch: model fingerprint {req.model_fingerprint or 'none'!r} is not this coordinator's ({fingerprint})"
         )
-    if req.dtype not in DTYPES:
-        raise BadInputError(f"fetch: dtype {req.dtype!r} is not one of {', '.join(DTYPES)}")
+    if req.dtype not in FLOAT_DTYPES:
+        raise BadInputError(f"fetch: dtype {req.dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
     if not req.names:
         raise BadInputError("fetch: no tensor names given")
     if len(req.names) > MAX_NAMES:
@@ -54,13 +52,13 @@ def check_request(req: coordinator_pb2.FetchRequest, config: ModelConfig, finger
 
 async def stream_tensors(model: str, names: list[str], dtype_name: str, chunk: int) -> AsyncIterator:
     """WeightChunk messages for `names`, read from the checkpoint at `model` (opened for this request)."""
-    dtype = DTYPES[dtype_name]
+    dtype = FLOAT_DTYPES[dtype_name]
     ckpt = await asyncio.to_thread(open_checkpoint, model)
     try:
         for name in names:
             t = (await asyncio.to_thread(ckpt.read, [name], dtype))[name].contiguous()
-            data = t.view(torch.uint8).numpy().reshape(-1)
-            digest = await asyncio.to_thread(lambda d=data: hashlib.sha256(d).hexdigest())
+            data = raw_bytes(t)
+            digest = await asyncio.to_thread(sha256_of, t)
             total = data.nbytes
             offset = 0
             while True:

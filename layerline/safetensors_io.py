@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from layerline.errors import CheckpointError
@@ -112,13 +113,19 @@ class SafetensorsFile:
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
+def raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's little-endian bytes as one flat uint8 array (a view where the tensor is contiguous): what is
+    written to a file, sent over the wire, and hashed."""
+    return t.detach().contiguous().view(torch.uint8).numpy().reshape(-1)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write `tensors` (CPU, any of the dtypes above) as one .safetensors file, with string `metadata`."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     blobs = []
     for name, t in tensors.items():
-        data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
+        data = raw_bytes(t.cpu())
         header[name] = {
             "dtype": _NAMES[t.dtype],
             "shape": list(t.shape),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 
@@ -25,7 +26,9 @@ import torch
 
 from layerline.config import ModelConfig, config_from_json
 from layerline.errors import CheckpointError
-from layerline.safetensors_io import SafetensorsFile, write_safetensors
+from layerline.safetensors_io import SafetensorsFile, raw_bytes, write_safetensors
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -52,13 +55,8 @@ def group_of(name: str) -> str:
     return "embed" if name == "model.embed_tokens.weight" else "head"
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's little-endian bytes, as they go over the wire and into the cache."""
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
 def sha256_of(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+    return hashlib.sha256(raw_bytes(t)).hexdigest()
 
 
 def write_model(folder: str, name: str, fingerprint: str, config_json: str, tokenizer_json: str) -> None:
@@ -106,9 +104,7 @@ def verified(folder: str, names: list[str]) -> set[str]:
 
 
 def _remove(path: str, why: CheckpointError) -> None:
-    import logging
-
-    logging.getLogger(__name__).warning("dropping cached weights %s: %s", path, why)
+    logger.warning("dropping cached weights %s: %s", path, why)
     try:
         os.remove(path)
     except OSError:

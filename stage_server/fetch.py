@@ -20,18 +20,17 @@ import torch
 from layerline import weight_cache
 from layerline.config import config_from_json, model_fingerprint
 from layerline.errors import CheckpointError, LayerlineError
-from layerline.model import expected_tensors
+from layerline.model import FLOAT_DTYPES, expected_tensors
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_MESSAGE_BYTES = 4 << 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
+    if name not in FLOAT_DTYPES:
         raise LayerlineError(f"weights can be fetched as float32, bfloat16 or float16, not {name}")
     return name
 
@@ -104,7 +103,6 @@ class WeightFetcher:
         for n in names:
             groups.setdefault(weight_cache.group_of(n), []).append(n)
         ordered = [n for g in groups.values() for n in g]  # a group's tensors arrive together
-        remaining = {g: set(ns) for g, ns in groups.items()}
         done: dict[str, dict[str, torch.Tensor]] = {g: {} for g in groups}
         hashes: dict[str, str] = {}
         receiver = TensorReceiver(ordered, dtype_name(self.dtype))
@@ -124,8 +122,7 @@ class WeightFetcher:
                     self.tensors_fetched += 1
                     group = weight_cache.group_of(name)
                     done[group][name], hashes[name] = tensor, digest
-                    remaining[group].discard(name)
-                    if not remaining[group]:
+                    if len(done[group]) == len(groups[group]):
                         await asyncio.to_thread(weight_cache.write_group, self.folder, group, done.pop(group), hashes)
             except grpc.aio.AioRpcError as e:
                 raise LayerlineError(
@@ -157,7 +154,7 @@ class TensorReceiver:
                     f"(expected offset 0, {self.dtype})"
                 )
             self.shape = tuple(int(d) for d in chunk.shape)
-            want = math.prod(self.shape) * _DTYPES[self.dtype].itemsize
+            want = math.prod(self.shape) * FLOAT_DTYPES[self.dtype].itemsize
             if any(d < 0 for d in self.shape) or chunk.total_bytes != want:
                 raise CheckpointError(
                     f"fetch: {name}: {chunk.total_bytes} bytes do not fit shape {list(self.shape)} of {self.dtype}"
@@ -176,7 +173,7 @@ class TensorReceiver:
         self.buf = None
         self.index += 1
         tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        tensor = tensor.view(_DTYPES[self.dtype]).reshape(self.shape)
+        tensor = tensor.view(FLOAT_DTYPES[self.dtype]).reshape(self.shape)
         digest = weight_cache.sha256_of(tensor)
         if chunk.sha256 != digest:
             raise CheckpointError(

@@ -59,16 +59,14 @@ def start_in_cgroup(argv: list[str], quota: CpuQuota, env: dict[str, str]) -> tu
     raise AssertionError("the stage in the cgroup did not start")
 
 
+def stages_by_address(address: str) -> dict[str, pb.StageStatus]:
+    with grpc.insecure_channel(address) as channel:
+        status = coordinator_pb2_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
+    return {s.report.address: s for s in status.stages}
+
+
 def layers_by_address(address: str) -> dict[str, int]:
-    with grpc.insecure_channel(address) as channel:
-        status = coordinator_pb2_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
-    return {s.report.address: s.assignment.end_layer - s.assignment.start_layer for s in status.stages}
-
-
-def reports(address: str) -> dict[str, pb.StageReport]:
-    with grpc.insecure_channel(address) as channel:
-        status = coordinator_pb2_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
-    return {s.report.address: s.report for s in status.stages}
+    return {a: s.assignment.end_layer - s.assignment.start_layer for a, s in stages_by_address(address).items()}
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -110,14 +108,14 @@ def test_half_the_cpu_gets_about_half_the_layers_and_the_plan_follows_changes(ti
                 # the quota is lifted: the stage measures itself again, faster, and gets more layers. (Not "an even
                 # split": this machine's speed drifts over minutes, and the two stages were measured minutes apart.)
                 slow_address = next(a for a in layers_by_address(address) if a != fast.route[0])
-                per_layer_before = reports(address)[slow_address].decode_s_per_layer
+                per_layer_before = stages_by_address(address)[slow_address].report.decode_s_per_layer
                 quota.set(None)
                 seen: list = []
 
                 def followed() -> tuple[int, int] | None:
                     # the stage heartbeats while it measures itself again: it is never dropped as dead
                     assert len(layers_by_address(address)) == 2, "a stage was dropped while it measured itself"
-                    per_layer = reports(address)[slow_address].decode_s_per_layer
+                    per_layer = stages_by_address(address)[slow_address].report.decode_s_per_layer
                     seen.append((s := split(), round(per_layer / per_layer_before, 2)))
                     faster = per_layer <= 0.9 * per_layer_before
                     return s if s and faster and s[1] > slow_layers else None

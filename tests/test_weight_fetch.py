@@ -26,6 +26,7 @@ from layerline.coordinator.service import start_coordinator
 from layerline.errors import CheckpointError
 from layerline.local_cluster import LocalCluster, LocalCoordinator
 from layerline.model import expected_tensors
+from layerline.safetensors_io import raw_bytes
 from layerline.stage_server.fetch import TensorReceiver, WeightFetcher, prepare
 from layerline.stage_server.server import model_fingerprint
 from layerline.v1 import coordinator_pb2 as pb
@@ -170,7 +171,7 @@ def test_bad_fetch_requests_get_statuses(tiny_checkpoint):
 
 
 def _chunks(name: str, t: torch.Tensor, size: int) -> list[pb.WeightChunk]:
-    data = weight_cache.tensor_bytes(t)
+    data = raw_bytes(t).tobytes()
     out = []
     for off in range(0, len(data), size):
         c = pb.WeightChunk(name=name, offset=off, data=data[off : off + size])
