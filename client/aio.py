@@ -42,6 +42,8 @@ class ClientConfig:
     wire_dtype: str = ""  # "float32", "float16" or "bfloat16" for hidden states between stages; "" = stage default
     server_loop: bool = True  # the last stage feeds sampled tokens back to the first (N hops per token); False: the
     # client feeds each token back itself (N + 1 hops; kept for comparison and for stages without loops)
+    max_in_flight: int = 32  # generations and micro-batches this client runs at once; more wait their turn
+    micro_batch_size: int = 4  # default rows per micro-batch of generate_batch and score
     route_retries: int = 4  # with a coordinator: ask again when its route is out of date (a stage just died, or is
     # switching layers and its heartbeat has not said so yet), waiting 0.25, 0.5, 1, 2 s between tries
 
@@ -147,6 +149,16 @@ class AsyncClient:
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False
         self._lock = asyncio.Lock()
+        if self.config.max_in_flight < 1:
+            raise RPCError(INVALID, f"max_in_flight must be at least 1, got {self.config.max_in_flight}")
+        self._slots: asyncio.Semaphore | None = None
+
+    def in_flight(self) -> asyncio.Semaphore:
+        """The client's bound on work in flight: a generation or a micro-batch holds one of `max_in_flight` slots
+        while it runs; the rest wait their turn (first come, first served)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_in_flight)
+        return self._slots
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -249,20 +261,52 @@ class AsyncClient:
         opts = Options.make(**options)
         return self._one_shot(None, messages, opts) if stream else self._one_shot_result(None, messages, opts)
 
+    async def generate_batch(
+        self, prompts: Sequence[str | Sequence[int]], *, micro_batch_size: int | None = None, **options: Any
+    ) -> list[Generation]:
+        """One `Generation` per prompt (text or token ids), the same as generating for each alone. The prompts go
+        through the pipeline in micro-batches of `micro_batch_size` rows (default `config.micro_batch_size`), all
+        pushed back to back so that every stage works at once; returns when all are done. Options as generate;
+        stop strings end a row's text on the client side (its row runs on to a stop token or max_new_tokens)."""
+        from layerline.client import batch
+
+        opts = Options.make(**options)
+        ids = [await self._prompt_ids(p, None) for p in _listed(prompts, "prompts")]
+        if any(not p for p in ids):
+            raise RPCError(INVALID, "every prompt needs at least one token")
+        await batch.check_vocab(self, ids)
+        size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
+        return await batch.run_micro_batches(self, ids, size, lambda c, part: batch.generate_micro_batch(c, part, opts))
+
+    async def score(
+        self, sequences: Sequence[str | Sequence[int]], *, micro_batch_size: int | None = None
+    ) -> list[list[float]]:
+        """Per-token log-probabilities of each sequence (text or token ids): entry i of a sequence's list is
+        log P(token i+1 | tokens 0..i), so a sequence of n tokens gets n - 1 values (their sum is its
+        log-likelihood; exp(-mean) its perplexity). Micro-batches as in generate_batch."""
+        from layerline.client import batch
+
+        ids = [await self._prompt_ids(s, None) for s in _listed(sequences, "sequences")]
+        if any(not s for s in ids):
+            raise RPCError(INVALID, "every sequence needs at least one token")
+        await batch.check_vocab(self, ids)
+        size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
+        return await batch.run_micro_batches(self, ids, size, batch.score_micro_batch)
+
     async def _one_shot(
         self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
     ) -> AsyncIterator[Piece]:
         ids = await self._prompt_ids(prompt, messages)
-        async with self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
-            async for piece in s._generate(ids, opts):
+        async with self.in_flight(), self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
+            async for piece in s._generate(ids, opts, slot=False):
                 yield piece
 
     async def _one_shot_result(
         self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
     ) -> Generation:
         ids = await self._prompt_ids(prompt, messages)
-        async with self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
-            return await s._gather(s._generate(ids, opts))
+        async with self.in_flight(), self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
+            return await s._gather(s._generate(ids, opts, slot=False))
 
     async def _fit(self, length: int) -> int:
         """`length` positions, or the model's context where that is shorter."""
@@ -296,6 +340,14 @@ class AsyncClient:
             self._links = None
 
 
+def _listed(items: Sequence[Any], what: str) -> list[Any]:
+    if isinstance(items, str) or not isinstance(items, Sequence):
+        raise RPCError(INVALID, f"{what} must be a list (of strings or of token id lists)")
+    if not items:
+        raise RPCError(INVALID, f"{what}: the list is empty")
+    return list(items)
+
+
 def _check_route(links: list[_Link], infos: list[stage_pb2.StageInfo]) -> None:
     expect = 0
     for link, info in zip(links, infos, strict=True):
@@ -322,9 +374,10 @@ def _check_route(links: list[_Link], infos: list[stage_pb2.StageInfo]) -> None:
 class AsyncSession:
     """A conversation held in the stages' KV caches. Use `async with`; `generate` and `chat` continue it."""
 
-    def __init__(self, client: AsyncClient, max_length: int | None) -> None:
+    def __init__(self, client: AsyncClient, max_length: int | None, rows: int = 1) -> None:
         self.client = client
         self.max_length = max_length
+        self.rows = rows  # sequences in the session: 1 for a conversation, a micro-batch's size in generate_batch
         self.ids: list[str] = []
         self.history: list[int] = []  # every token of the conversation, prompts and generated
         self.fed = 0  # how many of them the stages' caches hold
@@ -362,13 +415,13 @@ class AsyncSession:
             [cfg.max_message_bytes] + [link.info.max_message_bytes for link in links if link.info.max_message_bytes]
         )
         itemsize = 2 if wire in (t.FLOAT16, t.BFLOAT16) else 4  # stage defaults: assume float32
-        per_token = itemsize * links[0].info.hidden_size + 64  # + positions, token id, framing
+        per_token = (itemsize * links[0].info.hidden_size + 64) * self.rows  # + positions, token id, framing
         self._chunk = max(1, min(cfg.prefill_chunk, int(limit * 0.8) // per_token))
         ids = [""] * len(links)
         try:
             # last stage first: each stage must know the session's id at the next one
             for i in reversed(range(len(links))):
-                req = stage_pb2.OpenSessionRequest(max_length=self.max_length, rows=1, wire_dtype=wire)
+                req = stage_pb2.OpenSessionRequest(max_length=self.max_length, rows=self.rows, wire_dtype=wire)
                 if i + 1 < len(links):
                     req.next_address, req.next_session_id = links[i + 1].address, ids[i + 1]
                 try:
@@ -456,12 +509,14 @@ class AsyncSession:
         async for piece in self._generate(rendered[common:], opts, keep=common):
             yield piece
 
-    async def _generate(self, new_ids: list[int], opts: Options, keep: int | None = None) -> AsyncIterator[Piece]:
+    async def _generate(
+        self, new_ids: list[int], opts: Options, keep: int | None = None, slot: bool = True
+    ) -> AsyncIterator[Piece]:
         """Feed what the stages do not hold yet (the last generated token, then `new_ids`), then decode: with the
         server loop the last stage feeds each token back to the first itself and this only reads results."""
         if self._closed or not self.ids:
             raise RPCError(grpc.StatusCode.FAILED_PRECONDITION, "the session is not open")
-        async with self._busy:
+        async with self._busy, self.client.in_flight() if slot else contextlib.nullcontext():
             await self._settle()
             truncate = None
             if keep is not None and keep < len(self.history):
@@ -580,10 +635,8 @@ class AsyncSession:
         truncate: int | None = None,
         loop: stage_pb2.Loop | None = None,
     ) -> int:
-        self._seq += 1
         step = stage_pb2.Step(
             session_id=self.ids[0],
-            seq=self._seq,
             positions=int64_tensor(list(range(start, start + len(tokens)))),
             tokens=int64_tensor(tokens),
             sample=sample,
@@ -594,17 +647,20 @@ class AsyncSession:
             step.truncate = truncate
         if loop is not None:
             step.loop.CopyFrom(loop)
+        return await self._write(step)
+
+    async def _write(self, step: stage_pb2.Step) -> int:
+        """Push a step (its seq is set here) into the first stage; returns the seq."""
+        if step.seq == 0:
+            self._seq += 1
+            step.seq = self._seq
         try:
             await self._push.write(step)  # type: ignore[union-attr]
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             if isinstance(e, grpc.aio.AioRpcError):
                 raise RPCError.from_grpc(e, self.client.route[0]) from None
             raise RPCError(grpc.StatusCode.UNAVAILABLE, "the session's stream to the first stage is closed") from None
-        return self._seq
-
-    async def _result(self, seq: int) -> int:
-        result = await self._wait(seq)
-        return int(result.token_ids[0])
+        return step.seq
 
     async def _wait(self, seq: int) -> stage_pb2.Result:
         timeout = self.client.config.step_timeout

@@ -117,6 +117,18 @@ class Client:
     ) -> Iterator[Piece] | Generation:
         return self._loop.deliver(self._aio.chat(messages, stream=stream, **options), stream)
 
+    def generate_batch(
+        self, prompts: Sequence[str | Sequence[int]], *, micro_batch_size: int | None = None, **options: Any
+    ) -> list[Generation]:
+        """One `Generation` per prompt, in micro-batches pushed back to back (see AsyncClient.generate_batch)."""
+        return self._loop.run(self._aio.generate_batch(prompts, micro_batch_size=micro_batch_size, **options))
+
+    def score(
+        self, sequences: Sequence[str | Sequence[int]], *, micro_batch_size: int | None = None
+    ) -> list[list[float]]:
+        """Per-token log-probabilities of each sequence (see AsyncClient.score)."""
+        return self._loop.run(self._aio.score(sequences, micro_batch_size=micro_batch_size))
+
     def session(self, max_length: int | None = None) -> Session:
         """`with client.session(max_length=2048) as s:` — several generate/chat calls share one KV cache."""
         return Session(self, self._aio.session(max_length))

@@ -160,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="decode steps of different sessions run as one forward pass, up to this many (16; 1: never)",
     )
+    stage.add_argument(
+        "--max-queued-steps",
+        type=_positive,
+        default=64,
+        help="steps queued for compute at most; senders wait beyond that (64)",
+    )
+    stage.add_argument(
+        "--loop-ahead",
+        type=_positive,
+        default=32,
+        help="a generation loop pauses while its reader is this many tokens behind (32)",
+    )
 
     gen = sub.add_parser(
         "generate",
@@ -305,6 +317,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_bytes,
             threads=args.threads,
             max_batch=args.max_batch,
+            max_queued_steps=args.max_queued_steps,
+            loop_ahead=args.loop_ahead,
         )
     except ValueError as e:
         raise LayerlineError(str(e)) from None

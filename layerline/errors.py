@@ -31,6 +31,10 @@ class NotFoundError(LayerlineError):
     """A session (or other named thing) does not exist: never opened, closed, or expired."""
 
 
+class UnavailableError(LayerlineError):
+    """The server cannot do it now but another try (elsewhere, or later) may: e.g. the stage is shutting down."""
+
+
 class ResourceExhaustedError(LayerlineError):
     """A request does not fit what is left: KV cache budget, queue space, message size."""
 

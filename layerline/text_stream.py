@@ -41,6 +41,18 @@ class TextStream:
         self.finish_reason = finished
         return delta
 
+    def end(self, reason: str = "length") -> str:
+        """No more tokens will come (the stages ended the sequence): flush what is held; returns it."""
+        if self.finish_reason:
+            return ""
+        if self.decoder is not None:
+            self.text += self.decoder.flush()
+        cut = self._find_stop()
+        if cut is not None:
+            self.text, reason = self.text[:cut], "stop"
+        delta, self.emitted, self.finish_reason = self.text[self.emitted :], len(self.text), reason
+        return delta
+
     def _find_stop(self) -> int | None:
         """Where the earliest stop string starts, searching only where a new one can be."""
         best = None

@@ -37,6 +37,7 @@ class StageConfig:
     max_queued_steps: int = 64  # steps waiting for compute before senders are slowed down (flow control)
     max_batch: int = 16  # decode steps of different sessions run as one forward pass, up to this many (1: never)
     max_queued_results: int = 4096  # results a subscriber may fall behind before its session is dropped
+    loop_ahead: int = 32  # a generation loop pauses while its subscriber is this many results behind (slow reader)
     threads: int = 0  # torch threads for compute; 0 = torch's default
     grace: float = 5.0  # seconds in-flight work gets to finish on shutdown
     advertise: str = ""  # address other processes should use; "" = host:port
@@ -46,3 +47,10 @@ class StageConfig:
             self.kv_cache_bytes = default_kv_cache_bytes()
         if self.session_ttl <= 0:
             raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
+        for name in ("max_queued_steps", "max_batch", "loop_ahead"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queued_results <= self.loop_ahead:
+            raise ValueError(
+                f"max_queued_results ({self.max_queued_results}) must be more than loop_ahead ({self.loop_ahead})"
+            )

@@ -46,9 +46,16 @@ class RunningStage:
     fetcher: WeightFetcher | None = None  # a host without the checkpoint: layers come from the coordinator
 
     async def stop(self, grace: float | None = None) -> None:
+        """New RPCs are refused at once; admitted steps get up to `grace` seconds to finish. The service then
+        closes its streams to other stages and its sessions (ending their subscribers' streams) while the server
+        waits for its RPCs: the streams other stages keep open into this one end as they shut down too, instead of
+        holding the server for the whole grace period."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.service.config.grace if grace is None else grace)
-        await self.service.stop()
+        stopping = asyncio.ensure_future(self.server.stop(self.service.config.grace if grace is None else grace))
+        try:
+            await self.service.stop()
+        finally:
+            await stopping
 
 
 async def start_stage(config: StageConfig) -> RunningStage:

@@ -39,6 +39,7 @@ from layerline.errors import (
     LayerlineError,
     NotFoundError,
     ResourceExhaustedError,
+    UnavailableError,
 )
 from layerline.model import StageModel
 from layerline.sampling import SamplingParams, sample
@@ -51,6 +52,7 @@ from layerline.v1 import stage_pb2, stage_pb2_grpc
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 4096
+SHUTDOWN = "the stage shut down"
 MAX_STOP_IDS = 1024
 
 
@@ -62,6 +64,7 @@ class WorkItem:
     x: torch.Tensor  # token ids [B, T] or hidden states [B, T, hidden]
     positions: torch.Tensor  # [B, T]
     tokens: torch.Tensor | None  # [B, T]
+    targets: torch.Tensor | None  # [B, T]: scoring (the log-probabilities of these tokens at the last stage)
     rows: list[int]  # session rows of the batch rows
     sampling: SamplingParams | None  # new sampler settings carried by the step (checked before anything runs)
     follow: stage_pb2.Step | None = None  # last stage, generation loop: the next step, for the first stage
@@ -113,6 +116,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.compute_seconds = 0.0  # compute thread time on steps (read by Info; written by that thread only)
         self.steps_computed = 0
         self.batched_steps = 0  # of which ran in a forward pass shared with other sessions' steps
+        self.peak_in_flight = 0  # the most steps admitted and not yet passed on, at once
+        self.peak_results = 0  # the most results one subscriber has been behind
 
     @property
     def label(self) -> str:
@@ -151,7 +156,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         for d in self.downstreams.values():
             await d.close()
         for s in self.sessions.all():
-            self._close(s.id, "the stage shut down")
+            self._close(s.id, SHUTDOWN)
         self._inbox.put(None)
         await asyncio.to_thread(self._thread.join)
 
@@ -182,6 +187,11 @@ class StageService(stage_pb2_grpc.StageServicer):
             compute_seconds=self.compute_seconds,
             steps_computed=self.steps_computed,
             batched_steps=self.batched_steps,
+            queued_steps=self.in_flight,
+            peak_queued_steps=self.peak_in_flight,
+            max_queued_steps=c.max_queued_steps,
+            peak_queued_results=self.peak_results,
+            max_loop_ahead=c.loop_ahead,
         )
 
     async def OpenSession(
@@ -309,9 +319,13 @@ class StageService(stage_pb2_grpc.StageServicer):
             except LayerlineError as e:
                 replies.put_nowait(self._reply(step.session_id, step.seq, e))
                 continue
-            await self._slots.acquire()  # waits while too many steps are in flight: flow control up the chain
-            self.in_flight += 1
+            await self._take_slot()  # waits while too many steps are in flight: flow control up the chain
             self._inbox.put(item)
+
+    async def _take_slot(self) -> None:
+        await self._slots.acquire()
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
     def _admit(self, step: stage_pb2.Step, replies: asyncio.Queue) -> WorkItem:
         """Check everything about a step that does not need the cache, on the event loop."""
@@ -352,6 +366,18 @@ class StageService(stage_pb2_grpc.StageServicer):
             tokens = wire.decode(step.tokens, "tokens", dtypes=(torch.int64, torch.int32), ndim=2)
             if tokens.shape != positions.shape:
                 raise BadInputError(f"tokens have shape {list(tokens.shape)}, positions {[B, T]}")
+        targets = None
+        if step.HasField("targets"):
+            targets = wire.decode(step.targets, "targets", dtypes=(torch.int64,), ndim=2)
+            if targets.shape != positions.shape:
+                raise BadInputError(f"targets have shape {list(targets.shape)}, positions {[B, T]}")
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < -1 or hi >= m.config.vocab_size:
+                raise BadInputError(f"targets must be token ids in [0, {m.config.vocab_size}) or -1 (none)")
+            if bool(((positions < 0) & (targets >= 0)).any()):
+                raise BadInputError("targets: a padding position (-1) cannot have a target")
+            if step.HasField("loop"):
+                raise BadInputError("targets: a step that scores cannot start a generation loop")
         if m.is_first:
             if tokens is None:
                 raise BadInputError(f"{self.label} is the first stage: the step needs tokens")
@@ -366,7 +392,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 )
         if step.sample and not m.is_last and session.next_address == "":
             raise FailedPreconditionError("nowhere to send the step")
-        return WorkItem(step, session, replies, x, positions, tokens, rows, sampling)
+        return WorkItem(step, session, replies, x, positions, tokens, targets, rows, sampling)
 
     async def _last_stage_session(self, session_id: str, context: grpc.aio.ServicerContext) -> Session:
         """The session, for an RPC only the last stage answers."""
@@ -389,9 +415,13 @@ class StageService(stage_pb2_grpc.StageServicer):
         try:
             while True:
                 result = await session.results.get()
+                if session.parked is not None and session.results.qsize() <= self.config.loop_ahead // 2:
+                    self._tasks.append(asyncio.create_task(self._resume(session)))
+                    self._tasks = [t for t in self._tasks if not t.done()]
                 if result is None:
                     if session.close_reason != "closed by the client":
-                        await context.abort(grpc.StatusCode.NOT_FOUND, f"session closed: {session.close_reason}")
+                        code, message = status_of(self._closed_error(session))
+                        await context.abort(code, message)
                     return
                 yield result
         finally:
@@ -433,7 +463,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         """A one-token step that may share a forward pass with the `batch` so far: same model, same kind of output,
         another session, nothing to truncate first."""
         step = item.step
-        if item.session.closed or item.x.shape[1] != 1 or step.HasField("truncate"):
+        if item.session.closed or item.x.shape[1] != 1 or step.HasField("truncate") or item.targets is not None:
             return False
         if not batch:
             return True
@@ -478,7 +508,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     def _dispatch(self, item: WorkItem, out: stage_pb2.Step | stage_pb2.Result | None, error: Exception | None) -> None:
         """On the event loop, in step order: hand a computed step on (or its failure back)."""
         if error is None and item.session.closed:  # closed while the step waited or ran: its sender must hear of it
-            error = NotFoundError(f"session closed: {item.session.close_reason}")
+            error = self._closed_error(item.session)
         if error is not None:
             if not isinstance(error, LayerlineError):
                 logger.error("step %d of session %s failed", item.step.seq, item.session.id[:8], exc_info=error)
@@ -492,31 +522,60 @@ class StageService(stage_pb2_grpc.StageServicer):
                 self._close(item.session.id, "its subscriber fell too far behind")
                 self._release()
                 return
+            self.peak_results = max(self.peak_results, item.session.results.qsize() + 1)
             if item.follow is not None:
-                self._send_follow(item, out)
-                return
-            item.session.results.put_nowait(out)
+                if item.session.results.qsize() >= self.config.loop_ahead:
+                    # the subscriber reads slower than the loop makes tokens: hold the loop's next step back until
+                    # it has caught up (Subscribe resumes it), so a slow reader costs no memory and no session
+                    item.session.parked = item
+                    item.session.results.put_nowait(out)
+                else:
+                    self._send_follow(item, out)
+                    return
+            else:
+                item.session.results.put_nowait(out)
         self._release()
 
-    def _send_follow(self, item: WorkItem, result: stage_pb2.Result) -> None:
+    async def _resume(self, session: Session) -> None:
+        """A paused loop's subscriber has caught up: its next step goes on (with a slot of its own again)."""
+        item, session.parked = session.parked, None
+        await self._take_slot()
+        if session.closed:
+            self._release()
+            return
+        self._send_follow(item, None)
+
+    def _closed_error(self, session: Session) -> LayerlineError:
+        """What a step or subscriber of a closed session is told: UNAVAILABLE when the stage is shutting down (the
+        client may go elsewhere), NOT_FOUND otherwise."""
+        if session.close_reason == SHUTDOWN:
+            return UnavailableError(f"session closed: {SHUTDOWN}")
+        return NotFoundError(f"session closed: {session.close_reason}")
+
+    def _send_follow(self, item: WorkItem, result: stage_pb2.Result | None) -> None:
         """Last stage, event loop: the loop's next step goes to the first stage (before the result goes to the
         subscriber: the step is on the critical path, the result is not), holding on to the slot of the step that
         produced it. A one-stage route is its own first stage: the step goes straight into the compute queue."""
         follow, session = item.follow, item.session
         if follow.session_id != session.id:
             self._downstream(item.follow_address).send(follow, on_sent=self._release)
-            session.results.put_nowait(result)
+            self._publish(session, result)
             return
         try:
             nxt = self._admit(follow, item.replies)
         except LayerlineError as e:
-            session.results.put_nowait(result)
+            self._publish(session, result)
             code, message = status_of(e)
             self._loop_failed(session, code, message, self.label)
             self._release()
             return
         self._inbox.put(nxt)
-        session.results.put_nowait(result)
+        self._publish(session, result)
+
+    @staticmethod
+    def _publish(session: Session, result: stage_pb2.Result | None) -> None:
+        if result is not None:
+            session.results.put_nowait(result)
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -537,7 +596,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                 cache.truncate(r, step.truncate)
                 if session.sampler is not None:
                     del session.sampler.history[r][step.truncate :]
-        out = session.model(item.x, item.positions, cache, item.rows, last_only=step.sample)
+        last_only = step.sample and item.targets is None
+        out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
         return self._finish(item, out)
 
     def _finish(self, item: WorkItem, out: torch.Tensor) -> stage_pb2.Step | stage_pb2.Result | None:
@@ -554,6 +614,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             )
             if step.HasField("tokens"):
                 onward.tokens.CopyFrom(step.tokens)
+            if step.HasField("targets"):
+                onward.targets.CopyFrom(step.targets)
             if step.HasField("sampling"):
                 onward.sampling.CopyFrom(step.sampling)
             if step.HasField("truncate"):
@@ -585,9 +647,13 @@ class StageService(stage_pb2_grpc.StageServicer):
                 session.loop = None
                 return self._loop_done(session, stage_pb2.Result(seq=loop.seq, rows=item.rows))
         if not step.sample:
-            return None
+            if item.targets is None:
+                return None
+            return stage_pb2.Result(seq=step.seq, rows=item.rows, logprobs=wire.encode(_logprobs(out, item.targets)))
         ids = sample(out[:, -1], sampler.params, sampler.generator, [sampler.history[r] for r in item.rows]).tolist()
         result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
+        if item.targets is not None:
+            result.logprobs.CopyFrom(wire.encode(_logprobs(out, item.targets)))
         if loop is not None:
             self._continue_loop(item, loop, ids, result)
         return result
@@ -687,6 +753,18 @@ class StageService(stage_pb2_grpc.StageServicer):
 
 def _label(model: StageModel | None) -> str:
     return f"layers {model.start}:{model.end}" if model is not None else "a stage with no layers yet"
+
+
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, T] float32 log-probabilities of `targets` under `logits` [B, T, vocab] (0 where the target is -1); one
+    row at a time, so that only one row's log-softmax is ever held besides the logits."""
+    out = torch.zeros(targets.shape, dtype=torch.float32)
+    for b in range(targets.shape[0]):
+        cols = (targets[b] >= 0).nonzero().flatten()
+        if len(cols):
+            lp = torch.log_softmax(logits[b, cols].float(), dim=-1)
+            out[b, cols] = lp.gather(1, targets[b, cols, None]).flatten()
+    return out
 
 
 def _check_loop(step: stage_pb2.Step) -> None:

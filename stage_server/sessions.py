@@ -61,6 +61,7 @@ class Session:
     close_reason: str = ""
     subscribed: bool = False
     loop: LoopState | None = None  # last stage only: the running generation loop
+    parked: Any = None  # last stage only: the loop's next step, held back while the subscriber is behind
     model: Any = None  # the StageModel this session computes with (the stage's layers when it was opened)
     extra: dict[str, Any] = field(default_factory=dict)
 

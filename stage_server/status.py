@@ -13,6 +13,7 @@ from layerline.errors import (
     NotFoundError,
     PositionError,
     ResourceExhaustedError,
+    UnavailableError,
 )
 
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -20,6 +21,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (PositionError, grpc.StatusCode.FAILED_PRECONDITION),
     (BadInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (LayerlineError, grpc.StatusCode.FAILED_PRECONDITION),
