@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -97,6 +98,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
+def _add_batch_args(p: argparse.ArgumentParser, file_help: str) -> None:
+    p.add_argument("--file", default="", help=file_help)
+    p.add_argument(
+        "--micro-batch-size", type=_positive, default=4, help="rows per micro-batch pushed through the stages (4)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerline", description="Pipeline-parallel LLM inference over gRPC.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
@@ -181,7 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
     gen.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
     _add_generation_args(gen)
-    gen.add_argument("prompt")
+    _add_batch_args(gen, "prompts, one per line (- = stdin): answered in micro-batches, printed in order")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or give --file)")
+
+    score = sub.add_parser(
+        "score",
+        help="per-token log-probabilities and perplexity of texts",
+        epilog="example: layerline score --route 10.0.0.1:7001,10.0.0.2:7002 --file texts.txt --micro-batch-size 4",
+    )
+    score.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
+    score.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
+    _add_batch_args(score, "texts, one per line (- = stdin)")
+    score.add_argument("--json", action="store_true", help="one JSON object per text, with every token's log-prob")
+    score.add_argument("text", nargs="?", help="the text to score (or give --file)")
 
     local = sub.add_parser(
         "local",
@@ -382,11 +402,76 @@ def _stream_answer(route: list[str] | None, args: argparse.Namespace, coordinato
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _route_args(args: argparse.Namespace) -> list[str] | None:
     if bool(args.route) == bool(args.coordinator):
         raise LayerlineError("give either --route HOST:PORT,... or --coordinator HOST:PORT")
-    route = [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
-    return _stream_answer(route, args, coordinator=args.coordinator)
+    return [a.strip() for a in args.route.split(",") if a.strip()] if args.route else None
+
+
+def _inputs(args: argparse.Namespace, single: str | None, what: str) -> list[str] | None:
+    """The lines of --file (blank ones skipped), or None when a single `what` is given instead."""
+    if bool(args.file) == (single is not None):
+        raise LayerlineError(f"give either a {what} or --file FILE (one {what} per line)")
+    if not args.file:
+        return None
+    try:
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LayerlineError(f"cannot read --file {args.file}: {e}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise LayerlineError(f"--file {args.file} holds no {what}s (one per line)")
+    return lines
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    route = _route_args(args)
+    prompts = _inputs(args, args.prompt, "prompt")
+    if prompts is None:
+        return _stream_answer(route, args, coordinator=args.coordinator)
+    from layerline.client import Client
+
+    with Client(route, coordinator=args.coordinator) as client:
+        tok = client.tokenizer()
+        chat = not args.raw and tok is not None and bool(tok.chat_template)
+        asked = [tok.encode_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
+        answers = client.generate_batch(asked, micro_batch_size=args.micro_batch_size, **_options(args))
+    for i, (prompt, g) in enumerate(zip(prompts, answers, strict=True)):
+        if args.json:
+            print(
+                json.dumps(
+                    {"prompt": prompt, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
+                )
+            )
+        else:
+            print(f"[{i + 1}] {g.text}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from layerline.client import Client
+
+    route = _route_args(args)
+    texts = _inputs(args, args.text, "text") or [args.text]
+    with Client(route, coordinator=args.coordinator) as client:
+        tok = client.tokenizer()
+        if tok is None:
+            raise LayerlineError("the stages serve no tokenizer, so texts cannot be scored from the command line")
+        ids = [tok.encode(t) for t in texts]
+        scores = client.score(ids, micro_batch_size=args.micro_batch_size)
+    for text, seq, lps in zip(texts, ids, scores, strict=True):
+        total = sum(lps)
+        ppl = math.exp(-total / len(lps)) if lps else float("nan")
+        if args.json:
+            out = {"text": text, "token_ids": seq, "logprobs": lps, "total": total, "perplexity": ppl}
+            print(json.dumps(out))
+        else:
+            print(f"{len(lps)} tokens scored, log-prob {total:.3f}, perplexity {ppl:.3f}: {text}")
+    return 0
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -551,6 +636,7 @@ COMMANDS = {
     "info": cmd_info,
     "stage": cmd_stage,
     "generate": cmd_generate,
+    "score": cmd_score,
     "local": cmd_local,
     "coordinator": cmd_coordinator,
     "status": cmd_status,

@@ -242,3 +242,34 @@ def test_concurrent_sessions_all_progress_and_the_client_bound_holds(tiny, route
     assert all(end < long_end for _, end in shorts)
     for (out, _), p, n in zip(results, ps, [80, 6, 6, 6, 6], strict=True):
         assert out.token_ids == hf_greedy(tiny[1], p, n)
+
+
+def test_cli_generate_file_and_score(tiny, route, tmp_path, capsys):
+    import json
+
+    from layerline.cli import main
+
+    texts = ["hello there", "the cat sat on the mat", "a"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(texts[:2]) + "\n\n" + texts[2] + "\n")
+    args = ["--route", ",".join(route), "--file", str(f), "--micro-batch-size", "2"]
+    assert main(["generate", *args, "--raw", "--max-new-tokens", "5", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    with Client(route) as client:
+        want = [client.generate(t, max_new_tokens=5, stream=False) for t in texts]
+        tok = client.tokenizer()
+        scores = client.score([tok.encode(t) for t in texts])
+    assert [x["prompt"] for x in lines] == texts
+    assert [x["token_ids"] for x in lines] == [g.token_ids for g in want]
+    assert main(["score", *args, "--json"]) == 0
+    scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [x["text"] for x in scored] == texts
+    for x, lps in zip(scored, scores, strict=True):
+        assert x["logprobs"] == pytest.approx(lps, abs=1e-5) and x["total"] == pytest.approx(sum(lps), abs=1e-4)
+    # mistakes: a clear one-line error and status 2
+    assert main(["score", "--route", ",".join(route)]) == 2
+    assert "give either a text or --file" in capsys.readouterr().err
+    assert main(["score", "--route", ",".join(route), "--file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read --file" in capsys.readouterr().err
+    assert main(["generate", "--route", ",".join(route), "--file", str(f), "also a prompt"]) == 2
+    assert "give either a prompt or --file" in capsys.readouterr().err
