@@ -76,12 +76,12 @@ def weight_bytes(path: str, start: int, end: int) -> int:
     return 4 * sum(math.prod(shape) for shape in expected_tensors(load_config(path), start, end).values())
 
 
-def balanced_split(path: str, seqs: list[list[int]]) -> list[tuple[int, int]]:
-    """Two ranges whose measured times for one micro-batch of this workload are as even as can be: the last stage
-    also runs the LM head and the log-softmax, so it gets fewer layers (as the coordinator's placement would)."""
-    L = load_config(path).num_layers
-    half = L // 2
-    even = LocalPipeline.load(path, [(0, half), (half, L)])
+def balanced_split(even: LocalPipeline, seqs: list[list[int]]) -> list[tuple[int, int]]:
+    """Two ranges whose measured times for one micro-batch of this workload are as even as can be (timed on
+    `even`, the model in two halves): the last stage also runs the LM head and the log-softmax, so it gets fewer
+    layers (as the coordinator's placement would)."""
+    L = even.config.num_layers
+    half = even.stages[0].end
     ids = torch.tensor(seqs[:4])
     first, last = even.stages
     runs = []
@@ -127,12 +127,12 @@ def main() -> None:
     torch.set_num_threads(1)
     path = resolve_model(args.model)
     seqs = gpipe_baseline.make_sequences(args.batch, args.seq_len)
-    ranges = balanced_split(path, seqs)
+    L = load_config(path).num_layers
+    local = LocalPipeline.load(path, [(0, L // 2), (L // 2, L)])  # also the one-process baseline (all layers)
+    ranges = balanced_split(local, seqs)
     prompts = [[1 + (7 * i + j) % 500 for j in range(8 + i)] for i in range(16)]
     parallel = cpu_parallelism()
     print(f"two processes get {parallel:.2f} cores' worth", flush=True)
-
-    local = LocalPipeline.load(path, ranges)
 
     def one_process() -> None:
         ids = torch.tensor(seqs)

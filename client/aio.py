@@ -110,10 +110,11 @@ class Options:
         return msg
 
 
-def int64_tensor(values: list[int]) -> tensor_pb2.Tensor:
-    """One row of int64 values as a [1, n] wire tensor."""
+def int64_matrix(rows: list[list[int]]) -> tensor_pb2.Tensor:
+    """Equal-length rows of ints as a [B, T] int64 wire tensor."""
+    flat = [v for r in rows for v in r]
     return tensor_pb2.Tensor(
-        dtype=tensor_pb2.INT64, shape=[1, len(values)], data=struct.pack(f"<{len(values)}q", *values)
+        dtype=tensor_pb2.INT64, shape=[len(rows), len(rows[0])], data=struct.pack(f"<{len(flat)}q", *flat)
     )
 
 
@@ -271,10 +272,7 @@ class AsyncClient:
         from layerline.client import batch
 
         opts = Options.make(**options)
-        ids = [await self._prompt_ids(p, None) for p in _listed(prompts, "prompts")]
-        if any(not p for p in ids):
-            raise RPCError(INVALID, "every prompt needs at least one token")
-        await batch.check_vocab(self, ids)
+        ids = await self._batch_ids(prompts, "prompt")
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
         return await batch.run_micro_batches(self, ids, size, lambda c, part: batch.generate_micro_batch(c, part, opts))
 
@@ -286,12 +284,24 @@ class AsyncClient:
         log-likelihood; exp(-mean) its perplexity). Micro-batches as in generate_batch."""
         from layerline.client import batch
 
-        ids = [await self._prompt_ids(s, None) for s in _listed(sequences, "sequences")]
-        if any(not s for s in ids):
-            raise RPCError(INVALID, "every sequence needs at least one token")
-        await batch.check_vocab(self, ids)
+        ids = await self._batch_ids(sequences, "sequence")
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
         return await batch.run_micro_batches(self, ids, size, batch.score_micro_batch)
+
+    async def _batch_ids(self, items: Sequence[str | Sequence[int]], what: str) -> list[list[int]]:
+        """Token ids of a batch's texts or id lists, each non-empty and in the vocabulary."""
+        if isinstance(items, str) or not isinstance(items, Sequence):
+            raise RPCError(INVALID, f"{what}s must be a list (of strings or of token id lists)")
+        if not items:
+            raise RPCError(INVALID, f"{what}s: the list is empty")
+        ids = [await self._prompt_ids(x, None) for x in items]
+        vocab = (await self.links())[0].info.vocab_size
+        for i, x in enumerate(ids):
+            if not x:
+                raise RPCError(INVALID, f"every {what} needs at least one token ({what} {i} has none)")
+            if any(not 0 <= t < vocab for t in x):
+                raise RPCError(INVALID, f"{what} {i}: token ids must be in [0, {vocab})")
+        return ids
 
     async def _one_shot(
         self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
@@ -338,14 +348,6 @@ class AsyncClient:
             for link in self._links:
                 await link.channel.close()
             self._links = None
-
-
-def _listed(items: Sequence[Any], what: str) -> list[Any]:
-    if isinstance(items, str) or not isinstance(items, Sequence):
-        raise RPCError(INVALID, f"{what} must be a list (of strings or of token id lists)")
-    if not items:
-        raise RPCError(INVALID, f"{what}: the list is empty")
-    return list(items)
 
 
 def _check_route(links: list[_Link], infos: list[stage_pb2.StageInfo]) -> None:
@@ -637,8 +639,8 @@ class AsyncSession:
     ) -> int:
         step = stage_pb2.Step(
             session_id=self.ids[0],
-            positions=int64_tensor(list(range(start, start + len(tokens)))),
-            tokens=int64_tensor(tokens),
+            positions=int64_matrix([list(range(start, start + len(tokens)))]),
+            tokens=int64_matrix([tokens]),
             sample=sample,
         )
         if opts is not None:

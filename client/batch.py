@@ -15,26 +15,15 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import grpc
 
+from layerline.client.aio import AsyncClient, AsyncSession, Generation, Options, int64_matrix
 from layerline.client.errors import RPCError
 from layerline.text_stream import TextStream
 from layerline.v1 import stage_pb2, tensor_pb2
 
-if TYPE_CHECKING:
-    from layerline.client.aio import AsyncClient, Generation, Options
-
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def int64_matrix(rows: list[list[int]]) -> tensor_pb2.Tensor:
-    """Equal-length rows of ints as a [B, T] int64 wire tensor."""
-    flat = [v for r in rows for v in r]
-    return tensor_pb2.Tensor(
-        dtype=tensor_pb2.INT64, shape=[len(rows), len(rows[0])], data=struct.pack(f"<{len(flat)}q", *flat)
-    )
 
 
 def float32_matrix(msg: tensor_pb2.Tensor, shape: tuple[int, int]) -> list[list[float]]:
@@ -82,17 +71,8 @@ async def run_micro_batches(client: AsyncClient, items: list, size: int, one) ->
     return [x for part in done for x in part]
 
 
-async def check_vocab(client: AsyncClient, seqs: list[list[int]]) -> None:
-    vocab = (await client.links())[0].info.vocab_size
-    for i, s in enumerate(seqs):
-        if any(not 0 <= t < vocab for t in s):
-            raise RPCError(INVALID, f"sequence {i}: token ids must be in [0, {vocab})")
-
-
 async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], opts: Options) -> list[Generation]:
     """Generate for the prompts of one micro-batch, as one session with a row per prompt."""
-    from layerline.client.aio import AsyncSession, Generation
-
     longest = max(len(p) for p in prompts)
     max_length = await client._fit(longest + opts.max_new_tokens)
     if longest >= max_length:
@@ -167,8 +147,6 @@ async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], op
 
 async def score_micro_batch(client: AsyncClient, seqs: list[list[int]]) -> list[list[float]]:
     """Per-token log-probabilities of the sequences of one micro-batch (one session, a row per sequence)."""
-    from layerline.client.aio import AsyncSession
-
     tokens, positions, longest = left_padded(seqs)
     limit = await client._fit(longest)
     if longest > limit:

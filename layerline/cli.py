@@ -98,6 +98,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
+def _add_route_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
+    p.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
+
+
 def _add_batch_args(p: argparse.ArgumentParser, file_help: str) -> None:
     p.add_argument("--file", default="", help=file_help)
     p.add_argument(
@@ -186,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream an answer from running stage servers",
         epilog='example: layerline generate --route 10.0.0.1:7001,10.0.0.2:7002 "Why is the sky blue?"',
     )
-    gen.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
-    gen.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
+    _add_route_args(gen)
     _add_generation_args(gen)
     _add_batch_args(gen, "prompts, one per line (- = stdin): answered in micro-batches, printed in order")
     gen.add_argument("prompt", nargs="?", help="the prompt (or give --file)")
@@ -197,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-token log-probabilities and perplexity of texts",
         epilog="example: layerline score --route 10.0.0.1:7001,10.0.0.2:7002 --file texts.txt --micro-batch-size 4",
     )
-    score.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
-    score.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
+    _add_route_args(score)
     _add_batch_args(score, "texts, one per line (- = stdin)")
     score.add_argument("--json", action="store_true", help="one JSON object per text, with every token's log-prob")
     score.add_argument("text", nargs="?", help="the text to score (or give --file)")
