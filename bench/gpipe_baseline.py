@@ -85,6 +85,8 @@ def _worker(rank: int, spec: dict) -> dict:
     try:
         start, end = spec["ranges"][rank]
         stage_model = load_stage(spec["model_path"], start, end, torch.float32)
+        if spec.get("pack_weights"):
+            stage_model.pack_weights()
         tokens = torch.tensor(spec["sequences"], dtype=torch.int64)
         B, T = tokens.shape
         is_first, is_last = rank == 0, rank == world - 1
@@ -155,9 +157,11 @@ def run_gpipe(
     repeats: int = 3,
     threads: int = 1,
     timeout: float = DEFAULT_TIMEOUT,
+    pack_weights: bool = False,
 ) -> dict:
     """Score `sequences` (B rows of T ids) with one process per layer range under ScheduleGPipe (gloo,
-    127.0.0.1), micro-batches of `micro_batch` rows: one warm-up step, then `repeats` timed steps.
+    127.0.0.1), micro-batches of `micro_batch` rows: one warm-up step, then `repeats` timed steps. With
+    `pack_weights`, each stage model gets layerline's packed weight copies (`StageModel.pack_weights`).
 
     Returns {"seconds": wall seconds of each timed step for the whole batch, taken at the last rank between two
     barriers, "logprobs": the last step's log-probs as [B][T-1] floats}. The stage processes are subprocesses
@@ -193,6 +197,7 @@ def run_gpipe(
                     "repeats": repeats,
                     "threads": threads,
                     "timeout": timeout,
+                    "pack_weights": pack_weights,
                 },
                 f,
             )

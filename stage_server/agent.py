@@ -74,7 +74,9 @@ class CoordinatorAgent:
             head_decode_s=c.head_decode_s,
             memory_bytes=self.config.memory_bytes,
             kv_bytes=service.config.kv_cache_bytes,
-            bytes_per_param=torch.empty((), dtype=service.config.dtype).element_size(),
+            # packed weights hold a second copy of (nearly) every weight: each parameter costs twice its size
+            bytes_per_param=torch.empty((), dtype=service.config.dtype).element_size()
+            * (2 if service.config.pack_weights else 1),
             serving_start=start,
             serving_end=end,
             version=layerline.__version__,

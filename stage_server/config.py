@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from layerline.model import packing_unavailable
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -36,6 +38,8 @@ class StageConfig:
     max_sessions: int = 1024  # open sessions at most
     max_queued_steps: int = 64  # steps waiting for compute before senders are slowed down (flow control)
     max_batch: int = 16  # decode steps of different sessions run as one forward pass, up to this many (1: never)
+    batch_wait: float = 0.005  # seconds a batch waits at most for the steps its first step announces (Step.burst)
+    pack_weights: bool = False  # a second, oneDNN-packed copy of the weights for steps of 4+ rows (model.pack_weight)
     max_queued_results: int = 4096  # results a subscriber may fall behind before its session is dropped
     loop_ahead: int = 32  # a generation loop pauses while its subscriber is this many results behind (slow reader)
     threads: int = 0  # torch threads for compute; 0 = torch's default
@@ -50,6 +54,10 @@ class StageConfig:
         for name in ("max_queued_steps", "max_batch", "loop_ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pack_weights:
+            why = packing_unavailable(self.dtype, torch.device(self.device))
+            if why:
+                raise ValueError(f"--pack-weights: {why}")
         if self.max_queued_results <= self.loop_ahead:
             raise ValueError(
                 f"max_queued_results ({self.max_queued_results}) must be more than loop_ahead ({self.loop_ahead})"

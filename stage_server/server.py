@@ -24,6 +24,7 @@ from layerline.checkpoint import load_stage, open_checkpoint
 from layerline.config import model_fingerprint
 from layerline.errors import CheckpointError, LayerlineError
 from layerline.local_cluster import READY_PREFIX
+from layerline.model import StageModel
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import channel_options
 from layerline.stage_server.fetch import WeightFetcher, prepare
@@ -65,9 +66,7 @@ async def start_stage(config: StageConfig) -> RunningStage:
     try:
         model = None
         if config.end > config.start:  # else: no layers until a coordinator assigns some
-            model = await asyncio.to_thread(
-                load_stage, config.model, config.start, config.end, config.dtype, config.device, ckpt
-            )
+            model = await asyncio.to_thread(_load_model, config, config.start, config.end, ckpt)
         model_config = ckpt.config
         fingerprint = model_fingerprint(model_config)
         fetched = isinstance(ckpt, FetchedCheckpoint)
@@ -106,8 +105,16 @@ async def load_layers(stage: RunningStage, start: int, end: int) -> None:
     c = stage.service.config
     if stage.fetcher is not None:
         await stage.fetcher.ensure(start, end)
-    model = await asyncio.to_thread(load_stage, c.model, start, end, c.dtype, c.device)
+    model = await asyncio.to_thread(_load_model, c, start, end)
     stage.service.swap_model(model)
+
+
+def _load_model(config: StageConfig, start: int, end: int, ckpt=None) -> StageModel:
+    model = load_stage(config.model, start, end, config.dtype, config.device, ckpt)
+    if config.pack_weights:
+        model.pack_weights()
+        logger.info("packed weights: %.0f MiB more", model.packed_bytes / (1 << 20))
+    return model
 
 
 async def serve(

@@ -19,6 +19,7 @@ ends the loop with a Result carrying the status, so the client hears of it on th
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -439,24 +440,55 @@ class StageService(stage_pb2_grpc.StageServicer):
                 return
             batch = [item]
             if self.config.max_batch > 1 and self._batchable(item):
-                while len(batch) < self.config.max_batch:
-                    try:
-                        nxt = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is not None and self._batchable(nxt, batch):
-                        batch.append(nxt)
-                    else:
-                        pending.append(nxt)  # runs after the batch: order is kept
-                        break
+                self._gather(batch, pending)
             began = time.perf_counter()
             results = self._compute_batch(batch) if len(batch) > 1 else [self._compute_one(item)]
             self.compute_seconds += time.perf_counter() - began
             self.steps_computed += len(batch)
             if len(batch) > 1:
                 self.batched_steps += len(batch)
+                self._mark_bursts(batch, results)
             for it, (out, error) in zip(batch, results, strict=True):
                 self._loop.call_soon_threadsafe(self._dispatch, it, out, error)
+
+    def _gather(self, batch: list[WorkItem], pending: list[WorkItem]) -> None:
+        """Add to `batch` the batchable steps waiting now, and those announced by `Step.burst` that are on their
+        way (for up to `batch_wait` seconds): the steps one pass computed reach the next stage as separate messages
+        a fraction of a millisecond apart, and a stage that took the first alone would split the group. A step that
+        cannot join goes to `pending` (it runs after the batch: order is kept)."""
+        expect, deadline = batch[0].step.burst, None
+        while len(batch) < self.config.max_batch:
+            try:
+                if expect <= 0 or self.config.batch_wait <= 0:
+                    nxt = self._inbox.get_nowait()
+                else:
+                    if deadline is None:
+                        deadline = time.perf_counter() + self.config.batch_wait
+                    nxt = self._inbox.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                return
+            if nxt is None or not self._batchable(nxt, batch):
+                pending.append(nxt)
+                return
+            batch.append(nxt)
+            expect = nxt.step.burst if nxt.step.burst else expect - 1
+
+    @staticmethod
+    def _mark_bursts(batch: list[WorkItem], results: list[tuple]) -> None:
+        """Compute thread, after a pass: tell each step this pass sends on how many more go to the same stage right
+        after it (`Step.burst`), so that the receiver can batch them again."""
+        outgoing = []
+        for it, (out, error) in zip(batch, results, strict=True):
+            if error is not None or out is None:
+                continue
+            if isinstance(out, stage_pb2.Step):
+                outgoing.append((it.session.next_address, out))
+            elif it.follow is not None:
+                outgoing.append((it.follow_address, it.follow))
+        left = collections.Counter(address for address, _ in outgoing)
+        for address, step in outgoing:
+            left[address] -= 1
+            step.burst = left[address]
 
     @staticmethod
     def _batchable(item: WorkItem, batch: list[WorkItem] | None = None) -> bool:

@@ -75,6 +75,14 @@ def test_bad_arguments_exit_2_with_a_message(args, words):
     assert "Traceback" not in out.stderr
 
 
+def test_stage_refuses_packed_weights_it_cannot_use(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(TinySpec("qwen2", layers=4))
+    out = layerline("stage", "--model", folder, "--layers", "0:2", "--pack-weights", "--dtype", "bfloat16")
+    assert out.returncode == 2, out.stderr
+    assert "--pack-weights: packed weights are for float32 on CPU, not bfloat16" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_info():
     out = layerline("info", "--model", "smollm2")
     assert out.returncode == 0, out.stderr

@@ -79,6 +79,25 @@ def test_eight_concurrent_sessions_match_each_alone(tiny, route):
     assert sum(batched) > 0, batched
 
 
+def test_sessions_on_stages_with_packed_weights_match_transformers(tiny, stage_cluster):
+    """`--pack-weights`: the batched decode steps of 8 sessions (and prefills of 4+ tokens) run through oneDNN's
+    packed weights; every session still gets transformers' greedy tokens."""
+    folder, ref = tiny
+    packed = stage_cluster(folder, RANGES, "--pack-weights")
+    prompts = _prompts(8, seed=3)
+
+    async def run() -> list[list[int]]:
+        async with AsyncClient(packed) as client:
+            outs = await asyncio.gather(
+                *(client.generate(p, max_new_tokens=12, stop_token_ids=[], stream=False) for p in prompts)
+            )
+        return [o.token_ids for o in outs]
+
+    before = [i.batched_steps for i in infos(packed)]
+    assert asyncio.run(asyncio.wait_for(run(), 120)) == [hf_greedy(ref, p, 12) for p in prompts]
+    assert sum(i.batched_steps for i in wait_until_free(packed)) > sum(before)
+
+
 def test_multi_turn_session_equals_generating_from_the_whole_history(tiny, route):
     _, ref = tiny
     first, second, third = _prompts(3, seed=2)

@@ -118,7 +118,7 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets")
+    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets", "burst")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class Step(_message.Message):
     LOOP_FIELD_NUMBER: _ClassVar[int]
     LOOPED_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     positions: _tensor_pb2.Tensor
@@ -143,7 +144,8 @@ class Step(_message.Message):
     loop: Loop
     looped: bool
     targets: _tensor_pb2.Tensor
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., looped: _Optional[bool] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    burst: int
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., looped: _Optional[bool] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., burst: _Optional[int] = ...) -> None: ...
 
 class Loop(_message.Message):
     __slots__ = ("address", "session_id", "max_new_tokens", "stop_token_ids")
