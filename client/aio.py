@@ -8,7 +8,15 @@ a stop token, max_new_tokens or max_length; a stop string or a caller who stops 
 `ClientConfig(server_loop=False)` this client feeds each token back instead (N + 1 hops). A session keeps the
 conversation's tokens (`history`) and how many of them the stages' KV caches hold (`fed`; after a loop, the
 count its final Result reports), so later calls continue from the cache. Every failure surfaces as `RPCError`.
-The client imports no torch.
+
+Failover: when a session's stage dies, stalls past `step_timeout` or is cut off, the session asks every stage of
+its chain for Info to find which failed, bans those for `ban_seconds`, gets another chain (from the coordinator,
+which stands a replica in or re-plans; a fixed route can only be tried again as it is), opens the session there
+and replays its tokens (the conversation so far, the tokens generated so far included) so the new stages' caches
+hold what the old ones did; then it goes on sampling where it was (`SamplingParams.draws` continues a seeded
+generation's random numbers; an unseeded sampling generation gets a random seed here so that it can). The caller's
+stream only pauses. A micro-batch of `generate_batch` or `score`, whose results are not streamed, simply runs
+again on the new chain. The client imports no torch.
 """
 
 from __future__ import annotations
@@ -16,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import struct
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -46,6 +56,11 @@ class ClientConfig:
     micro_batch_size: int = 4  # default rows per micro-batch of generate_batch and score
     route_retries: int = 4  # with a coordinator: ask again when its route is out of date (a stage just died, or is
     # switching layers and its heartbeat has not said so yet), waiting 0.25, 0.5, 1, 2 s between tries
+    failover: bool = True  # a generation whose stage dies, stalls or is cut off moves to another chain and goes on
+    max_failovers: int = 3  # moves per generation (or micro-batch) before its error reaches the caller
+    failover_timeout: float = 60.0  # seconds to find a working chain after a failure (the coordinator may re-plan)
+    ban_seconds: float = 30.0  # a stage found dead or stalled is left out of routes this long
+    probe_timeout: float = 3.0  # seconds a stage gets to answer Info when a failure is being located
 
 
 @dataclass(frozen=True)
@@ -101,13 +116,34 @@ class Options:
             raise RPCError(INVALID, "; ".join(problems))
         return o
 
-    def sampling(self) -> stage_pb2.SamplingParams:
+    def sampling(self, draws: int = 0) -> stage_pb2.SamplingParams:
         msg = stage_pb2.SamplingParams(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            draws=draws,
         )
         if self.seed is not None:
             msg.seed = self.seed % (1 << 64)
         return msg
+
+    def seeded(self) -> Options:
+        """These options with a seed: a sampling generation without one gets a random seed here, so that a replay
+        after a failover continues its random numbers (greedy needs none)."""
+        if self.seed is not None or self.temperature == 0:
+            return self
+        return replace(self, seed=secrets.randbits(63))
+
+
+RETRIABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # a stage died, was cut off or is shutting down
+        grpc.StatusCode.DEADLINE_EXCEEDED,  # a stage stalled (no result within step_timeout)
+        grpc.StatusCode.CANCELLED,  # a stream torn down under us
+        grpc.StatusCode.ABORTED,
+    }
+)  # not NOT_FOUND: a session a stage expired (TTL) or dropped stays gone, as the stage said
 
 
 def int64_matrix(rows: list[list[int]]) -> tensor_pb2.Tensor:
@@ -146,7 +182,9 @@ class AsyncClient:
         if self.route and self.coordinator:
             raise RPCError(INVALID, "give a route or a coordinator, not both")
         self.config = config or ClientConfig()
-        self._links: list[_Link] | None = None
+        self._links: list[_Link] | None = None  # the chain new sessions open on
+        self._channels: dict[str, _Link] = {}  # every stage this client has talked to (channels are reused)
+        self._banned: dict[str, float] = {}  # address -> until when (monotonic) it is left out of routes
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False
         self._lock = asyncio.Lock()
@@ -175,40 +213,105 @@ class AsyncClient:
             while self._links is None:
                 if self.coordinator:
                     self.route = await self._route_from_coordinator()
-                opts = [
-                    ("grpc.max_send_message_length", self.config.max_message_bytes),
-                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                ]
-                links = []
-                for a in self.route:
-                    ch = grpc.aio.insecure_channel(a, options=opts)
-                    links.append(_Link(a, ch, stage_pb2_grpc.StageStub(ch)))
                 try:
-                    infos = await asyncio.gather(*(self._info(link) for link in links))
-                    _check_route(links, infos)
-                except BaseException as e:
-                    for link in links:
-                        await link.channel.close()
-                    stale = isinstance(e, RPCError) and e.code in (
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        grpc.StatusCode.UNAVAILABLE,
-                    )
+                    self._links = await self._chain(self.route)
+                except RPCError as e:
+                    stale = e.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
                     if not (self.coordinator and stale and attempt < self.config.route_retries):
                         raise
                     # the coordinator's soft state lags the stages by up to a heartbeat: ask it again
                     await asyncio.sleep(0.25 * 2**attempt)
                     attempt += 1
-                    continue
-                for link, info in zip(links, infos, strict=True):
-                    link.info = info
-                self._links = links
         return [link.info for link in self._links]
 
-    async def _route_from_coordinator(self) -> list[str]:
+    def _link(self, address: str) -> _Link:
+        link = self._channels.get(address)
+        if link is None:
+            opts = [
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ]
+            ch = grpc.aio.insecure_channel(address, options=opts)
+            link = self._channels[address] = _Link(address, ch, stage_pb2_grpc.StageStub(ch))
+        return link
+
+    async def _chain(self, route: list[str]) -> list[_Link]:
+        """Links to the stages of `route`, each asked for Info now, checked to chain one model's layers in order."""
+        links = [_Link(a, self._link(a).channel, self._link(a).stub) for a in route]
+        infos = await asyncio.gather(*(self._info(link) for link in links))
+        _check_route(links, infos)
+        for link, info in zip(links, infos, strict=True):
+            link.info = info
+        return links
+
+    async def reroute(self, failed: Collection[str] = ()) -> list[_Link]:
+        """After a failure: leave the `failed` stages out for `ban_seconds` and find a working chain (the one new
+        sessions then open on). With a coordinator, ask it for a chain without the banned stages, again and again
+        (backing off) until `failover_timeout`: it stands a replica in at once, or re-plans once their heartbeats
+        stop and the survivors have loaded the layers. A fixed route can only be checked and tried again."""
+        now = time.monotonic()
+        for address in failed:
+            self._banned[address] = now + self.config.ban_seconds
+        self._banned = {a: t for a, t in self._banned.items() if t > now}
+        deadline = now + self.config.failover_timeout
+        delay = 0.1
+        while True:
+            try:
+                if self.coordinator:
+                    route = await self._route_from_coordinator(exclude=sorted(self._banned))
+                else:
+                    banned = [a for a in self.route if a in self._banned]
+                    if banned:
+                        raise RPCError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"stage {', '.join(banned)} failed, and with a fixed route (no coordinator) there is no "
+                            "other stage to move its layers to",
+                        )
+                    route = self.route
+                links = await self._chain(route)
+            except RPCError as e:
+                retry = e.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE) or (
+                    e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                )
+                if not retry or (not self.coordinator and "fixed route" in e.details):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise RPCError(
+                        e.code, f"no working chain of stages within {self.config.failover_timeout:g} s: {e.details}"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            async with self._lock:
+                self.route, self._links = list(route), links
+            return links
+
+    async def locate_failure(self, links: list[_Link]) -> list[str]:
+        """The stages of a chain that do not answer Info within `probe_timeout` (dead, stalled or cut off)."""
+
+        async def dead(link: _Link) -> bool:
+            try:
+                await link.stub.Info(stage_pb2.InfoRequest(), timeout=self.config.probe_timeout)
+                return False
+            except grpc.aio.AioRpcError:
+                return True
+
+        found = await asyncio.gather(*(dead(link) for link in links))
+        return [link.address for link, bad in zip(links, found, strict=True) if bad]
+
+    def may_fail_over(self, error: BaseException, done: int) -> bool:
+        return (
+            isinstance(error, RPCError)
+            and self.config.failover
+            and error.code in RETRIABLE
+            and done < self.config.max_failovers
+        )
+
+    async def _route_from_coordinator(self, exclude: Sequence[str] = ()) -> list[str]:
         async with grpc.aio.insecure_channel(self.coordinator) as channel:
             try:
                 route = await coordinator_pb2_grpc.CoordinatorStub(channel).GetRoute(
-                    coordinator_pb2.RouteRequest(), timeout=self.config.connect_timeout
+                    coordinator_pb2.RouteRequest(exclude=exclude), timeout=self.config.connect_timeout
                 )
             except grpc.aio.AioRpcError as e:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -271,7 +374,7 @@ class AsyncClient:
         stop strings end a row's text on the client side (its row runs on to a stop token or max_new_tokens)."""
         from layerline.client import batch
 
-        opts = Options.make(**options)
+        opts = Options.make(**options).seeded()  # a micro-batch run again after a failover samples the same
         ids = await self._batch_ids(prompts, "prompt")
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
         return await batch.run_micro_batches(self, ids, size, lambda c, part: batch.generate_micro_batch(c, part, opts))
@@ -344,10 +447,10 @@ class AsyncClient:
         return ids
 
     async def close(self) -> None:
-        if self._links is not None:
-            for link in self._links:
-                await link.channel.close()
-            self._links = None
+        for link in self._channels.values():
+            await link.channel.close()
+        self._channels.clear()
+        self._links = None
 
 
 def _check_route(links: list[_Link], infos: list[stage_pb2.StageInfo]) -> None:
@@ -381,6 +484,8 @@ class AsyncSession:
         self.max_length = max_length
         self.rows = rows  # sequences in the session: 1 for a conversation, a micro-batch's size in generate_batch
         self.ids: list[str] = []
+        self.links: list[_Link] = []  # the chain the session is open on
+        self.failovers = 0  # times the session moved to another chain
         self.history: list[int] = []  # every token of the conversation, prompts and generated
         self.fed = 0  # how many of them the stages' caches hold
         self.last: Generation | None = None
@@ -404,7 +509,9 @@ class AsyncSession:
         await self.close()
 
     async def open(self) -> None:
-        links = await self.client.links()
+        await self._open_on(await self.client.links())
+
+    async def _open_on(self, links: list[_Link]) -> None:
         limit = min(link.info.max_length or 1 << 30 for link in links)
         self.max_length = self.max_length or min(limit, 4096)
         cfg = self.client.config
@@ -434,7 +541,7 @@ class AsyncSession:
         except BaseException:
             await _close_on(links, ids, cfg.connect_timeout)
             raise
-        self.ids = ids
+        self.ids, self.links = ids, links
         self._push = links[0].stub.Push()
         self._sub = links[-1].stub.Subscribe(stage_pb2.SubscribeRequest(session_id=ids[-1]))
         self._tasks = [
@@ -443,13 +550,14 @@ class AsyncSession:
         ]
 
     async def _pump(self, call: Any, kind: str, address: str) -> None:
+        events = self._events  # this chain's: a failover gives the next chain a queue of its own
         try:
             async for msg in call:
-                self._events.put_nowait((kind, msg))
-            self._events.put_nowait(("broken", RPCError(grpc.StatusCode.UNAVAILABLE, f"{address} ended the stream")))
+                events.put_nowait((kind, msg))
+            events.put_nowait(("broken", RPCError(grpc.StatusCode.UNAVAILABLE, f"{address} ended the stream")))
         except grpc.aio.AioRpcError as e:
             if not self._closed:
-                self._events.put_nowait(("broken", RPCError.from_grpc(e, address)))
+                events.put_nowait(("broken", RPCError.from_grpc(e, address)))
         except asyncio.CancelledError:
             pass
 
@@ -462,13 +570,39 @@ class AsyncSession:
             self._halting.cancel()
             with contextlib.suppress(BaseException):
                 await self._halting
+        await self._drop(self.client.config.connect_timeout)
+
+    async def _drop(self, timeout: float) -> None:
+        """Stop the session's streams and close it on its stages (those that answer within `timeout`)."""
         for task in self._tasks:
             task.cancel()
         for call in (self._push, self._sub):
             if call is not None:
                 call.cancel()
         if self.ids:
-            await _close_on(await self.client.links(), self.ids, self.client.config.connect_timeout)
+            await _close_on(self.links, self.ids, timeout)
+
+    async def _fail_over(self, error: RPCError) -> None:
+        """Move the session to another chain (see the module docstring); the caller then replays its tokens."""
+        failed = await self.client.locate_failure(self.links)
+        logger.warning(
+            "session %s: %s; moving to another chain (stages not answering: %s)",
+            self.ids[0][:8] if self.ids else "?",
+            error,
+            ", ".join(failed) or "none",
+        )
+        if self._halting is not None:
+            self._halting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._halting
+        await self._drop(self.client.config.probe_timeout)
+        self.ids, self._push, self._sub, self._tasks = [], None, None, []
+        self._events = asyncio.Queue()
+        self._inflight, self._looping, self._halting = None, False, None
+        self.fed = 0
+        links = await self.client.reroute(failed)
+        await self._open_on(links)
+        self.failovers += 1
 
     # ---- generation ----------------------------------------------------------------------------------------------
 
@@ -515,22 +649,29 @@ class AsyncSession:
         self, new_ids: list[int], opts: Options, keep: int | None = None, slot: bool = True
     ) -> AsyncIterator[Piece]:
         """Feed what the stages do not hold yet (the last generated token, then `new_ids`), then decode: with the
-        server loop the last stage feeds each token back to the first itself and this only reads results."""
+        server loop the last stage feeds each token back to the first itself and this only reads results. A stage
+        failure moves the session to another chain and the generation goes on there (`_fail_over`)."""
         if self._closed or not self.ids:
             raise RPCError(grpc.StatusCode.FAILED_PRECONDITION, "the session is not open")
         async with self._busy, self.client.in_flight() if slot else contextlib.nullcontext():
-            await self._settle()
+            moved = 0
+            try:
+                await self._settle()
+            except RPCError as e:  # the previous generation's stages are gone: start this one elsewhere
+                if not self.client.may_fail_over(e, moved):
+                    raise
+                moved += 1
+                await self._fail_over(e)
             truncate = None
             if keep is not None and keep < len(self.history):
                 self.history = self.history[:keep]
             if self.fed > len(self.history):
                 truncate = self.fed = len(self.history)
             prompt_ids = list(new_ids)
-            pending = self.history[self.fed :] + prompt_ids
-            if not pending:
+            if not self.history[self.fed :] + prompt_ids:
                 raise RPCError(INVALID, "the prompt is empty")
             tok = await self.client.tokenizer()
-            vocab = self.client._links[0].info.vocab_size  # type: ignore[index]
+            vocab = self.links[0].info.vocab_size
             if any(not 0 <= t < vocab for t in prompt_ids):
                 raise RPCError(INVALID, f"token ids must be in [0, {vocab})")
             needed = len(self.history) + len(prompt_ids)
@@ -540,57 +681,73 @@ class AsyncSession:
                     f"the conversation needs {needed} positions but the session's max_length is {self.max_length}",
                 )
             self.history.extend(prompt_ids)
+            opts = opts.seeded()
             stop_ids = opts.stop_token_ids if opts.stop_token_ids is not None else (tok.eos_token_ids if tok else ())
             decoder = tok.stream_decoder(skip_special_tokens=True) if tok else None
             stream = TextStream(decoder, opts.stop, stop_ids)
             out_ids: list[int] = []
-            use_loop = self.client.config.server_loop
-
-            def loop(remaining: int) -> stage_pb2.Loop | None:
-                if not use_loop:
-                    return None
-                return stage_pb2.Loop(
-                    address=self.client.route[0],
-                    session_id=self.ids[0],
-                    max_new_tokens=remaining,
-                    stop_token_ids=list(stop_ids),
-                )
-
-            # the prompt in chunks of at most self._chunk tokens; the last chunk asks for a sampled token
-            for c0 in range(0, len(pending), self._chunk):
-                chunk = pending[c0 : c0 + self._chunk]
-                last = c0 + self._chunk >= len(pending)
-                seq = await self._send(
-                    chunk,
-                    self.fed,
-                    sample=last,
-                    opts=opts if last else None,
-                    truncate=truncate,
-                    loop=loop(opts.max_new_tokens) if last else None,
-                )
-                truncate = None
-                self.fed += len(chunk)
-            self._inflight, self._looping = seq, use_loop
             try:
-                token = await self._next_token(seq)
                 while True:
-                    out_ids.append(token)
-                    self.history.append(token)
-                    at_limit = len(out_ids) >= opts.max_new_tokens or len(self.history) - 1 >= self.max_length  # type: ignore[operator]
-                    yield Piece(token, stream.push(token, at_limit))
-                    if stream.finish_reason:
-                        self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
-                        return
-                    if not self._looping:  # feed the token back ourselves (no server loop, or it ended early)
-                        seq = await self._send(
-                            [token], self.fed, sample=True, loop=loop(opts.max_new_tokens - len(out_ids))
-                        )
-                        self.fed += 1
-                        self._inflight, self._looping = seq, use_loop
-                    token = await self._next_token(seq)
+                    try:
+                        seq = await self._feed(opts, len(out_ids), stop_ids, truncate)
+                        truncate = None
+                        token = await self._next_token(seq)
+                        while True:
+                            out_ids.append(token)
+                            self.history.append(token)
+                            at_limit = len(out_ids) >= opts.max_new_tokens or len(self.history) - 1 >= self.max_length  # type: ignore[operator]
+                            yield Piece(token, stream.push(token, at_limit))
+                            if stream.finish_reason:
+                                self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
+                                return
+                            if not self._looping:  # feed the token back ourselves (no server loop, or it ended)
+                                loop = self._loop(opts.max_new_tokens - len(out_ids), stop_ids)
+                                seq = await self._send([token], self.fed, sample=True, loop=loop)
+                                self.fed += 1
+                                self._inflight, self._looping = seq, loop is not None
+                            token = await self._next_token(seq)
+                    except RPCError as e:
+                        if not self.client.may_fail_over(e, moved):
+                            raise
+                        moved += 1
+                        await self._fail_over(e)  # then the loop above feeds the whole conversation to the new chain
+                        truncate = None
             finally:
                 if self._looping and self._halting is None:  # a stop string, or the caller stopped reading
                     self._halting = asyncio.ensure_future(self._halt())
+
+    def _loop(self, remaining: int, stop_ids: Sequence[int]) -> stage_pb2.Loop | None:
+        """The server loop for the rest of a generation (None: this client feeds the tokens back itself)."""
+        if not self.client.config.server_loop:
+            return None
+        return stage_pb2.Loop(
+            address=self.links[0].address,
+            session_id=self.ids[0],
+            max_new_tokens=remaining,
+            stop_token_ids=list(stop_ids),
+        )
+
+    async def _feed(self, opts: Options, drawn: int, stop_ids: Sequence[int], truncate: int | None) -> int:
+        """Send the tokens the stages do not hold yet in chunks of at most `_chunk`; the last chunk samples (the
+        generation's draw number `drawn` on) and, with the server loop, starts it. Returns the last step's seq."""
+        pending = self.history[self.fed :]
+        loop = self._loop(opts.max_new_tokens - drawn, stop_ids)
+        for c0 in range(0, len(pending), self._chunk):
+            chunk = pending[c0 : c0 + self._chunk]
+            last = c0 + self._chunk >= len(pending)
+            seq = await self._send(
+                chunk,
+                self.fed,
+                sample=last,
+                opts=opts if last else None,
+                truncate=truncate,
+                loop=loop if last else None,
+                draws=drawn,
+            )
+            truncate = None
+            self.fed += len(chunk)
+        self._inflight, self._looping = seq, loop is not None
+        return seq
 
     async def _take(self, seq: int) -> stage_pb2.Result:
         """The next result of step (or loop) `seq`, with the bookkeeping of a loop's final result."""
@@ -606,12 +763,14 @@ class AsyncSession:
     async def _next_token(self, seq: int) -> int:
         result = await self._take(seq)
         if not result.token_ids:
-            raise RPCError(grpc.StatusCode.INTERNAL, "the generation loop ended without a token", self.client.route[-1])
+            raise RPCError(
+                grpc.StatusCode.INTERNAL, "the generation loop ended without a token", self.links[-1].address
+            )
         return int(result.token_ids[0])
 
     async def _halt(self) -> None:
         """Ask the last stage to end the session's generation loop (its final Result follows on the stream)."""
-        link = (await self.client.links())[-1]
+        link = self.links[-1]
         try:
             await link.stub.Halt(
                 stage_pb2.HaltRequest(session_id=self.ids[-1]), timeout=self.client.config.connect_timeout
@@ -636,6 +795,7 @@ class AsyncSession:
         opts: Options | None = None,
         truncate: int | None = None,
         loop: stage_pb2.Loop | None = None,
+        draws: int = 0,
     ) -> int:
         step = stage_pb2.Step(
             session_id=self.ids[0],
@@ -644,7 +804,7 @@ class AsyncSession:
             sample=sample,
         )
         if opts is not None:
-            step.sampling.CopyFrom(opts.sampling())
+            step.sampling.CopyFrom(opts.sampling(draws))
         if truncate is not None:
             step.truncate = truncate
         if loop is not None:
@@ -660,7 +820,7 @@ class AsyncSession:
             await self._push.write(step)  # type: ignore[union-attr]
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             if isinstance(e, grpc.aio.AioRpcError):
-                raise RPCError.from_grpc(e, self.client.route[0]) from None
+                raise RPCError.from_grpc(e, self.links[0].address) from None
             raise RPCError(grpc.StatusCode.UNAVAILABLE, "the session's stream to the first stage is closed") from None
         return step.seq
 

@@ -13,6 +13,7 @@ log-probability of each target instead of sampling.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ from layerline.client.aio import AsyncClient, AsyncSession, Generation, Options,
 from layerline.client.errors import RPCError
 from layerline.text_stream import TextStream
 from layerline.v1 import stage_pb2, tensor_pb2
+
+logger = logging.getLogger(__name__)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -58,7 +61,18 @@ async def run_micro_batches(client: AsyncClient, items: list, size: int, one) ->
 
     async def bounded(part: list) -> list:
         async with client.in_flight():
-            return await one(client, part)
+            moved = 0
+            while True:
+                links = await client.links()
+                try:
+                    return await one(client, part)
+                except RPCError as e:
+                    # nothing of a micro-batch reached the caller yet: it runs again, whole, on another chain
+                    if not client.may_fail_over(e, moved):
+                        raise
+                    moved += 1
+                    logger.warning("micro-batch failed (%s); running it again on another chain", e)
+                    await client.reroute(await client.locate_failure(links))
 
     tasks = [asyncio.ensure_future(bounded(p)) for p in parts]
     try:
@@ -103,7 +117,7 @@ async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], op
                 if use_loop:
                     step.loop.CopyFrom(
                         stage_pb2.Loop(
-                            address=client.route[0],
+                            address=s.links[0].address,
                             session_id=s.ids[0],
                             max_new_tokens=opts.max_new_tokens,
                             stop_token_ids=list(stop_ids),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from layerline.config import ModelConfig
@@ -277,10 +277,11 @@ class Registry:
 
     # ---- routes --------------------------------------------------------------------------------------------------
 
-    def route(self) -> RouteChoice:
-        """The fastest chain of ready stages, by what they serve now."""
+    def route(self, exclude: Collection[str] = ()) -> RouteChoice:
+        """The fastest chain of ready stages, by what they serve now, avoiding the stages at the `exclude`
+        addresses (a client found them dead or stalled before their heartbeats stopped)."""
         self.expire()
-        chain = self._fastest_chain(lambda s: s.ready)
+        chain = self._fastest_chain(lambda s: s.ready and s.address not in exclude)
         if chain is None:
             if not self.stages:
                 why = "no stages have registered yet"
@@ -289,7 +290,15 @@ class Registry:
             elif self.plan is None:
                 why = "no plan yet"
             else:
-                why = "the stages are still loading their layers"
+                missing = self._uncovered(lambda s: s.ready and s.address not in exclude)
+                names = ", ".join(f"{a}:{b}" for a, b in missing) or "none"
+                loading = self._uncovered(lambda s: s.address not in exclude, lambda s: s.assignment)
+                if missing and not loading and not exclude:
+                    why = f"the stages are still loading their layers ({names} not served yet)"
+                else:
+                    why = f"no ready stage serves layers {names}"
+                    if exclude:
+                        why += f" (avoiding {', '.join(sorted(exclude))}, found dead or stalled)"
             raise FailedPreconditionError(f"no complete chain of ready stages: {why}")
         entries = [self.stages[sid] for sid in chain]
         return RouteChoice(
@@ -298,6 +307,25 @@ class Registry:
             [entries[0].serving[0]] + [s.serving[1] for s in entries],
             self.plan_version,
         )
+
+    def _uncovered(
+        self, usable: Callable[[StageEntry], bool], span: Callable[[StageEntry], tuple[int, int]] | None = None
+    ) -> list[tuple[int, int]]:
+        """Layer ranges that no usable stage serves (or, with `span`, is meant to)."""
+        covered = [False] * self.model.num_layers
+        for s in self.stages.values():
+            if usable(s):
+                for i in range(*(span(s) if span else s.serving)):
+                    covered[i] = True
+        out: list[tuple[int, int]] = []
+        for i, c in enumerate(covered):
+            if c:
+                continue
+            if out and out[-1][1] == i:
+                out[-1] = (out[-1][0], i + 1)
+            else:
+                out.append((i, i + 1))
+        return out
 
     def _fastest_chain(self, usable: Callable[[StageEntry], bool]) -> list[str] | None:
         """Stages whose served ranges chain 0..L, with the smallest predicted time per token given the sessions each

@@ -126,7 +126,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.Route:
         try:
-            choice = self.registry.route()
+            choice = self.registry.route(exclude=set(request.exclude))
         except LayerlineError as e:
             await self._fail(context, e)
         return coordinator_pb2.Route(

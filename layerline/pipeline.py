@@ -16,7 +16,7 @@ from layerline.checkpoint import load_stage, open_checkpoint
 from layerline.config import ModelConfig
 from layerline.kv_cache import KVCache
 from layerline.model import StageModel
-from layerline.sampling import SamplingParams, sample
+from layerline.sampling import SamplingParams, draw_generator, sample
 
 
 def split_layers(
@@ -135,11 +135,12 @@ class LocalPipeline:
         chunk = prefill_chunk or longest
         for c0 in range(0, longest, chunk):
             logits = self.forward(ids[:, c0 : c0 + chunk], positions[:, c0 : c0 + chunk], caches, last_only=True)
-        generator = sampling.generator()
+        seed = sampling.base_seed()
         history = [list(p) for p in prompts]
         active = list(range(B))
         stops = set(stop_token_ids)
         for i in range(max_new_tokens):
+            generator = None if sampling.greedy else draw_generator(seed, i)
             nxt = sample(logits[:, -1], sampling, generator, [history[b] for b in active]).tolist()
             emitted = list(zip(active, nxt, strict=True))
             for b, tok in emitted:

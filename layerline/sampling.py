@@ -7,6 +7,7 @@ top-k, top-p), so the same settings mean the same thing.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,21 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self) -> torch.Generator | None:
-        if self.greedy:
-            return None
-        g = torch.Generator()
-        g.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        return g
+    def base_seed(self) -> int:
+        """The seed of a generation: `seed`, or a fresh random one."""
+        return self.seed if self.seed is not None else secrets.randbits(63)
+
+
+SEED_STRIDE = 0x9E3779B97F4A7C15  # odd (2^64 / golden ratio): draws of one seed land far apart
+
+
+def draw_generator(seed: int, draw: int) -> torch.Generator:
+    """The random numbers of the `draw`-th sampling step (0, 1, ...) of a generation seeded with `seed`: a function
+    of the two alone, not of the draws before. A generation replayed on other stages after a failure therefore
+    continues with the numbers it would have had (`SamplingParams.draws` on the wire says where it is)."""
+    g = torch.Generator()
+    g.manual_seed((seed + draw * SEED_STRIDE) % 2**64)
+    return g
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ from layerline.errors import (
     UnavailableError,
 )
 from layerline.model import StageModel
-from layerline.sampling import SamplingParams, sample
+from layerline.sampling import SamplingParams, draw_generator, sample
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import Downstream
 from layerline.stage_server.sessions import LoopState, Sampler, Session, SessionTable
@@ -252,7 +252,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         except RuntimeError as e:  # the allocation itself failed
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"could not allocate the KV cache: {e}")
         if m.is_last:
-            session.sampler = Sampler(SamplingParams(), None, [[] for _ in range(rows)])
+            session.sampler = Sampler(SamplingParams(), 0, [[] for _ in range(rows)])
             session.results = asyncio.Queue(maxsize=self.config.max_queued_results + 1)
         logger.info(
             "opened session %s (rows=%d, max_length=%d, %d bytes)", session.id[:8], rows, request.max_length, kv_bytes
@@ -658,7 +658,11 @@ class StageService(stage_pb2_grpc.StageServicer):
             return onward
         sampler = session.sampler
         if item.sampling is not None:
-            sampler.params, sampler.generator = item.sampling, item.sampling.generator()
+            sampler.params, sampler.seed, sampler.draws = (
+                item.sampling,
+                item.sampling.base_seed(),
+                item.step.sampling.draws,
+            )
         if item.tokens is not None:
             for b, r in enumerate(item.rows):
                 valid = item.positions[b] >= 0
@@ -682,7 +686,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             if item.targets is None:
                 return None
             return stage_pb2.Result(seq=step.seq, rows=item.rows, logprobs=wire.encode(_logprobs(out, item.targets)))
-        ids = sample(out[:, -1], sampler.params, sampler.generator, [sampler.history[r] for r in item.rows]).tolist()
+        generator = None if sampler.params.greedy else draw_generator(sampler.seed, sampler.draws)
+        sampler.draws += 1
+        ids = sample(out[:, -1], sampler.params, generator, [sampler.history[r] for r in item.rows]).tolist()
         result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
         if item.targets is not None:
             result.logprobs.CopyFrom(wire.encode(_logprobs(out, item.targets)))

@@ -24,11 +24,13 @@ from layerline.sampling import SamplingParams
 
 @dataclass
 class Sampler:
-    """The last stage's sampling state for one session: settings, seeded generator, and token history per row."""
+    """The last stage's sampling state for one session: settings, the generation's seed and how many sampling steps
+    it took (`draw_generator`), and the token history per row."""
 
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int
     history: list[list[int]]
+    draws: int = 0
 
 
 @dataclass

@@ -232,3 +232,21 @@ def test_without_a_ready_replica_a_dead_stage_means_a_new_plan():
     assert b.id not in reg.stages
     assert a.assignment == (0, 12) and not a.replica  # the crawler would slow the chain down: a takes all
     assert crawler.replica and crawler.assignment == (0, 12)
+
+
+def test_a_route_can_avoid_stages_a_client_found_dead_and_says_which_layers_are_missing():
+    shape = ModelShape(num_layers=2, layer_params=1000, embed_params=2000, head_params=2000)
+    reg = Registry(shape, "fp", heartbeat_s=1.0, miss_limit=3, settle_s=0.0, clock=Clock())
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(1.5e-3))
+    spare = reg.register("h:3", "fp", cap(1.5e-3))  # 2 layers on 2 stages: the third is a replica
+    load(reg)
+    assert len(reg.route().addresses) == 2 and spare.replica
+    twin = next(s for s in (a, b) if s.serving == spare.serving)
+    # the client saw the twin die before its heartbeats stopped: the replica stands in at once
+    other = reg.route(exclude={twin.address})
+    assert twin.address not in other.addresses and spare.address in other.addresses
+    # without a stand-in for a span, the refusal names the layers nobody else serves
+    lo, hi = next(s for s in (a, b) if s is not twin).serving
+    with pytest.raises(FailedPreconditionError, match=rf"no ready stage serves layers {lo}:{hi} \(avoiding "):
+        reg.route(exclude={s.address for s in (a, b) if s is not twin})

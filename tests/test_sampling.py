@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerline.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from layerline.sampling import SamplingParams, apply_repetition_penalty, draw_generator, filter_logits, sample
 
 
 @pytest.fixture
@@ -52,19 +52,24 @@ def test_repetition_penalty_matches_transformers(logits):
 def test_same_seed_same_tokens_different_seed_different_tokens(logits):
     flat = torch.zeros(1, 1000)  # uniform: draws depend only on the generator
     params = SamplingParams(temperature=1.0, seed=1234)
-    a = [sample(flat, params, g).item() for g in [params.generator()] for _ in range(20)]
-    b = [sample(flat, params, g).item() for g in [params.generator()] for _ in range(20)]
+    a = [sample(flat, params, draw_generator(params.base_seed(), i)).item() for i in range(20)]
+    b = [sample(flat, params, draw_generator(params.base_seed(), i)).item() for i in range(20)]
     other = SamplingParams(temperature=1.0, seed=99)
-    c = [sample(flat, other, g).item() for g in [other.generator()] for _ in range(20)]
+    c = [sample(flat, other, draw_generator(other.base_seed(), i)).item() for i in range(20)]
     assert a == b and a != c
+    assert len(set(a)) > 10  # the draws of one generation differ from each other
+    # a draw depends on (seed, index) alone: resuming at draw 7 gives what the 8th draw gave
+    assert [sample(flat, params, draw_generator(1234, i)).item() for i in range(7, 20)] == a[7:]
+    unseeded = SamplingParams(temperature=1.0)
+    assert unseeded.base_seed() != unseeded.base_seed()
 
 
 def test_low_temperature_concentrates_and_top_k_restricts(logits):
     params = SamplingParams(temperature=0.01, seed=0)
-    g = params.generator()
+    g = draw_generator(0, 0)
     assert all(sample(logits, params, g).tolist() == logits.argmax(-1).tolist() for _ in range(5))
     params = SamplingParams(temperature=5.0, top_k=3, seed=0)
-    g = params.generator()
+    g = draw_generator(0, 0)
     top3 = logits.topk(3, -1).indices
     for _ in range(50):
         picks = sample(logits, params, g)

@@ -89,8 +89,10 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("exclude",)
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, exclude: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("addresses", "plan_version", "boundaries")
