@@ -65,6 +65,7 @@ class LocalCluster:
         self.processes: list[subprocess.Popen] = []
         self.logs: list[tempfile._TemporaryFileWrapper] = []
         self.route: list[str] = []
+        self.listen: list[str] = []  # where each stage listens (differs from its route address with --advertise)
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -114,6 +115,7 @@ class LocalCluster:
                 self.processes.append(p)
                 threading.Thread(target=_watch, args=(i, p, ready), daemon=True).start()
             addresses: list[str | None] = [None] * len(self.ranges)
+            listen = [""] * len(self.ranges)
             deadline = time.monotonic() + self.startup_timeout
             while any(a is None for a in addresses):
                 try:
@@ -124,7 +126,8 @@ class LocalCluster:
                     what = "assigned by the coordinator" if self.ranges[i] is None else "{}:{}".format(*self.ranges[i])
                     raise LayerlineError(f"stage {what} failed to start:\n{self.log_tail(i)}")
                 addresses[i] = info["address"]
-            self.route = [a for a in addresses if a is not None]
+                listen[i] = info.get("listen") or info["address"]
+            self.route, self.listen = [a for a in addresses if a is not None], listen
             return self.route
         except BaseException:
             self.stop()

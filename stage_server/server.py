@@ -43,8 +43,9 @@ class RunningStage:
     server: grpc.aio.Server
     service: StageService
     health: health_aio.HealthServicer
-    address: str
+    address: str  # where others reach it (--advertise, else where it listens)
     fetcher: WeightFetcher | None = None  # a host without the checkpoint: layers come from the coordinator
+    listen: str = ""  # host:port it listens on
 
     async def stop(self, grace: float | None = None) -> None:
         """New RPCs are refused at once; admitted steps get up to `grace` seconds to finish. The service then
@@ -96,7 +97,7 @@ async def start_stage(config: StageConfig) -> RunningStage:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = config.advertise or f"{config.host}:{port}"
     logger.info("stage %s of %s serving on %s", service.label, config.model, address)
-    return RunningStage(server, service, health, address)
+    return RunningStage(server, service, health, address, listen=f"{config.host}:{port}")
 
 
 async def load_layers(stage: RunningStage, start: int, end: int) -> None:
@@ -197,6 +198,6 @@ async def serve(
 def print_ready(stage: RunningStage) -> None:
     """The line launchers wait for: where the stage listens and what it serves."""
     start, end = stage.service.serving
-    info = {"address": stage.address, "start": start, "end": end, "pid": os.getpid()}
+    info = {"address": stage.address, "listen": stage.listen, "start": start, "end": end, "pid": os.getpid()}
     sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
     sys.stdout.flush()
