@@ -42,12 +42,17 @@ def status(address: str) -> pb.ClusterStatus:
 
 
 def wait_ready(address: str, stages: int, timeout: float = 300.0) -> None:
-    """Until all `stages` stages are registered and ready, and the route covers the model."""
+    """Until all `stages` stages are registered, ready and serving what the plan assigns them, and the route
+    covers the model."""
     deadline = time.monotonic() + timeout
     while True:
         st = status(address)
-        live = [s for s in st.stages if s.ready]
-        if len(st.stages) == stages and len(live) == stages and st.route.addresses:
+        settled = [
+            s
+            for s in st.stages
+            if s.ready and (s.serving_start, s.serving_end) == (s.assignment.start_layer, s.assignment.end_layer)
+        ]
+        if len(st.stages) == stages and len(settled) == stages and st.route.addresses:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"the cluster did not settle within {timeout:g} s: {st}")

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from layerline.client.errors import RPCError, code_from_int
+from layerline.security import Security
 from layerline.text_stream import TextStream
 from layerline.tokenizer import Tokenizer
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
@@ -61,6 +62,7 @@ class ClientConfig:
     failover_timeout: float = 60.0  # seconds to find a working chain after a failure (the coordinator may re-plan)
     ban_seconds: float = 30.0  # a stage found dead or stalled is left out of routes this long
     probe_timeout: float = 3.0  # seconds a stage gets to answer Info when a failure is being located
+    security: Security = field(default_factory=Security)  # TLS / mutual TLS / token (`Security.from_files`)
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ class AsyncClient:
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ]
-            ch = grpc.aio.insecure_channel(address, options=opts)
+            ch = self.config.security.channel(address, opts)
             link = self._channels[address] = _Link(address, ch, stage_pb2_grpc.StageStub(ch))
         return link
 
@@ -308,7 +310,7 @@ class AsyncClient:
         )
 
     async def _route_from_coordinator(self, exclude: Sequence[str] = ()) -> list[str]:
-        async with grpc.aio.insecure_channel(self.coordinator) as channel:
+        async with self.config.security.channel(self.coordinator) as channel:
             try:
                 route = await coordinator_pb2_grpc.CoordinatorStub(channel).GetRoute(
                     coordinator_pb2.RouteRequest(exclude=exclude), timeout=self.config.connect_timeout

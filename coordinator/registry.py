@@ -293,7 +293,9 @@ class Registry:
                 missing = self._uncovered(lambda s: s.ready and s.address not in exclude)
                 names = ", ".join(f"{a}:{b}" for a, b in missing) or "none"
                 loading = self._uncovered(lambda s: s.address not in exclude, lambda s: s.assignment)
-                if missing and not loading and not exclude:
+                if not missing:  # every layer is served, but the ranges do not chain yet: a re-plan is under way
+                    why = "the stages are still loading their layers"
+                elif not loading and not exclude:
                     why = f"the stages are still loading their layers ({names} not served yet)"
                 else:
                     why = f"no ready stage serves layers {names}"

@@ -28,6 +28,7 @@ from layerline.coordinator.placement import PlacementError, StageCapacity, assig
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
 from layerline.coordinator.weights import check_request, stream_tensors
 from layerline.errors import BadInputError, CheckpointError, LayerlineError
+from layerline.security import Security
 from layerline.stage_server.server import model_fingerprint
 from layerline.stage_server.status import status_of
 from layerline.tokenizer import Tokenizer
@@ -251,7 +252,9 @@ async def start_coordinator(
     miss_limit: int = 3,
     settle_s: float = 4.0,
     expected_stages: int = 0,
+    security: Security | None = None,
 ) -> RunningCoordinator:
+    security = security or Security()
     config = await asyncio.to_thread(load_config, model)
     try:
         tokenizer_json = (await asyncio.to_thread(Tokenizer.from_path, model)).to_json()
@@ -272,15 +275,13 @@ async def start_coordinator(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+        ],
+        interceptors=security.interceptors(),
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
+    bound = security.bind(server, f"{host}:{port}")
     if bound == 0:
         raise LayerlineError(f"cannot listen on {host}:{port} (port taken or address not available)")
     await server.start()

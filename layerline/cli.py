@@ -101,6 +101,21 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _add_route_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
     p.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
+    _add_security_args(p)
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (see `layerline certs`)")
+    g.add_argument("--tls-cert", default="", help="PEM certificate: listen with TLS / present it to servers (mTLS)")
+    g.add_argument("--tls-key", default="", help="the certificate's PEM private key")
+    g.add_argument("--tls-ca", default="", help="PEM CA: check servers against it; servers require client certs")
+    g.add_argument("--token-file", default="", help="shared token (default: $LAYERLINE_TOKEN): required / sent")
+
+
+def _security(args: argparse.Namespace):
+    from layerline.security import Security
+
+    return Security.from_files(args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
 
 
 def _add_batch_args(p: argparse.ArgumentParser, file_help: str) -> None:
@@ -173,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="decode steps of different sessions run as one forward pass, up to this many (16; 1: never)",
     )
+    _add_security_args(stage)
     stage.add_argument(
         "--pack-weights",
         action="store_true",
@@ -237,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--heartbeat", type=float, default=2.0, help="seconds between stage heartbeats (2)")
     coord.add_argument("--settle", type=float, default=4.0, help="seconds the first plan waits for stages (4)")
     coord.add_argument("--expect", type=int, default=0, help="plan as soon as this many stages have registered")
+    _add_security_args(coord)
+
+    certs = sub.add_parser(
+        "certs",
+        help="make a private CA, a certificate for the cluster's hosts, and a token",
+        description="Write ca.pem, ca.key, node.pem, node.key and token into a folder: give every process "
+        "--tls-cert node.pem --tls-key node.key --tls-ca ca.pem --token-file token (mutual TLS and a token on every "
+        "link). Keep ca.key somewhere safe, or delete it.",
+        epilog="example: layerline certs --out ./certs --hosts 10.0.0.1,10.0.0.2,gpu-box,localhost,127.0.0.1",
+    )
+    certs.add_argument("--out", required=True, help="folder to write into")
+    certs.add_argument("--hosts", required=True, help="comma-separated host names and IP addresses of the cluster")
+    certs.add_argument("--days", type=_positive, default=825, help="validity in days (825)")
 
     for name, text in (
         ("status", "a table of the registered stages, their ranges, measured speed, memory and health"),
@@ -245,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, epilog=f"example: layerline {name} --coordinator 10.0.0.1:7000")
         p.add_argument("--coordinator", required=True, help="host:port of the coordinator")
         p.add_argument("--json", action="store_true", help="print the answer as JSON")
+        _add_security_args(p)
     return parser
 
 
@@ -349,6 +379,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             pack_weights=args.pack_weights,
             max_queued_steps=args.max_queued_steps,
             loop_ahead=args.loop_ahead,
+            security=_security(args),
         )
     except ValueError as e:
         raise LayerlineError(str(e)) from None
@@ -385,9 +416,11 @@ def _options(args: argparse.Namespace) -> dict:
 def _stream_answer(route: list[str] | None, args: argparse.Namespace, coordinator: str = "") -> int:
     """Generate through the stages at `route` (or the coordinator's route) and print the answer (streamed text, or
     one JSON object)."""
-    from layerline.client import Client
+    from layerline.client import Client, ClientConfig
 
-    with Client(route, coordinator=coordinator) as client:
+    security = _security(args) if hasattr(args, "tls_cert") else None
+    config = ClientConfig(security=security) if security is not None else None
+    with Client(route, coordinator=coordinator, config=config) as client:
         tok = client.tokenizer()
         if args.raw or tok is None or not tok.chat_template:
             pieces = client.generate(args.prompt, **_options(args))
@@ -443,9 +476,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _inputs(args, args.prompt, "prompt")
     if prompts is None:
         return _stream_answer(route, args, coordinator=args.coordinator)
-    from layerline.client import Client
+    from layerline.client import Client, ClientConfig
 
-    with Client(route, coordinator=args.coordinator) as client:
+    with Client(route, coordinator=args.coordinator, config=ClientConfig(security=_security(args))) as client:
         tok = client.tokenizer()
         chat = not args.raw and tok is not None and bool(tok.chat_template)
         asked = [tok.encode_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
@@ -463,11 +496,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from layerline.client import Client
+    from layerline.client import Client, ClientConfig
 
     route = _route_args(args)
     texts = _inputs(args, args.text, "text") or [args.text]
-    with Client(route, coordinator=args.coordinator) as client:
+    with Client(route, coordinator=args.coordinator, config=ClientConfig(security=_security(args))) as client:
         tok = client.tokenizer()
         if tok is None:
             raise LayerlineError("the stages serve no tokenizer, so texts cannot be scored from the command line")
@@ -552,21 +585,26 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             heartbeat_s=args.heartbeat,
             settle_s=args.settle,
             expected_stages=args.expect,
+            security=_security(args),
         )
     )
     return 0
 
 
-def _ask_coordinator(address: str, method: str):
+def _ask_coordinator(address: str, method: str, security=None):
     """One unary call to the coordinator, with the failure as a LayerlineError that says what went wrong."""
     import grpc
 
+    from layerline.security import Security
     from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
+    security = security or Security()
     requests = {"Status": coordinator_pb2.StatusRequest(), "Plan": coordinator_pb2.PlanRequest()}
-    with grpc.insecure_channel(address) as channel:
+    with security.sync_channel(address) as channel:
         try:
-            return getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(requests[method], timeout=10)
+            return getattr(coordinator_pb2_grpc.CoordinatorStub(channel), method)(
+                requests[method], timeout=10, metadata=security.metadata()
+            )
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise LayerlineError(f"the coordinator at {address} is unreachable ({e.details()})") from None
@@ -580,7 +618,7 @@ def _json_of(message) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _ask_coordinator(args.coordinator, "Status")
+    status = _ask_coordinator(args.coordinator, "Status", _security(args))
     if args.json:
         print(_json_of(status))
         return 0
@@ -636,8 +674,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = _ask_coordinator(args.coordinator, "Plan")
+    plan = _ask_coordinator(args.coordinator, "Plan", _security(args))
     print(_json_of(plan) if args.json else plan.explanation)
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from layerline.security import make_certificates
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    try:
+        paths = make_certificates(args.out, hosts, args.days)
+    except OSError as e:
+        raise LayerlineError(f"cannot write into {args.out}: {e.strerror or e}") from None
+    print(f"wrote {', '.join(paths.values())}")
+    print(
+        "give every stage, coordinator and client: --tls-cert {} --tls-key {} --tls-ca {} --token-file {}".format(
+            paths["node.pem"], paths["node.key"], paths["ca.pem"], paths["token"]
+        )
+    )
     return 0
 
 
@@ -651,6 +706,7 @@ COMMANDS = {
     "coordinator": cmd_coordinator,
     "status": cmd_status,
     "plan": cmd_plan,
+    "certs": cmd_certs,
 }
 
 

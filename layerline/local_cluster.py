@@ -185,8 +185,9 @@ class LocalCoordinator:
         expect: int = 0,
         startup_timeout: float = 60.0,
         env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
-        self.args = ["--heartbeat", str(heartbeat), "--settle", str(settle), "--expect", str(expect)]
+        self.args = ["--heartbeat", str(heartbeat), "--settle", str(settle), "--expect", str(expect), *extra_args]
         self.model, self.startup_timeout, self.env = model, startup_timeout, env
         self.process: subprocess.Popen | None = None
         self.address = ""

@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
 
 import layerline
 from layerline.errors import LayerlineError
+from layerline.security import Security
 from layerline.stage_server.capacity import Capacity, cpu_quota
 from layerline.stage_server.server import RunningStage, load_layers
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -39,6 +40,7 @@ class AgentConfig:
     memory_bytes: int  # what this stage may give the model (weights + KV cache)
     timeout: float = 10.0  # per call to the coordinator
     max_backoff: float = 10.0
+    security: Security = field(default_factory=Security)
 
 
 class CoordinatorAgent:
@@ -85,7 +87,7 @@ class CoordinatorAgent:
     async def run(self) -> None:
         """Until cancelled. Raises LayerlineError when the coordinator refuses this stage for good."""
         backoff = 0.5
-        async with grpc.aio.insecure_channel(self.config.coordinator) as channel:
+        async with self.config.security.channel(self.config.coordinator) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             while True:
                 try:
@@ -96,9 +98,9 @@ class CoordinatorAgent:
                     if e.code() == grpc.StatusCode.NOT_FOUND:  # the coordinator forgot us: register again
                         self.stage_id = None
                         continue
-                    if self.stage_id is None and e.code() in (
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        grpc.StatusCode.INVALID_ARGUMENT,
+                    if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
+                        self.stage_id is None
+                        and e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
                     ):
                         raise LayerlineError(
                             f"the coordinator at {self.config.coordinator} refused this stage: {e.details()}"

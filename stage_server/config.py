@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from layerline.model import packing_unavailable
+from layerline.security import Security
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -45,6 +46,7 @@ class StageConfig:
     threads: int = 0  # torch threads for compute; 0 = torch's default
     grace: float = 5.0  # seconds in-flight work gets to finish on shutdown
     advertise: str = ""  # address other processes should use; "" = host:port
+    security: Security = field(default_factory=Security)  # TLS / mutual TLS / token, listening and dialling
 
     def __post_init__(self) -> None:
         if self.kv_cache_bytes <= 0:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
+from layerline.security import Security
 from layerline.v1 import stage_pb2, stage_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ class Downstream:
         max_message_bytes: int,
         on_reply: Callable[[stage_pb2.PushReply], None],
         on_failure: Callable[[set[str], str], None],
+        security: Security | None = None,
     ) -> None:
         self.address = address
+        self._security = security or Security()
         self._options = channel_options(max_message_bytes)
         self._on_reply = on_reply
         self._on_failure = on_failure
@@ -67,7 +70,7 @@ class Downstream:
     async def _run(self) -> None:
         self._sent = sent = set()
         error = "stream ended"
-        async with grpc.aio.insecure_channel(self.address, options=self._options) as channel:
+        async with self._security.channel(self.address, self._options) as channel:
             call = stage_pb2_grpc.StageStub(channel).Push()
             reader = asyncio.create_task(self._read(call))
             writer = asyncio.create_task(self._write(call, sent))

@@ -21,6 +21,7 @@ from layerline import weight_cache
 from layerline.config import config_from_json, model_fingerprint
 from layerline.errors import CheckpointError, LayerlineError
 from layerline.model import FLOAT_DTYPES, expected_tensors
+from layerline.security import Security
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-async def prepare(coordinator: str, root: str, dtype: torch.dtype, timeout: float = 20.0) -> str:
+async def prepare(
+    coordinator: str, root: str, dtype: torch.dtype, timeout: float = 20.0, security: Security | None = None
+) -> str:
     """The weight-cache folder of the coordinator's model (its description written there); raises LayerlineError
     with a clear message when the coordinator cannot be reached or answers nonsense."""
-    async with grpc.aio.insecure_channel(coordinator) as channel:
+    async with (security or Security()).channel(coordinator) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         try:
             info = await stub.GetModel(coordinator_pb2.ModelRequest(), timeout=timeout, wait_for_ready=True)
@@ -67,8 +70,16 @@ async def prepare(coordinator: str, root: str, dtype: torch.dtype, timeout: floa
 
 
 class WeightFetcher:
-    def __init__(self, coordinator: str, folder: str, dtype: torch.dtype, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        coordinator: str,
+        folder: str,
+        dtype: torch.dtype,
+        timeout: float = 600.0,
+        security: Security | None = None,
+    ) -> None:
         self.coordinator, self.folder, self.dtype = coordinator, folder, dtype
+        self.security = security or Security()
         self.timeout = timeout  # for one fetch call (all the tensors of a range)
         ckpt = weight_cache.FetchedCheckpoint(folder)
         self.config, self.fingerprint = ckpt.config, ckpt.fingerprint
@@ -107,7 +118,7 @@ class WeightFetcher:
         hashes: dict[str, str] = {}
         receiver = TensorReceiver(ordered, dtype_name(self.dtype))
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        async with grpc.aio.insecure_channel(self.coordinator, options=options) as channel:
+        async with self.security.channel(self.coordinator, options) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             request = coordinator_pb2.FetchRequest(
                 model_fingerprint=self.fingerprint, names=ordered, dtype=dtype_name(self.dtype)

@@ -81,14 +81,13 @@ async def start_stage(config: StageConfig) -> RunningStage:
         except CheckpointError as e:
             logger.warning("no tokenizer served: %s", e)
     service = StageService(model, config, name, fingerprint, tokenizer_json, model_config)
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    server = grpc.aio.server(
+        options=channel_options(config.max_message_bytes), interceptors=config.security.interceptors()
+    )
     stage_pb2_grpc.add_StageServicer_to_server(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-    except RuntimeError:
-        port = 0
+    port = config.security.bind(server, f"{config.host}:{config.port}")
     if port == 0:
         raise LayerlineError(f"cannot listen on {config.host}:{config.port} (port taken or address not available)")
     await server.start()
@@ -136,8 +135,8 @@ async def serve(
         if not coordinator:
             raise LayerlineError("a stage without a model needs a coordinator to fetch it from")
         root = os.path.join(cache_dir, "weights") if cache_dir else weight_cache.default_root()
-        config.model = await prepare(coordinator, root, config.dtype, connect_timeout)
-        fetcher = WeightFetcher(coordinator, config.model, config.dtype)
+        config.model = await prepare(coordinator, root, config.dtype, connect_timeout, config.security)
+        fetcher = WeightFetcher(coordinator, config.model, config.dtype, security=config.security)
         logger.info("model %s comes from the coordinator at %s (cache: %s)", fetcher.fingerprint, coordinator, root)
     stage = await start_stage(config)
     stage.fetcher = fetcher
@@ -176,7 +175,9 @@ async def serve(
                 1e3 * capacity.head_decode_s,
             )
             memory = max_memory or free_memory(config.device)[0]
-            agent = CoordinatorAgent(stage, capacity, AgentConfig(coordinator, memory), measure_again)
+            agent = CoordinatorAgent(
+                stage, capacity, AgentConfig(coordinator, memory, security=config.security), measure_again
+            )
             agent_task = asyncio.create_task(agent.run(), name="coordinator agent")
         if on_ready is not None:
             on_ready(stage)

@@ -733,7 +733,11 @@ class StageService(stage_pb2_grpc.StageServicer):
         d = self.downstreams.get(address)
         if d is None:
             d = Downstream(
-                address, self.config.max_message_bytes, self._on_downstream_reply, self._on_downstream_failure
+                address,
+                self.config.max_message_bytes,
+                self._on_downstream_reply,
+                self._on_downstream_failure,
+                self.config.security,
             )
             self.downstreams[address] = d
         return d
