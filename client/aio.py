@@ -27,6 +27,7 @@ import logging
 import secrets
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -142,10 +143,10 @@ RETRIABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,  # a stage died, was cut off or is shutting down
         grpc.StatusCode.DEADLINE_EXCEEDED,  # a stage stalled (no result within step_timeout)
-        grpc.StatusCode.CANCELLED,  # a stream torn down under us
         grpc.StatusCode.ABORTED,
     }
-)  # not NOT_FOUND: a session a stage expired (TTL) or dropped stays gone, as the stage said
+)  # not NOT_FOUND: a session a stage expired (TTL) or dropped stays gone, as the stage said; not CANCELLED: that
+# is this side closing its own streams (the caller left, or was interrupted)
 
 
 def int64_matrix(rows: list[list[int]]) -> tensor_pb2.Tensor:
@@ -193,6 +194,7 @@ class AsyncClient:
         if self.config.max_in_flight < 1:
             raise RPCError(INVALID, f"max_in_flight must be at least 1, got {self.config.max_in_flight}")
         self._slots: asyncio.Semaphore | None = None
+        self._sessions: weakref.WeakSet[AsyncSession] = weakref.WeakSet()  # open ones: closed before the channels
 
     def in_flight(self) -> asyncio.Semaphore:
         """The client's bound on work in flight: a generation or a micro-batch holds one of `max_in_flight` slots
@@ -413,8 +415,9 @@ class AsyncClient:
     ) -> AsyncIterator[Piece]:
         ids = await self._prompt_ids(prompt, messages)
         async with self.in_flight(), self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
-            async for piece in s._generate(ids, opts, slot=False):
-                yield piece
+            async with contextlib.aclosing(s._generate(ids, opts, slot=False)) as pieces:
+                async for piece in pieces:
+                    yield piece
 
     async def _one_shot_result(
         self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
@@ -449,6 +452,11 @@ class AsyncClient:
         return ids
 
     async def close(self) -> None:
+        # sessions still open (a stream left with `break` is closed by its finalizer a moment later, maybe after
+        # this): freed on the stages now, while the channels are still there
+        for session in list(self._sessions):
+            with contextlib.suppress(Exception):
+                await session.close()
         for link in self._channels.values():
             await link.channel.close()
         self._channels.clear()
@@ -544,6 +552,7 @@ class AsyncSession:
             await _close_on(links, ids, cfg.connect_timeout)
             raise
         self.ids, self.links = ids, links
+        self.client._sessions.add(self)
         self._push = links[0].stub.Push()
         self._sub = links[-1].stub.Subscribe(stage_pb2.SubscribeRequest(session_id=ids[-1]))
         self._tasks = [
@@ -568,6 +577,7 @@ class AsyncSession:
         if self._closed:
             return
         self._closed = True
+        self.client._sessions.discard(self)
         if self._halting is not None:  # the sessions are closed below, which ends any loop anyway
             self._halting.cancel()
             with contextlib.suppress(BaseException):
@@ -634,8 +644,9 @@ class AsyncSession:
 
     async def _from_prompt(self, prompt: str | Sequence[int], opts: Options) -> AsyncIterator[Piece]:
         ids = await self.client._prompt_ids(prompt, None, first=not self.history)
-        async for piece in self._generate(ids, opts):
-            yield piece
+        async with contextlib.aclosing(self._generate(ids, opts)) as pieces:
+            async for piece in pieces:
+                yield piece
 
     async def _from_messages(self, messages: list[dict[str, Any]], opts: Options) -> AsyncIterator[Piece]:
         rendered = await self.client._prompt_ids(None, messages)
@@ -644,8 +655,9 @@ class AsyncSession:
             if a != b:
                 break
             common += 1
-        async for piece in self._generate(rendered[common:], opts, keep=common):
-            yield piece
+        async with contextlib.aclosing(self._generate(rendered[common:], opts, keep=common)) as pieces:
+            async for piece in pieces:
+                yield piece
 
     async def _generate(
         self, new_ids: list[int], opts: Options, keep: int | None = None, slot: bool = True
@@ -660,7 +672,7 @@ class AsyncSession:
             try:
                 await self._settle()
             except RPCError as e:  # the previous generation's stages are gone: start this one elsewhere
-                if not self.client.may_fail_over(e, moved):
+                if self._closed or not self.client.may_fail_over(e, moved):
                     raise
                 moved += 1
                 await self._fail_over(e)
@@ -709,13 +721,13 @@ class AsyncSession:
                                 self._inflight, self._looping = seq, loop is not None
                             token = await self._next_token(seq)
                     except RPCError as e:
-                        if not self.client.may_fail_over(e, moved):
+                        if self._closed or not self.client.may_fail_over(e, moved):
                             raise
                         moved += 1
                         await self._fail_over(e)  # then the loop above feeds the whole conversation to the new chain
                         truncate = None
             finally:
-                if self._looping and self._halting is None:  # a stop string, or the caller stopped reading
+                if self._looping and self._halting is None and not self._closed:  # a stop string, or the caller left
                     self._halting = asyncio.ensure_future(self._halt())
 
     def _loop(self, remaining: int, stop_ids: Sequence[int]) -> stage_pb2.Loop | None:

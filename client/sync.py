@@ -5,7 +5,9 @@ KeyboardInterrupt) closes the stream at once, which frees an implicit session on
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -20,11 +22,16 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="layerline-client", daemon=True)
         self.thread.start()
+        self.streams: weakref.WeakSet = weakref.WeakSet()  # async generators being iterated from this thread
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the loop thread and wait for it. If the wait is interrupted (KeyboardInterrupt...), the
-        coroutine is cancelled and has finished unwinding (its cleanup awaited) before the interruption goes on."""
+        coroutine is cancelled and has finished unwinding (its cleanup awaited) before the interruption goes on -
+        also when the interruption comes while the coroutine is being handed to the loop (it then either never
+        starts or is cancelled at once)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
         finished = threading.Event()
+        state: dict[str, Any] = {"task": None, "cancelled": False}
 
         async def tracked() -> T:
             try:
@@ -32,15 +39,39 @@ class _LoopThread:
             finally:
                 finished.set()
 
-        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+        def copy(task: asyncio.Task) -> None:
+            if task.cancelled():
+                done.cancel()
+            elif task.exception() is not None:
+                done.set_exception(task.exception())
+            else:
+                done.set_result(task.result())
+
+        def start() -> None:
+            if state["cancelled"]:
+                coro.close()
+                finished.set()
+                return
+            state["task"] = self.loop.create_task(tracked())
+            state["task"].add_done_callback(copy)
+
+        def stop() -> None:  # queued after `start` if that was queued at all (callbacks run in order)
+            if state["task"] is None:
+                finished.set()
+            else:
+                state["task"].cancel()
+
         try:
-            return future.result()
+            self.loop.call_soon_threadsafe(start)
+            return done.result()
         except BaseException:
-            future.cancel()
+            state["cancelled"] = True
+            self.loop.call_soon_threadsafe(stop)
             finished.wait(timeout=30)
             raise
 
     def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        self.streams.add(agen)
         try:
             while True:
                 try:
@@ -49,14 +80,25 @@ class _LoopThread:
                     return
                 yield item
         finally:
-            self.run(agen.aclose())  # type: ignore[attr-defined]
+            self.streams.discard(agen)
+            if not self.loop.is_closed():  # else `stop` closed it already
+                self.run(agen.aclose())  # type: ignore[attr-defined]
 
     def deliver(self, result: AsyncIterator[T] | Coroutine[Any, Any, T], stream: bool) -> Iterator[T] | T:
         """What an AsyncClient call returned, driven from this thread: an iterator (stream) or the value."""
         return self.iterate(result) if stream else self.run(result)  # type: ignore[arg-type]
 
+    def close_streams(self) -> None:
+        """Close the streams the caller did not finish (an exception or Ctrl-C between two pieces), while the loop
+        still runs, so that their sessions are freed on the stages."""
+        if self.loop.is_running():
+            for agen in list(self.streams):
+                self.streams.discard(agen)
+                self.run(agen.aclose())  # type: ignore[attr-defined]
+
     def stop(self) -> None:
         if self.loop.is_running():
+            self.close_streams()
             self.run(_cancel_pending())
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)
@@ -135,6 +177,7 @@ class Client:
 
     def close(self) -> None:
         if self._loop.loop.is_running():
+            self._loop.close_streams()
             self._loop.run(self._aio.close())
         self._loop.stop()
 

@@ -110,6 +110,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._thread = threading.Thread(target=self._compute_thread, name="layerline-compute", daemon=True)
         self._slots: asyncio.Semaphore | None = None  # steps admitted and not yet sent on (flow control)
         self.in_flight = 0
+        self.stopping = False  # shutting down: a step or subscriber of a session already gone hears UNAVAILABLE
         self.downstreams: dict[str, Downstream] = {}
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,6 +148,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def stop(self) -> None:
         """After the gRPC server has stopped: let the admitted steps finish (within the grace period), then
         release everything and join the compute thread."""
+        self.stopping = True
         deadline = self._loop.time() + self.config.grace
         while self.in_flight and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
@@ -282,6 +284,16 @@ class StageService(stage_pb2_grpc.StageServicer):
             loop.halted = True
         return stage_pb2.HaltResponse(running=loop is not None)
 
+    def _session(self, session_id: str) -> Session:
+        """The open session with this id; NOT_FOUND if there is none, UNAVAILABLE if it went with a shutdown (the
+        client may go elsewhere)."""
+        try:
+            return self.sessions.get(session_id)
+        except NotFoundError:
+            if self.stopping:
+                raise UnavailableError(f"session closed: {SHUTDOWN}") from None
+            raise
+
     def _close(self, session_id: str, reason: str) -> bool:
         session = self.sessions.close(session_id, reason)
         if session is None:
@@ -330,7 +342,7 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def _admit(self, step: stage_pb2.Step, replies: asyncio.Queue) -> WorkItem:
         """Check everything about a step that does not need the cache, on the event loop."""
-        session = self.sessions.get(step.session_id)
+        session = self._session(step.session_id)
         m = session.model
         if not step.looped:  # failures of loop steps go back to the loop's stage, not to the client's stream
             session.reply_to = replies
@@ -402,7 +414,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         if model is None or not model.is_last:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{_label(model)} is not the last stage")
         try:
-            return self.sessions.get(session_id)
+            return self._session(session_id)
         except NotFoundError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 

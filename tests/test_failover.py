@@ -1,5 +1,5 @@
 """Generation survives a dying stage (all in subprocesses, real gRPC on 127.0.0.1): a stage of the session's chain
-is killed (kill -9) mid-generation; the client finds which one stopped answering, asks the coordinator for a chain
+is killed (kill -9), or shut down on purpose (SIGTERM), mid-generation; the client finds which one stopped answering, asks the coordinator for a chain
 without it (a replica stands in), replays the conversation there and goes on. The tokens are those of a run
 without the fault: transformers' for greedy, the no-fault run's for seeded sampling. Without anywhere to go, the
 caller gets a clear error naming the failed stage, not a hang."""
@@ -83,9 +83,14 @@ def test_a_killed_stage_is_routed_around_and_the_tokens_are_unchanged(tiny_check
             wait_for_replicas(address, 2)
             killed: list[str] = []
 
-            def kill(chain: list[str]) -> None:
+            def kill(chain: list[str]) -> None:  # kill -9
                 a = victim(address, chain)
                 cluster.processes[cluster.route.index(a)].kill()
+                killed.append(a)
+
+            def drain(chain: list[str]) -> None:  # SIGTERM: the stage shuts down on purpose
+                a = victim(address, chain)
+                cluster.processes[cluster.route.index(a)].terminate()
                 killed.append(a)
 
             async def run() -> None:
@@ -100,8 +105,9 @@ def test_a_killed_stage_is_routed_around_and_the_tokens_are_unchanged(tiny_check
                     assert got == expected and moves == 1, (got, expected)
                     assert killed[0] in before and killed[0] not in after and len(after) == 2
                     assert time.monotonic() - began < 30
-                    # seeded sampling: the same tokens as the run without a fault (the draws go on where they were)
-                    got, moves, before, after = await generate(client, kill, after=7, **sampled)
+                    # a stage drained on purpose (SIGTERM) mid-generation, seeded sampling: no error reaches the
+                    # caller, and the tokens are those of the run without a fault (the draws go on where they were)
+                    got, moves, before, after = await generate(client, drain, after=7, **sampled)
                     assert moves == 1 and killed[1] in before and killed[1] not in after
                     assert got == calm
 
@@ -124,3 +130,52 @@ def test_with_a_fixed_route_a_dead_stage_is_a_clear_error_not_a_hang(tiny_checkp
                 assert "no other stage" in err.value.details
 
         asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_coordinator_killed_mid_generation_disturbs_nothing_and_the_stages_come_back(tiny_checkpoint, cache_env):
+    folder, ref = tiny_checkpoint(SPEC)
+    expected = hf_greedy(ref, PROMPT, TOKENS)
+    first = LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2)
+    first.start()
+    address = first.address
+    try:
+        with LocalCluster(
+            folder, [None, None], coordinator=address, threads=1, env=cache_env, extra_args=STAGE_ARGS
+        ) as pair:
+            deadline = time.monotonic() + 90
+            while len(status(address).route.addresses) != 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+
+            def kill_coordinator(chain: list[str]) -> None:
+                assert first.process is not None
+                first.process.kill()  # kill -9: its soft state is gone
+                first.process.wait()
+
+            async def run() -> tuple[list[int], int, list[str], list[str]]:
+                async with AsyncClient(coordinator=address, config=ClientConfig(step_timeout=10)) as client:
+                    return await generate(client, kill_coordinator)
+
+            got, moves, before, after = asyncio.run(asyncio.wait_for(run(), 60))
+            assert got == expected and moves == 0 and before == after  # the token path never touched it
+            # a new coordinator on the same address: the stages register again and it adopts their chain
+            again = LocalCoordinator(
+                folder, heartbeat=0.5, settle=30, expect=2, extra_args=["--port", address.split(":")[1]]
+            )
+            again.start()
+            try:
+                deadline = time.monotonic() + 30
+                while sorted(status(address).route.addresses) != sorted(pair.route):
+                    assert time.monotonic() < deadline, status(address)
+                    time.sleep(0.2)
+
+                async def fresh() -> list[int]:
+                    async with AsyncClient(coordinator=address) as client:
+                        out = await client.generate(PROMPT, max_new_tokens=TOKENS, stop_token_ids=[], stream=False)
+                        return out.token_ids
+
+                assert asyncio.run(asyncio.wait_for(fresh(), 60)) == expected
+            finally:
+                again.stop()
+    finally:
+        first.stop()
