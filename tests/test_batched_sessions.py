@@ -43,26 +43,32 @@ def test_sessions_decoded_together_give_what_each_gives_alone(tiny_checkpoint, s
     alone = [_decode_alone(pipe, p) for p in PROMPTS]
     for (tokens, _), prompt in zip(alone, PROMPTS, strict=True):
         assert tokens == hf_greedy(ref, prompt, STEPS)
-    # the same sessions, prefilled one by one (different lengths), then decoded in one batched pass per step
+    got, caches = _decode_together(pipe, alone)
+    assert got == [tokens for tokens, _ in alone]
+    assert [cs[0].lengths for cs in caches] == [[len(p) + STEPS] for p in PROMPTS]
+
+
+def _decode_together(pipe: LocalPipeline, alone: list[tuple[list[int], list[torch.Tensor]]]):
+    """The PROMPTS as sessions prefilled one by one (different lengths), then decoded in one batched pass per step
+    (`forward_many`), each step's logits checked against `alone` (what each session gives by itself). Returns
+    (each session's tokens, their caches)."""
     caches = [pipe.new_caches(rows=1, max_len=64) for _ in PROMPTS]
-    next_ids = []
-    for prompt, cs in zip(PROMPTS, caches, strict=True):
-        next_ids.append(int(pipe.forward(torch.tensor([prompt]), caches=cs)[:, -1].argmax(-1)))
+    next_ids = [
+        int(pipe.forward(torch.tensor([p]), caches=cs)[:, -1].argmax(-1)) for p, cs in zip(PROMPTS, caches, strict=True)
+    ]
     lengths = [len(p) for p in PROMPTS]
-    got = [[] for _ in PROMPTS]
+    got: list[list[int]] = [[] for _ in PROMPTS]
     for step in range(STEPS):
         hs = [torch.tensor([[t]]) for t in next_ids]
         for si, stage in enumerate(pipe.stages):
             parts = [(h, torch.tensor([[n]]), cs[si], [0]) for h, n, cs in zip(hs, lengths, caches, strict=True)]
             hs = stage.forward_many(parts, last_only=True)
         for i, logits in enumerate(hs):
-            want = alone[i][1][step]
-            assert (logits[:, -1] - want).abs().max().item() <= 1e-4, (i, step)
+            assert (logits[:, -1] - alone[i][1][step]).abs().max().item() <= 1e-4, (i, step)
             got[i].append(next_ids[i])
             next_ids[i] = int(logits[:, -1].argmax(-1))
         lengths = [n + 1 for n in lengths]
-    assert got == [tokens for tokens, _ in alone]
-    assert [cs[0].lengths for cs in caches] == [[len(p) + STEPS] for p in PROMPTS]
+    return got, caches
 
 
 def test_batched_steps_are_checked_like_single_ones(tiny_checkpoint):
@@ -99,23 +105,7 @@ def test_packed_weights_give_what_plain_weights_give(tiny_checkpoint, spec):
     assert (packed.forward(ids) - plain.forward(ids)).abs().max().item() <= 1e-4
     # 4 sessions decoded together (4 rows: packed) against each alone on the plain weights
     alone = [_decode_alone(plain, p) for p in PROMPTS]
-    caches = [packed.new_caches(rows=1, max_len=64) for _ in PROMPTS]
-    next_ids = [
-        int(packed.forward(torch.tensor([p]), caches=cs)[:, -1].argmax(-1))
-        for p, cs in zip(PROMPTS, caches, strict=True)
-    ]
-    lengths = [len(p) for p in PROMPTS]
-    got = [[] for _ in PROMPTS]
-    for step in range(STEPS):
-        hs = [torch.tensor([[t]]) for t in next_ids]
-        for si, stage in enumerate(packed.stages):
-            parts = [(h, torch.tensor([[n]]), cs[si], [0]) for h, n, cs in zip(hs, lengths, caches, strict=True)]
-            hs = stage.forward_many(parts, last_only=True)
-        for i, logits in enumerate(hs):
-            assert (logits[:, -1] - alone[i][1][step]).abs().max().item() <= 1e-4, (i, step)
-            got[i].append(next_ids[i])
-            next_ids[i] = int(logits[:, -1].argmax(-1))
-        lengths = [n + 1 for n in lengths]
+    got, _ = _decode_together(packed, alone)
     assert got == [tokens for tokens, _ in alone] == [hf_greedy(ref, p, STEPS) for p in PROMPTS]
 
 

@@ -161,14 +161,16 @@ def test_generate_command_streams_from_a_running_route(folder, stage_cluster):
     assert bad.returncode == 2 and "FAILED_PRECONDITION" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_ctrl_c_on_local_stops_every_stage(folder):
-    before = set(_stage_pids(folder))
+def test_ctrl_c_on_local_stops_every_stage(smollm2_path):
+    # the real model: its answer streams for seconds (a tiny model's may be over before the signal lands)
+    before = set(_stage_pids(smollm2_path))
     p = subprocess.Popen(
-        [sys.executable, "-m", "layerline.cli", "local", "--model", folder, "--stages", "2", "--raw"]
-        + ["--max-new-tokens", "100000", "hello"],
+        [sys.executable, "-m", "layerline.cli", "local", "--model", smollm2_path, "--stages", "2"]
+        + ["--max-new-tokens", "100000", "Write a very long story about a dragon who learns to sing."],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    folder = smollm2_path
     deadline = time.monotonic() + 120
     while len(set(_stage_pids(folder)) - before) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
