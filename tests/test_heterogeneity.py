@@ -1,5 +1,5 @@
 """Unequal stages for real: one stage's CPU is cut to half a core with a cgroup v1 quota; it measures itself slower
-and the coordinator gives it about half the layers of its peer. When the quota is lifted the stage measures itself
+and the coordinator gives it fewer layers than its peer, in inverse proportion to the measured time per layer. When the quota is lifted the stage measures itself
 again (faster), registers anew, and the plan gives it more layers. (Needs root and the cgroup v1 cpu controller,
 as on this project's machines; elsewhere the test says so and is skipped.)"""
 
@@ -100,7 +100,18 @@ def test_half_the_cpu_gets_about_half_the_layers_and_the_plan_follows_changes(ti
                     return fast_layers, next(iter(layers.values()))
 
                 fast_layers, slow_layers = wait_for(split, 120, "a plan over both stages")
-                assert 0.3 <= slow_layers / fast_layers <= 0.8, (fast_layers, slow_layers)  # about half
+                reports = {a: s.report for a, s in stages_by_address(address).items()}
+                fast_report = reports.pop(fast.route[0])
+                slow_report = next(iter(reports.values()))
+                slowdown = slow_report.decode_s_per_layer / fast_report.decode_s_per_layer
+                what = f"split (fast, slow) {(fast_layers, slow_layers)}, measured slowdown {slowdown:.2f}x"
+                # the quota shows in what the stage measured (on this project's VMs half a core costs 2.2-3.5x, not
+                # 2x: a throttled vCPU comes back to cold caches), and the plan follows the measurement: the layers
+                # split in inverse proportion to the measured time per layer, give or take the rounding and the
+                # last stage's LM head
+                assert slowdown >= 1.5, what
+                assert slow_layers < fast_layers, what
+                assert abs(slow_layers - SPEC.layers / (1 + slowdown)) <= 1.5, what
                 with Client(coordinator=address) as client:
                     wait_for(lambda: _route_ok(client), 60, "a route")
                     out = client.generate(PROMPT, max_new_tokens=8, stop_token_ids=[], stream=False)
