@@ -195,6 +195,8 @@ class AsyncClient:
             raise RPCError(INVALID, f"max_in_flight must be at least 1, got {self.config.max_in_flight}")
         self._slots: asyncio.Semaphore | None = None
         self._sessions: weakref.WeakSet[AsyncSession] = weakref.WeakSet()  # open ones: closed before the channels
+        # this client's secret: the stages bind its sessions to it, and no other client can step, read or close them
+        self.client_key = secrets.token_urlsafe(24)
 
     def in_flight(self) -> asyncio.Semaphore:
         """The client's bound on work in flight: a generation or a micro-batch holds one of `max_in_flight` slots
@@ -540,7 +542,9 @@ class AsyncSession:
         try:
             # last stage first: each stage must know the session's id at the next one
             for i in reversed(range(len(links))):
-                req = stage_pb2.OpenSessionRequest(max_length=self.max_length, rows=self.rows, wire_dtype=wire)
+                req = stage_pb2.OpenSessionRequest(
+                    max_length=self.max_length, rows=self.rows, wire_dtype=wire, client_key=self.client.client_key
+                )
                 if i + 1 < len(links):
                     req.next_address, req.next_session_id = links[i + 1].address, ids[i + 1]
                 try:
@@ -549,12 +553,14 @@ class AsyncSession:
                     raise RPCError.from_grpc(e, links[i].address) from None
                 ids[i] = resp.session_id
         except BaseException:
-            await _close_on(links, ids, cfg.connect_timeout)
+            await _close_on(links, ids, self.client.client_key, cfg.connect_timeout)
             raise
         self.ids, self.links = ids, links
         self.client._sessions.add(self)
         self._push = links[0].stub.Push()
-        self._sub = links[-1].stub.Subscribe(stage_pb2.SubscribeRequest(session_id=ids[-1]))
+        self._sub = links[-1].stub.Subscribe(
+            stage_pb2.SubscribeRequest(session_id=ids[-1], client_key=self.client.client_key)
+        )
         self._tasks = [
             asyncio.create_task(self._pump(self._push, "reply", links[0].address)),
             asyncio.create_task(self._pump(self._sub, "result", links[-1].address)),
@@ -592,7 +598,7 @@ class AsyncSession:
             if call is not None:
                 call.cancel()
         if self.ids:
-            await _close_on(self.links, self.ids, timeout)
+            await _close_on(self.links, self.ids, self.client.client_key, timeout)
 
     async def _fail_over(self, error: RPCError) -> None:
         """Move the session to another chain (see the module docstring); the caller then replays its tokens."""
@@ -787,7 +793,8 @@ class AsyncSession:
         link = self.links[-1]
         try:
             await link.stub.Halt(
-                stage_pb2.HaltRequest(session_id=self.ids[-1]), timeout=self.client.config.connect_timeout
+                stage_pb2.HaltRequest(session_id=self.ids[-1], client_key=self.client.client_key),
+                timeout=self.client.config.connect_timeout,
             )
         except grpc.aio.AioRpcError as e:
             raise RPCError.from_grpc(e, link.address) from None
@@ -830,6 +837,7 @@ class AsyncSession:
         if step.seq == 0:
             self._seq += 1
             step.seq = self._seq
+        step.client_key = self.client.client_key
         try:
             await self._push.write(step)  # type: ignore[union-attr]
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
@@ -863,10 +871,11 @@ class AsyncSession:
             # an older step's result (a generation stopped early): skip it
 
 
-async def _close_on(links: list[_Link], ids: list[str], timeout: float) -> None:
+async def _close_on(links: list[_Link], ids: list[str], key: str, timeout: float) -> None:
     async def one(link: _Link, sid: str) -> None:
         if sid:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-                await link.stub.CloseSession(stage_pb2.CloseSessionRequest(session_id=sid), timeout=timeout)
+                req = stage_pb2.CloseSessionRequest(session_id=sid, client_key=key)
+                await link.stub.CloseSession(req, timeout=timeout)
 
     await asyncio.gather(*(one(link, sid) for link, sid in zip(links, ids, strict=True)))

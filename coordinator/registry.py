@@ -153,11 +153,25 @@ class Registry:
         entry.last_seen = self.clock()
         return entry
 
+    def leave(self, stage_id: str) -> bool:
+        """A stage leaving on purpose: dropped now, as if it had missed its heartbeats (a replica stands in or the
+        plan is made again). False when it was not registered."""
+        if stage_id not in self.stages:
+            self.expire()
+            return False
+        self._drop([stage_id])
+        return True
+
     def expire(self) -> list[str]:
         """Drop the stages that missed too many heartbeats (re-planning if the plan used them)."""
         limit = self.heartbeat_s * self.miss_limit
         now = self.clock()
         gone = [sid for sid, s in self.stages.items() if now - s.last_seen > limit]
+        self._drop(gone)
+        return gone
+
+    def _drop(self, gone: list[str]) -> None:
+        now = self.clock()
         for sid in gone:
             del self.stages[sid]
         if gone and self.plan is not None and any(a.name in gone for a in self.plan.assignments):
@@ -167,7 +181,6 @@ class Registry:
             self.plan is None and self.stages and (gone or (self.settle_until is not None and now >= self.settle_until))
         ):
             self._replan(joined=False)
-        return gone
 
     # ---- planning ------------------------------------------------------------------------------------------------
 

@@ -123,6 +123,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             await self._fail(context, e)
         return coordinator_pb2.HeartbeatResponse(assignment=_assignment(entry))
 
+    async def Leave(
+        self, request: coordinator_pb2.LeaveRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.LeaveResponse:
+        entry = self.registry.stages.get(request.stage_id)
+        known = self.registry.leave(request.stage_id)
+        if known:
+            logger.info("stage %s (%s) left", request.stage_id, entry.address)
+        return coordinator_pb2.LeaveResponse(known=known)
+
     async def GetRoute(
         self, request: coordinator_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.Route:

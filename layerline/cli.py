@@ -207,6 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="a generation loop pauses while its reader is this many tokens behind (32)",
     )
+    stage.add_argument(
+        "--max-sessions-per-client",
+        type=_positive,
+        default=256,
+        help="sessions one client may hold open on this stage (256)",
+    )
+    stage.add_argument(
+        "--max-session-tokens",
+        type=_positive,
+        default=1 << 20,
+        help="positions one session may hold, rows x max_length (1048576)",
+    )
+
+    drain = sub.add_parser(
+        "drain",
+        help="take a stage out of service without failing its sessions",
+        description="Ask a running stage to leave: it leaves its coordinator (routes stop naming it at once), "
+        "refuses new sessions, lets its sessions end for up to --wait seconds, then closes the rest with "
+        "UNAVAILABLE (their clients move them to another chain and replay them) and shuts down. Waits until the "
+        "stage is gone.",
+        epilog="example: layerline drain 10.0.0.2:7002 --wait 60",
+    )
+    drain.add_argument("stage", help="host:port of the stage")
+    drain.add_argument("--wait", type=float, default=30.0, help="seconds its sessions may go on (30)")
+    drain.add_argument("--no-follow", action="store_true", help="return at once instead of waiting for the stage to go")
+    _add_security_args(drain)
 
     gen = sub.add_parser(
         "generate",
@@ -379,6 +405,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             pack_weights=args.pack_weights,
             max_queued_steps=args.max_queued_steps,
             loop_ahead=args.loop_ahead,
+            max_sessions_per_client=args.max_sessions_per_client,
+            max_session_tokens=args.max_session_tokens,
             security=_security(args),
         )
     except ValueError as e:
@@ -679,6 +707,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    import grpc
+
+    from layerline.v1 import stage_pb2, stage_pb2_grpc
+
+    security = _security(args)
+    if not args.wait > 0:
+        raise LayerlineError(f"--wait must be positive, got {args.wait}")
+    with security.sync_channel(args.stage) as channel:
+        stub = stage_pb2_grpc.StageStub(channel)
+        try:
+            reply = stub.Drain(stage_pb2.DrainRequest(wait_seconds=args.wait), timeout=10, metadata=security.metadata())
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise LayerlineError(f"the stage at {args.stage} is unreachable ({e.details()})") from None
+            raise LayerlineError(f"{e.details()} [{e.code().name}]") from None
+        print(
+            f"draining {reply.stage} at {args.stage}: {reply.open_sessions} sessions open, they get up to "
+            f"{args.wait:g} s before they move to another chain",
+            flush=True,
+        )
+        if args.no_follow:
+            return 0
+        deadline = time.monotonic() + args.wait + 60  # its sessions' time, then the shutdown's grace
+        while time.monotonic() < deadline:
+            try:
+                info = stub.Info(stage_pb2.InfoRequest(), timeout=5, metadata=security.metadata())
+            except grpc.RpcError:
+                print(f"the stage at {args.stage} is gone")
+                return 0
+            time.sleep(0.5 if info.open_sessions else 0.2)
+    raise LayerlineError(f"the stage at {args.stage} still answers {args.wait + 60:g} s after the drain began")
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from layerline.security import make_certificates
 
@@ -707,6 +769,7 @@ COMMANDS = {
     "status": cmd_status,
     "plan": cmd_plan,
     "certs": cmd_certs,
+    "drain": cmd_drain,
 }
 
 

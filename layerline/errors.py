@@ -31,6 +31,10 @@ class NotFoundError(LayerlineError):
     """A session (or other named thing) does not exist: never opened, closed, or expired."""
 
 
+class PermissionDeniedError(LayerlineError):
+    """The caller may not do this: e.g. a session opened by another client."""
+
+
 class UnavailableError(LayerlineError):
     """The server cannot do it now but another try (elsewhere, or later) may: e.g. the stage is shutting down."""
 

@@ -37,6 +37,8 @@ class StageConfig:
     session_ttl: float = 600.0  # seconds without use after which a session is closed
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message sent or received
     max_sessions: int = 1024  # open sessions at most
+    max_sessions_per_client: int = 256  # open sessions one client (client key) may hold at most
+    max_session_tokens: int = 1 << 20  # rows x max_length of one session at most (positions its KV cache holds)
     max_queued_steps: int = 64  # steps waiting for compute before senders are slowed down (flow control)
     max_batch: int = 16  # decode steps of different sessions run as one forward pass, up to this many (1: never)
     batch_wait: float = 0.005  # seconds a batch waits at most for the steps its first step announces (Step.burst)
@@ -53,7 +55,7 @@ class StageConfig:
             self.kv_cache_bytes = default_kv_cache_bytes()
         if self.session_ttl <= 0:
             raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
-        for name in ("max_queued_steps", "max_batch", "loop_ahead"):
+        for name in ("max_queued_steps", "max_batch", "loop_ahead", "max_sessions_per_client", "max_session_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.pack_weights:

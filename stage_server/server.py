@@ -126,7 +126,8 @@ async def serve(
     cache_dir: str = "",
     connect_timeout: float = 20.0,
 ) -> None:
-    """Run a stage until SIGTERM or SIGINT, then shut down gracefully. With `coordinator`, the stage measures its
+    """Run a stage until SIGTERM or SIGINT (or the end of a Drain), then shut down gracefully: a stage with a
+    coordinator leaves it first, so routes stop naming it at once. With `coordinator`, the stage measures its
     capacity (cached on disk), registers, heartbeats and loads the layers it is assigned (`agent.py`). With a
     coordinator and no model (`config.model` empty), the model's description and the assigned layers' tensors come
     from the coordinator into the weight cache under `cache_dir` (`fetch.py`)."""
@@ -147,6 +148,17 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     agent_task = None
     agent = None
+
+    async def leave() -> None:  # drained or stopping: no more heartbeats, and the coordinator drops us at once
+        if agent_task is not None and not agent_task.done():
+            agent_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await agent_task
+        if agent is not None:
+            await agent.leave()
+
+    stage.service.on_drain = leave
+    ended = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(stage.service.drained.wait())}
     try:
         if coordinator:
             from layerline.stage_server.agent import AgentConfig, CoordinatorAgent
@@ -181,15 +193,18 @@ async def serve(
             agent_task = asyncio.create_task(agent.run(), name="coordinator agent")
         if on_ready is not None:
             on_ready(stage)
-        waiters = {asyncio.ensure_future(stop.wait())} | ({agent_task} if agent_task else set())
-        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if agent_task is not None and agent_task in done:
-            agent_task.result()  # the coordinator refused this stage: its message ends the stage
+        waiters = ended | ({agent_task} if agent_task is not None else set())
+        while True:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if agent_task is None or agent_task not in done:
+                break
+            if not agent_task.cancelled():
+                agent_task.result()  # the coordinator refused this stage: its message ends the stage
+            waiters.discard(agent_task)  # left the coordinator for a drain: wait for the drain's end
     finally:
-        if agent_task is not None:
-            agent_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await agent_task
+        for w in ended:
+            w.cancel()
+        await leave()
         if agent is not None:
             await agent.stop()
         logger.info("stopping stage on %s", stage.address)

@@ -39,6 +39,7 @@ from layerline.errors import (
     FailedPreconditionError,
     LayerlineError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -46,7 +47,7 @@ from layerline.model import StageModel
 from layerline.sampling import SamplingParams, draw_generator, sample
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import Downstream
-from layerline.stage_server.sessions import LoopState, Sampler, Session, SessionTable
+from layerline.stage_server.sessions import LoopState, Sampler, Session, SessionTable, owns
 from layerline.stage_server.status import status_of
 from layerline.v1 import stage_pb2, stage_pb2_grpc
 
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 MAX_ROWS = 4096
 SHUTDOWN = "the stage shut down"
 MAX_STOP_IDS = 1024
+CLIENT_KEY_CHARS = (16, 256)  # the length a client key must have
+DEFAULT_DRAIN_WAIT = 30.0
+MAX_DRAIN_WAIT = 3600.0
 
 
 @dataclass
@@ -103,14 +107,22 @@ class StageService(stage_pb2_grpc.StageServicer):
             raise ValueError("a stage without layers needs the model's config")
         self.config = config
         self.model_name, self.fingerprint, self.tokenizer_json = model_name, fingerprint, tokenizer_json
-        self.sessions = SessionTable(config.kv_cache_bytes, config.session_ttl, config.max_sessions)
+        self.sessions = SessionTable(
+            config.kv_cache_bytes,
+            config.session_ttl,
+            config.max_sessions,
+            max_per_owner=config.max_sessions_per_client,
+        )
         # steps travel loop -> compute thread through a plain thread-safe queue and come back with one
         # call_soon_threadsafe: the cheapest hand-off there is (an executor adds futures and callbacks per step)
         self._inbox: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._compute_thread, name="layerline-compute", daemon=True)
         self._slots: asyncio.Semaphore | None = None  # steps admitted and not yet sent on (flow control)
         self.in_flight = 0
-        self.stopping = False  # shutting down: a step or subscriber of a session already gone hears UNAVAILABLE
+        self.stopping = False  # shutting down: new steps, and subscribers of sessions already gone, hear UNAVAILABLE
+        self.draining = False  # Drain: no new sessions; the running ones end or move, then the stage shuts down
+        self.drained = asyncio.Event()  # set when a drain is over: the server then stops (server.py)
+        self.on_drain = None  # async callable run when a drain begins (leave the coordinator), set by server.py
         self.downstreams: dict[str, Downstream] = {}
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -205,8 +217,20 @@ class StageService(stage_pb2_grpc.StageServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "this stage has no layers yet (waiting for its coordinator's assignment)"
             )
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{self.label} is draining (leaving the cluster): open the session elsewhere",
+            )
         rows = request.rows or 1
         limit = m.config.max_position_embeddings
+        lo, hi = CLIENT_KEY_CHARS
+        if not lo <= len(request.client_key) <= hi:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"client_key must be a secret of {lo} to {hi} characters (got {len(request.client_key)}): the "
+                "session is bound to it, and its calls and steps must carry it",
+            )
         if not 0 < rows <= MAX_ROWS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rows must be in 1..{MAX_ROWS}, got {rows}")
         if request.max_length <= 0:
@@ -216,6 +240,12 @@ class StageService(stage_pb2_grpc.StageServicer):
         if request.max_length > limit:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE, f"max_length {request.max_length} exceeds the model's context of {limit}"
+            )
+        if rows * request.max_length > self.config.max_session_tokens:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a session of {rows} rows x max_length {request.max_length} = {rows * request.max_length} positions "
+                f"is more than the {self.config.max_session_tokens} one session may hold here (--max-session-tokens)",
             )
         next_address, next_id = "", ""
         if not m.is_last:
@@ -248,6 +278,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 next_session_id=next_id,
                 wire_dtype=wire_dtype,
                 model=m,
+                owner=request.client_key,
             )
         except ResourceExhaustedError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -266,6 +297,12 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def CloseSession(
         self, request: stage_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.CloseSessionResponse:
+        session = self.sessions.peek(request.session_id)
+        if session is not None and not owns(session, request.client_key):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"session {request.session_id[:40]!r} was opened by another client (client_key does not match)",
+            )
         return stage_pb2.CloseSessionResponse(closed=self._close(request.session_id, "closed by the client"))
 
     async def GetTokenizer(
@@ -278,17 +315,49 @@ class StageService(stage_pb2_grpc.StageServicer):
         return stage_pb2.TokenizerResponse(tokenizer_json=self.tokenizer_json)
 
     async def Halt(self, request: stage_pb2.HaltRequest, context: grpc.aio.ServicerContext) -> stage_pb2.HaltResponse:
-        session = await self._last_stage_session(request.session_id, context)
+        session = await self._last_stage_session(request.session_id, request.client_key, context)
         loop = session.loop
         if loop is not None:
             loop.halted = True
         return stage_pb2.HaltResponse(running=loop is not None)
 
-    def _session(self, session_id: str) -> Session:
+    async def Drain(
+        self, request: stage_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.DrainResponse:
+        wait = request.wait_seconds or DEFAULT_DRAIN_WAIT
+        if not 0 < wait <= MAX_DRAIN_WAIT:  # NaN fails this too
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"wait_seconds must be in (0, {MAX_DRAIN_WAIT:g}], got {wait}"
+            )
+        open_now = len(self.sessions)
+        if not self.draining and not self.stopping:
+            self.draining = True
+            self._tasks.append(asyncio.create_task(self._drain(wait), name="drain"))
+        return stage_pb2.DrainResponse(open_sessions=open_now, stage=self.label)
+
+    async def _drain(self, wait: float) -> None:
+        """Leave the coordinator, give the open sessions up to `wait` seconds to end, then say the drain is over
+        (the server shuts down: the sessions still open hear UNAVAILABLE and their clients move them)."""
+        logger.warning(
+            "draining %s: %d sessions open, waiting up to %g s for them", self.label, len(self.sessions), wait
+        )
+        if self.on_drain is not None:
+            try:
+                await self.on_drain()
+            except Exception:
+                logger.exception("leaving the coordinator failed")
+        deadline = self._loop.time() + wait
+        while len(self.sessions) and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if len(self.sessions):
+            logger.warning("drain: %d sessions still open after %g s: they move elsewhere", len(self.sessions), wait)
+        self.drained.set()
+
+    def _session(self, session_id: str, key: str) -> Session:
         """The open session with this id; NOT_FOUND if there is none, UNAVAILABLE if it went with a shutdown (the
-        client may go elsewhere)."""
+        client may go elsewhere), PERMISSION_DENIED if `key` is not its client's."""
         try:
-            return self.sessions.get(session_id)
+            return self.sessions.get(session_id, key)
         except NotFoundError:
             if self.stopping:
                 raise UnavailableError(f"session closed: {SHUTDOWN}") from None
@@ -330,7 +399,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             try:
                 item = self._admit(step, replies)
             except LayerlineError as e:
-                replies.put_nowait(self._reply(step.session_id, step.seq, e))
+                replies.put_nowait(self._reply(step.session_id, step.seq, e, key=step.client_key))
                 continue
             await self._take_slot()  # waits while too many steps are in flight: flow control up the chain
             self._inbox.put(item)
@@ -342,7 +411,9 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def _admit(self, step: stage_pb2.Step, replies: asyncio.Queue) -> WorkItem:
         """Check everything about a step that does not need the cache, on the event loop."""
-        session = self._session(step.session_id)
+        session = self._session(step.session_id, step.client_key)
+        if self.stopping:  # the steps admitted already finish; a new one would hold the shutdown up
+            raise UnavailableError(f"{self.label} is shutting down: the session must move to another stage")
         m = session.model
         if not step.looped:  # failures of loop steps go back to the loop's stage, not to the client's stream
             session.reply_to = replies
@@ -407,21 +478,21 @@ class StageService(stage_pb2_grpc.StageServicer):
             raise FailedPreconditionError("nowhere to send the step")
         return WorkItem(step, session, replies, x, positions, tokens, targets, rows, sampling)
 
-    async def _last_stage_session(self, session_id: str, context: grpc.aio.ServicerContext) -> Session:
+    async def _last_stage_session(self, session_id: str, key: str, context: grpc.aio.ServicerContext) -> Session:
         """The session, for an RPC only the last stage answers."""
         session = self.sessions.peek(session_id)
         model = session.model if session is not None else self.model
         if model is None or not model.is_last:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{_label(model)} is not the last stage")
         try:
-            return self._session(session_id)
-        except NotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            return self._session(session_id, key)
+        except (NotFoundError, PermissionDeniedError, UnavailableError) as e:
+            await context.abort(*status_of(e))
 
     async def Subscribe(
         self, request: stage_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[stage_pb2.Result]:
-        session = await self._last_stage_session(request.session_id, context)
+        session = await self._last_stage_session(request.session_id, request.client_key, context)
         if session.subscribed:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the session already has a subscriber")
         session.subscribed = True
@@ -556,7 +627,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         if error is not None:
             if not isinstance(error, LayerlineError):
                 logger.error("step %d of session %s failed", item.step.seq, item.session.id[:8], exc_info=error)
-            item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, error))
+            item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, error, key=item.step.client_key))
         elif out is not None:
             self.steps_done += 1
             if isinstance(out, stage_pb2.Step):
@@ -655,6 +726,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 hidden=wire.encode(out, session.wire_dtype),
                 rows=step.rows,
                 sample=step.sample,
+                client_key=step.client_key,
             )
             if step.HasField("tokens"):
                 onward.tokens.CopyFrom(step.tokens)
@@ -730,6 +802,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             rows=[item.rows[b] for b in rows],
             sample=True,
             looped=True,
+            client_key=session.owner,
         )
         item.follow_address = loop.address
 
@@ -754,39 +827,44 @@ class StageService(stage_pb2_grpc.StageServicer):
             self.downstreams[address] = d
         return d
 
-    def _reply(self, session_id: str, seq: int, exc: BaseException | None = None, code=None, message: str = ""):
+    def _reply(
+        self, session_id: str, seq: int, exc: BaseException | None = None, code=None, message: str = "", key: str = ""
+    ) -> stage_pb2.PushReply:
         if exc is not None:
             code, message = status_of(exc)
         return stage_pb2.PushReply(
-            session_id=session_id, seq=seq, code=code.value[0], message=message, stage=self.label
+            session_id=session_id, seq=seq, code=code.value[0], message=message, stage=self.label, client_key=key
         )
 
-    def _upstream_of(self, next_session_id: str) -> Session | None:
-        return self.sessions.find(lambda s: s.next_session_id == next_session_id)
+    def _upstream_of(self, next_session_id: str, key: str) -> Session | None:
+        """The session that sent the step a later stage answered: the one sending to that id, of the same client
+        (another client's session may name the same next id: its steps are refused there, and the refusal is for
+        that client only)."""
+        return self.sessions.find(lambda s: s.next_session_id == next_session_id and owns(s, key))
+
+    def _looping_to(self, first_id: str, key: str) -> Session | None:
+        return self.sessions.find(lambda s: s.loop is not None and s.loop.first_id == first_id and owns(s, key))
 
     def _on_downstream_reply(self, reply: stage_pb2.PushReply) -> None:
         """A later stage rejected a step: pass it back to whoever sent us the session's steps."""
-        session = self._upstream_of(reply.session_id)
+        session = self._upstream_of(reply.session_id, reply.client_key)
         if session is not None and session.reply_to is not None:
             relayed = stage_pb2.PushReply()
             relayed.CopyFrom(reply)
             relayed.session_id = session.id
             session.reply_to.put_nowait(relayed)
-        elif (looping := self._looping_to(reply.session_id)) is not None:
+        elif (looping := self._looping_to(reply.session_id, reply.client_key)) is not None:
             self._loop_failed(looping, _status_code(reply.code), reply.message, reply.stage)
 
     def _on_downstream_failure(self, next_session_ids: set[str], message: str) -> None:
-        for nid in next_session_ids:
-            session = self._upstream_of(nid)
-            if session is not None and session.reply_to is not None:
-                session.reply_to.put_nowait(
-                    self._reply(session.id, 0, code=grpc.StatusCode.UNAVAILABLE, message=message)
+        """The stream to a later stage broke: every session that sent steps on it hears of it."""
+        for s in self.sessions.all():
+            if s.next_session_id in next_session_ids and s.reply_to is not None:
+                s.reply_to.put_nowait(
+                    self._reply(s.id, 0, code=grpc.StatusCode.UNAVAILABLE, message=message, key=s.owner)
                 )
-            elif (looping := self._looping_to(nid)) is not None:
-                self._loop_failed(looping, grpc.StatusCode.UNAVAILABLE, message, self.label)
-
-    def _looping_to(self, first_id: str) -> Session | None:
-        return self.sessions.find(lambda s: s.loop is not None and s.loop.first_id == first_id)
+            elif s.loop is not None and s.loop.first_id in next_session_ids:
+                self._loop_failed(s, grpc.StatusCode.UNAVAILABLE, message, self.label)
 
     def _loop_failed(self, session: Session, code: grpc.StatusCode, message: str, stage: str) -> None:
         """A loop step failed past this stage: the loop ends and the subscriber is told why."""

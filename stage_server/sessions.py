@@ -2,13 +2,16 @@
 
 `SessionTable` is plain bookkeeping, usable and tested without a network: it admits a session only if its KV
 cache fits what is left of the budget (refusing with a message saying how much was asked and how much is free),
-frees the cache the moment a session is closed, and names the sessions idle for longer than the TTL. What a
-session's steps do is the servicer's business (`service.py`).
+frees the cache the moment a session is closed, and names the sessions idle for longer than the TTL. Each session
+belongs to the client key it was opened with (`owner`): a lookup with another key is refused, and a client holds at
+most `max_per_owner` sessions. What a session's steps do is the servicer's business (`service.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hmac
 import secrets
 import time
 from collections.abc import Callable
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from layerline.errors import NotFoundError, ResourceExhaustedError
+from layerline.errors import NotFoundError, PermissionDeniedError, ResourceExhaustedError
 from layerline.kv_cache import KVCache
 from layerline.sampling import SamplingParams
 
@@ -65,6 +68,7 @@ class Session:
     loop: LoopState | None = None  # last stage only: the running generation loop
     parked: Any = None  # last stage only: the loop's next step, held back while the subscriber is behind
     model: Any = None  # the StageModel this session computes with (the stage's layers when it was opened)
+    owner: str = ""  # the client key it was opened with: every call and step of the session must carry it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,12 +77,21 @@ def new_session_id() -> str:
 
 
 class SessionTable:
-    def __init__(self, budget_bytes: int, ttl: float, max_sessions: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        budget_bytes: int,
+        ttl: float,
+        max_sessions: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_per_owner: int = 0,
+    ):
         self.budget_bytes = budget_bytes
         self.ttl = ttl
         self.max_sessions = max_sessions
+        self.max_per_owner = max_per_owner  # 0: no limit per client
         self.clock = clock
         self._sessions: dict[str, Session] = {}
+        self._per_owner: collections.Counter[str] = collections.Counter()
         self.used_bytes = 0
 
     def __len__(self) -> int:
@@ -94,11 +107,18 @@ class SessionTable:
         max_length: int,
         kv_bytes: int,
         make_cache: Callable[[], KVCache],
+        owner: str = "",
         **fields: Any,
     ) -> Session:
-        """Admit a session whose cache takes `kv_bytes`, or raise ResourceExhaustedError saying why not."""
+        """Admit a session of client `owner` whose cache takes `kv_bytes`, or raise ResourceExhaustedError saying
+        why not."""
         if len(self._sessions) >= self.max_sessions:
             raise ResourceExhaustedError(f"this stage already holds its maximum of {self.max_sessions} sessions")
+        if self.max_per_owner and self._per_owner[owner] >= self.max_per_owner:
+            raise ResourceExhaustedError(
+                f"this client already holds {self._per_owner[owner]} sessions on this stage, the most one client may "
+                "(--max-sessions-per-client): close some first"
+            )
         if kv_bytes > self.free_bytes:
             raise ResourceExhaustedError(
                 f"the session needs {kv_bytes} bytes of KV cache (rows={rows}, max_length={max_length}) but only "
@@ -111,20 +131,29 @@ class SessionTable:
             cache=make_cache(),
             kv_bytes=kv_bytes,
             last_used=self.clock(),
+            owner=owner,
             **fields,
         )
         self._sessions[session.id] = session
+        self._per_owner[owner] += 1
         self.used_bytes += kv_bytes
         return session
 
-    def get(self, session_id: str) -> Session:
-        """The open session with this id (its idle timer restarts), or NotFoundError."""
+    def get(self, session_id: str, key: str = "") -> Session:
+        """The open session with this id (its idle timer restarts); NotFoundError if there is none,
+        PermissionDeniedError if `key` is not the one it was opened with."""
         session = self._sessions.get(session_id)
+        shown = session_id if len(session_id) <= 40 else session_id[:40] + "..."
         if session is None:
-            shown = session_id if len(session_id) <= 40 else session_id[:40] + "..."
             raise NotFoundError(f"session {shown!r} not found on this stage (never opened, closed or expired)")
+        if not owns(session, key):
+            raise PermissionDeniedError(f"session {shown!r} was opened by another client (client_key does not match)")
         session.last_used = self.clock()
         return session
+
+    def owned_by(self, owner: str) -> int:
+        """Sessions client `owner` holds here."""
+        return self._per_owner[owner]
 
     def peek(self, session_id: str) -> Session | None:
         """The open session with this id, without counting it as a use."""
@@ -140,6 +169,9 @@ class SessionTable:
             return None
         session.closed = True
         session.close_reason = reason
+        self._per_owner[session.owner] -= 1
+        if not self._per_owner[session.owner]:
+            del self._per_owner[session.owner]
         self.used_bytes -= session.kv_bytes
         session.cache = None  # type: ignore[assignment]  # the tensors go with the last reference
         return session
@@ -150,3 +182,8 @@ class SessionTable:
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
+
+
+def owns(session: Session, key: str) -> bool:
+    """Whether `key` is the client key `session` was opened with (constant time)."""
+    return hmac.compare_digest(session.owner.encode(), key.encode())

@@ -15,6 +15,7 @@ from layerline.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
 TIMEOUT = 10.0  # seconds any one await on the network may take
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+KEY = "tests-client-key-0123456789"  # the client key sessions opened by hand are bound to
 
 
 # ---- message builders --------------------------------------------------------------------------------------------
@@ -29,6 +30,7 @@ def tokens(ids: list[int], batch: int = 1) -> tensor_pb2.Tensor:
 
 
 def first_step(session_id: str, ids: list[int], start: int = 0, sample: bool = True, **kw) -> stage_pb2.Step:
+    kw.setdefault("client_key", KEY)
     return stage_pb2.Step(
         session_id=session_id, positions=positions(start, len(ids)), tokens=tokens(ids), sample=sample, **kw
     )
@@ -49,6 +51,7 @@ async def connect(route: list[str]):
 
 
 async def open_session(stub: stage_pb2_grpc.StageStub, max_length: int, **kw) -> str:
+    kw.setdefault("client_key", KEY)
     req = stage_pb2.OpenSessionRequest(max_length=max_length, **kw)
     return (await stub.OpenSession(req, timeout=TIMEOUT)).session_id
 
@@ -62,8 +65,8 @@ async def open_chain(stubs, route: list[str], max_length: int, last_max_length: 
     return ids
 
 
-async def close_session(stub: stage_pb2_grpc.StageStub, session_id: str) -> bool:
-    req = stage_pb2.CloseSessionRequest(session_id=session_id)
+async def close_session(stub: stage_pb2_grpc.StageStub, session_id: str, key: str = KEY) -> bool:
+    req = stage_pb2.CloseSessionRequest(session_id=session_id, client_key=key)
     return (await stub.CloseSession(req, timeout=TIMEOUT)).closed
 
 
@@ -95,10 +98,12 @@ class Probe:
     """A Push stream into one stage and the Subscribe stream of the session at the last stage, their messages merged
     into one queue: ("reply", PushReply), ("result", Result), or "... ended" / "... failed" when a stream stops."""
 
-    def __init__(self, push_stub: stage_pb2_grpc.StageStub, last_stub: stage_pb2_grpc.StageStub, last_id: str):
+    def __init__(
+        self, push_stub: stage_pb2_grpc.StageStub, last_stub: stage_pb2_grpc.StageStub, last_id: str, key: str = KEY
+    ):
         self.events: asyncio.Queue = asyncio.Queue()
         self.push = push_stub.Push()
-        self.sub = last_stub.Subscribe(stage_pb2.SubscribeRequest(session_id=last_id))
+        self.sub = last_stub.Subscribe(stage_pb2.SubscribeRequest(session_id=last_id, client_key=key))
         self.tasks = [
             asyncio.create_task(_pump(self.push, "reply", self.events)),
             asyncio.create_task(_pump(self.sub, "result", self.events)),
@@ -144,8 +149,8 @@ class Probe:
 
 
 @contextlib.asynccontextmanager
-async def probe(push_stub, last_stub, last_id: str):
-    p = Probe(push_stub, last_stub, last_id)
+async def probe(push_stub, last_stub, last_id: str, key: str = KEY):
+    p = Probe(push_stub, last_stub, last_id, key)
     try:
         yield p
     finally:

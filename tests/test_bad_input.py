@@ -15,6 +15,7 @@ import grpc
 import pytest
 import torch
 from stage_wire import (
+    KEY,
     TIMEOUT,
     Probe,
     assert_status,
@@ -80,6 +81,7 @@ def hidden(n: int, batch: int = 1, size: int = SPEC.hidden, seed: int = 0) -> te
 
 
 def last_step(session_id: str, n: int, start: int = 0, sample: bool = True, **kw) -> stage_pb2.Step:
+    kw.setdefault("client_key", KEY)
     return stage_pb2.Step(session_id=session_id, positions=positions(start, n), hidden=hidden(n), sample=sample, **kw)
 
 
@@ -128,13 +130,15 @@ def test_first_stage_rejects_bad_steps_and_keeps_the_stream(route, checkpoint, e
                 await p.rejected(
                     first_step("no-such-session", PROMPT), NOT_FOUND, FIRST, "no-such-session", "not found"
                 )
-                no_tokens = stage_pb2.Step(session_id=sid, positions=positions(0, 3), sample=True)
+                no_tokens = stage_pb2.Step(session_id=sid, positions=positions(0, 3), sample=True, client_key=KEY)
                 await p.rejected(no_tokens, INVALID, FIRST, "tokens")
                 await p.rejected(first_step(sid, [5, SPEC.vocab, 7]), INVALID, FIRST, "token ids", str(SPEC.vocab))
                 await p.rejected(first_step(sid, [5, -1, 7]), INVALID, FIRST, "token ids")
-                no_positions = stage_pb2.Step(session_id=sid, tokens=tokens([5, 6]), sample=True)
+                no_positions = stage_pb2.Step(session_id=sid, tokens=tokens([5, 6]), sample=True, client_key=KEY)
                 await p.rejected(no_positions, INVALID, FIRST, "positions")
-                mismatch = stage_pb2.Step(session_id=sid, positions=positions(0, 3), tokens=tokens([5, 6]))
+                mismatch = stage_pb2.Step(
+                    session_id=sid, positions=positions(0, 3), tokens=tokens([5, 6]), client_key=KEY
+                )
                 await p.rejected(mismatch, INVALID, FIRST, "tokens", "shape")
                 await p.rejected(first_step(sid, PROMPT, start=5), PRECONDITION, FIRST, "position 5", "expected 0")
                 await p.rejected(first_step(sid, list(range(20))), OUT_OF_RANGE, FIRST, "max length of 16")
@@ -208,7 +212,9 @@ def test_second_stage_rejects_bad_steps_and_keeps_the_stream(route, expected):
                     (dict(positions=positions(0, 2), hidden=hidden(2), truncate=3), INVALID, ["truncate"]),
                 ]
                 for fields, code, words in cases:
-                    await p.rejected(stage_pb2.Step(session_id=sid, sample=True, **fields), code, LAST, *words)
+                    await p.rejected(
+                        stage_pb2.Step(session_id=sid, sample=True, client_key=KEY, **fields), code, LAST, *words
+                    )
                 # the same stream still carries steps, and the session's cache starts at position 0
                 (first,) = await p.accepted(last_step(sid, 3))
                 (second,) = await p.accepted(last_step(sid, 1, start=3))
@@ -303,7 +309,10 @@ def test_open_session_and_subscribe_reject_bad_requests(route, expected):
             first, last = stubs
             info = await last.Info(stage_pb2.InfoRequest(), timeout=TIMEOUT)
             assert info.max_length == 512
-            Open = stage_pb2.OpenSessionRequest
+
+            def Open(**kw) -> stage_pb2.OpenSessionRequest:
+                return stage_pb2.OpenSessionRequest(client_key=KEY, **kw)
+
             cases = [
                 (last, Open(max_length=0), INVALID, ["max_length", "0"]),
                 (last, Open(max_length=-5), INVALID, ["max_length", "-5"]),
@@ -318,7 +327,7 @@ def test_open_session_and_subscribe_reject_bad_requests(route, expected):
                 assert_status(await rpc_error(stub.OpenSession(req, timeout=TIMEOUT)), code, *words)
 
             def subscribe(stub, sid: str):
-                call = stub.Subscribe(stage_pb2.SubscribeRequest(session_id=sid), timeout=TIMEOUT)
+                call = stub.Subscribe(stage_pb2.SubscribeRequest(session_id=sid, client_key=KEY), timeout=TIMEOUT)
                 return call, call.read()
 
             _, read = subscribe(first, "whatever")
@@ -383,6 +392,7 @@ def test_oversized_step_fails_its_stream_only(checkpoint, stage_cluster, expecte
             ids = await open_chain(stubs, route, max_length=16)
             big = stage_pb2.Step(
                 session_id=ids[0],
+                client_key=KEY,
                 positions=positions(0, 1),
                 tokens=tokens([5]),
                 hidden=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[1, 1, 500_000], data=bytes(2_000_000)),
@@ -423,7 +433,9 @@ def test_kv_budget_refuses_sessions_that_do_not_fit(checkpoint, stage_cluster, e
             need = length * info.kv_bytes_per_token
             assert need <= info.kv_bytes_total - info.kv_bytes_used < 2 * need
             held = await open_session(last, length)
-            e = await rpc_error(last.OpenSession(stage_pb2.OpenSessionRequest(max_length=length), timeout=TIMEOUT))
+            e = await rpc_error(
+                last.OpenSession(stage_pb2.OpenSessionRequest(max_length=length, client_key=KEY), timeout=TIMEOUT)
+            )
             assert_status(e, EXHAUSTED, f"needs {need} bytes", f"of {info.kv_bytes_total} bytes are free")
             # what is free depends on the good session running alongside, but never covers the request
             free = int(re.search(r"only (\d+) of", e.details()).group(1))
@@ -431,7 +443,7 @@ def test_kv_budget_refuses_sessions_that_do_not_fit(checkpoint, stage_cluster, e
             # rows count too
             rows = info.kv_bytes_total // (8 * info.kv_bytes_per_token) + 1
             e = await rpc_error(
-                last.OpenSession(stage_pb2.OpenSessionRequest(max_length=8, rows=rows), timeout=TIMEOUT)
+                last.OpenSession(stage_pb2.OpenSessionRequest(max_length=8, rows=rows, client_key=KEY), timeout=TIMEOUT)
             )
             assert_status(e, EXHAUSTED, f"needs {8 * rows * info.kv_bytes_per_token} bytes")
             # a session that fits what is left still opens and works

@@ -7,6 +7,8 @@ caller gets a clear error naming the failed stage, not a hang."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import grpc
@@ -15,7 +17,7 @@ import pytest
 from layerline.client import AsyncClient, ClientConfig, RPCError
 from layerline.local_cluster import LocalCluster, LocalCoordinator
 from layerline.v1 import coordinator_pb2 as pb
-from layerline.v1 import coordinator_pb2_grpc
+from layerline.v1 import coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
 from tiny_models import TinySpec, hf_greedy
 
 SPEC = TinySpec("llama", layers=2, kv_heads=2)  # 2 layers: a chain of 2 stages at most, the others are replicas
@@ -92,6 +94,10 @@ def test_a_killed_stage_is_routed_around_and_the_tokens_are_unchanged(tiny_check
                 a = victim(address, chain)
                 cluster.processes[cluster.route.index(a)].terminate()
                 killed.append(a)
+                # the client feeds the tokens back itself here (below) and holds off while the stage shuts down,
+                # so the generation is still running when it is gone (with the server loop the stages could run
+                # it to its end before the signal is handled)
+                time.sleep(0.5)
 
             async def run() -> None:
                 config = ClientConfig(step_timeout=10, failover_timeout=30)
@@ -107,7 +113,9 @@ def test_a_killed_stage_is_routed_around_and_the_tokens_are_unchanged(tiny_check
                     assert time.monotonic() - began < 30
                     # a stage drained on purpose (SIGTERM) mid-generation, seeded sampling: no error reaches the
                     # caller, and the tokens are those of the run without a fault (the draws go on where they were)
-                    got, moves, before, after = await generate(client, drain, after=7, **sampled)
+                    fed = ClientConfig(step_timeout=10, failover_timeout=30, server_loop=False)
+                    async with AsyncClient(coordinator=address, config=fed) as feeder:
+                        got, moves, before, after = await generate(feeder, drain, after=7, **sampled)
                     assert moves == 1 and killed[1] in before and killed[1] not in after
                     assert got == calm
 
@@ -179,3 +187,86 @@ def test_a_coordinator_killed_mid_generation_disturbs_nothing_and_the_stages_com
                 again.stop()
     finally:
         first.stop()
+
+
+def drain(address: str, wait: float) -> subprocess.Popen:
+    """`layerline drain ADDRESS --wait S`, as a user runs it (it returns once the stage is gone)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "layerline.cli", "drain", address, "--wait", str(wait)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_layerline_drain_mid_generation_hands_the_session_over(tiny_checkpoint, cache_env):
+    """The drained stage leaves the coordinator at once (long before its heartbeats would be missed), its session
+    moves to the replica when the drain's wait is over, the caller sees no error and transformers' tokens, and the
+    stage exits 0."""
+    folder, ref = tiny_checkpoint(SPEC)
+    expected = hf_greedy(ref, PROMPT, TOKENS)
+    # heartbeats every 3 s: missing 3 of them takes 9 s, so a stage gone from the status within 3 s has left
+    with LocalCoordinator(folder, heartbeat=3.0, settle=30, expect=4) as coordinator:
+        address = coordinator.address
+        with LocalCluster(
+            folder, [None] * 4, coordinator=address, threads=1, env=cache_env, extra_args=STAGE_ARGS
+        ) as cluster:
+            wait_for_replicas(address, 2)
+            drained: list = []
+
+            def start_drain(chain: list[str]) -> None:
+                a = victim(address, chain)
+                drained.append((a, drain(a, wait=1.0), time.monotonic()))
+                deadline = time.monotonic() + 3
+                while any(s.report.address == a for s in status(address).stages):
+                    assert time.monotonic() < deadline, "the drained stage is still registered"
+                    time.sleep(0.05)
+                assert a not in status(address).route.addresses
+                # the client feeds the tokens back itself here and holds off past the drain's wait, so the session
+                # is still open when the wait is over and has to move (with the server loop, the stages would run
+                # the generation to its end inside the wait)
+                time.sleep(1.5)
+
+            async def run() -> tuple:
+                config = ClientConfig(step_timeout=10, server_loop=False)
+                async with AsyncClient(coordinator=address, config=config) as client:
+                    return await generate(client, start_drain, after=4)
+
+            got, moves, before, after = asyncio.run(asyncio.wait_for(run(), 90))
+            a, cli, _ = drained[0]
+            out, err = cli.communicate(timeout=60)
+            assert cli.returncode == 0, (out, err)
+            assert "draining layers" in out and "is gone" in out, out
+            assert got == expected and moves == 1 and a in before and a not in after
+            process = cluster.processes[cluster.route.index(a)]
+            assert process.wait(timeout=30) == 0
+
+
+def test_a_draining_stage_refuses_new_sessions_and_lets_its_own_finish(tiny_checkpoint):
+    folder, ref = tiny_checkpoint(SPEC)
+    with LocalCluster(folder, [(0, 1), (1, 2)], threads=1) as cluster:
+
+        async def run() -> None:
+            async with AsyncClient(cluster.route) as client, client.session(max_length=64) as s:
+                first = await s.generate(PROMPT, max_new_tokens=4, stop_token_ids=[], stream=False)
+                async with grpc.aio.insecure_channel(cluster.route[1]) as channel:
+                    stub = stage_pb2_grpc.StageStub(channel)
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.Drain(stage_pb2.DrainRequest(wait_seconds=-1), timeout=10)
+                    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    reply = await stub.Drain(stage_pb2.DrainRequest(wait_seconds=20), timeout=10)
+                    assert reply.open_sessions == 1 and reply.stage == "layers 1:2"
+                # no new session there ...
+                with pytest.raises(RPCError) as err:
+                    async with AsyncClient(cluster.route, config=ClientConfig(failover=False)) as other:
+                        await other.generate(PROMPT, max_new_tokens=2, stream=False)
+                assert err.value.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details
+                # ... but the session it holds goes on from its cache, and once it is closed the stage goes
+                more = await s.generate([3, 4], max_new_tokens=4, stop_token_ids=[], stream=False)
+                assert first.token_ids == hf_greedy(ref, PROMPT, 4)
+                assert more.token_ids == hf_greedy(ref, PROMPT + first.token_ids + [3, 4], 4)
+            began = time.monotonic()
+            assert await asyncio.to_thread(cluster.processes[1].wait, 15) == 0
+            assert time.monotonic() - began < 10  # its last session closed: it did not wait the 20 s out
+
+        asyncio.run(asyncio.wait_for(run(), 60))

@@ -24,6 +24,7 @@ from tiny_models import VOCAB, TinySpec, hf_greedy
 
 SPEC = TinySpec("llama", layers=2, hidden=64, kv_heads=2)
 PROMPT = [17, 101, 5, 250, 33, 42, 7, 199]
+FUZZ_KEY = "fuzz-client-key-0123456789"  # the real sessions' client key: the fuzzer sometimes sends it
 EXAMPLES = 300  # per RPC
 DEADLINE = 10.0  # seconds any fuzzed call may take
 
@@ -96,6 +97,8 @@ def _field_values(f, depth: int) -> st.SearchStrategy:
             return st.none()
         return messages(f.message_type._concrete_class, depth + 1)
     if f.type == FD.TYPE_STRING:
+        if name == "client_key":
+            return st.one_of(st.sampled_from([FUZZ_KEY, "", "short"]), st.text(max_size=300))
         if "session" in name or name == "stage_id":
             return st.one_of(st.sampled_from(POOLS.session_ids), st.text(max_size=40))
         if "address" in name or name == "exclude":
@@ -196,9 +199,11 @@ def stubs(fuzz_cluster):
     last = stage_pb2_grpc.StageStub(channels[1])
     # real sessions to aim at, on both stages (the first stage's sending on to the last stage's)
     for _ in range(2):
-        tail = last.OpenSession(stage_pb2.OpenSessionRequest(max_length=16)).session_id
+        tail = last.OpenSession(stage_pb2.OpenSessionRequest(max_length=16, client_key=FUZZ_KEY)).session_id
         head = first.OpenSession(
-            stage_pb2.OpenSessionRequest(max_length=16, next_address=stages.route[1], next_session_id=tail)
+            stage_pb2.OpenSessionRequest(
+                max_length=16, next_address=stages.route[1], next_session_id=tail, client_key=FUZZ_KEY
+            )
         ).session_id
         POOLS.session_ids += [tail, head]
     POOLS.addresses.extend(stages.route)
@@ -217,6 +222,7 @@ STAGE_UNARY = [
 COORDINATOR_UNARY = [
     ("Register", coordinator_pb2.RegisterRequest),
     ("Heartbeat", coordinator_pb2.HeartbeatRequest),
+    ("Leave", coordinator_pb2.LeaveRequest),
     ("GetRoute", coordinator_pb2.RouteRequest),
     ("Status", coordinator_pb2.StatusRequest),
     ("Plan", coordinator_pb2.PlanRequest),

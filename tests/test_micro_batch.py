@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 import torch
-from stage_wire import TIMEOUT, close_session, connect, open_chain, probe
+from stage_wire import KEY, TIMEOUT, close_session, connect, open_chain, probe
 
 from layerline import wire
 from layerline.client import AsyncClient, Client, ClientConfig, RPCError
@@ -112,7 +112,12 @@ def test_bad_targets_are_refused_and_the_stage_keeps_serving(route):
 
             def step(targets, positions=pos, **kw) -> stage_pb2.Step:
                 return stage_pb2.Step(
-                    session_id=ids[0], positions=positions, tokens=toks, targets=wire.encode(targets), **kw
+                    session_id=ids[0],
+                    positions=positions,
+                    tokens=toks,
+                    targets=wire.encode(targets),
+                    client_key=KEY,
+                    **kw,
                 )
 
             bad = [
@@ -179,6 +184,7 @@ def test_a_reader_that_falls_behind_pauses_its_loop_instead_of_growing_the_stage
             push = stubs[0].Push()
             step = stage_pb2.Step(
                 session_id=ids[0],
+                client_key=KEY,
                 seq=1,
                 positions=wire.encode(torch.arange(len(p))[None]),
                 tokens=wire.encode(torch.tensor([p])),
@@ -196,7 +202,7 @@ def test_a_reader_that_falls_behind_pauses_its_loop_instead_of_growing_the_stage
             assert paused - before <= 4 + 2, paused - before
             assert info(last).peak_queued_results <= 4 + 1
             tokens = []
-            async for result in stubs[-1].Subscribe(stage_pb2.SubscribeRequest(session_id=ids[-1])):
+            async for result in stubs[-1].Subscribe(stage_pb2.SubscribeRequest(session_id=ids[-1], client_key=KEY)):
                 tokens.extend(result.token_ids)
                 await asyncio.sleep(0.01)  # a slow reader: the loop follows its pace
                 if result.done:

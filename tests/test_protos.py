@@ -48,6 +48,7 @@ def test_stage_service_methods():
         "Subscribe": (False, True),
         "GetTokenizer": (False, False),
         "Halt": (False, False),
+        "Drain": (False, False),
     }
     for name in streaming:
         assert callable(getattr(stage_pb2_grpc.StageServicer, name))
@@ -60,7 +61,7 @@ def test_coordinator_service_methods():
     from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
-    unary = {"Register", "Heartbeat", "GetRoute", "Status", "Plan", "GetModel"}
+    unary = {"Register", "Heartbeat", "Leave", "GetRoute", "Status", "Plan", "GetModel"}
     assert {m.name for m in service.methods} == unary | {"FetchWeights"}
     assert not any(m.client_streaming for m in service.methods)
     assert {m.name for m in service.methods if m.server_streaming} == {"FetchWeights"}

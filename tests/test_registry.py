@@ -181,9 +181,9 @@ def test_model_shape_counts_the_parameters_of_a_real_config():
     assert abs(total - 134_515_008) < 1000  # the published parameter count
 
 
-def test_spare_stages_become_replicas_and_take_over_a_dead_stage_without_a_reload():
-    clock = Clock()
-    reg = Registry(
+def two_layer_registry(clock: Clock) -> Registry:
+    """A 2-layer model: two stages make the whole chain, a third can only be a replica."""
+    return Registry(
         ModelShape(num_layers=2, layer_params=1000, embed_params=2000, head_params=2000),
         "fp",
         heartbeat_s=1.0,
@@ -191,6 +191,11 @@ def test_spare_stages_become_replicas_and_take_over_a_dead_stage_without_a_reloa
         settle_s=0.0,
         clock=clock,
     )
+
+
+def test_spare_stages_become_replicas_and_take_over_a_dead_stage_without_a_reload():
+    clock = Clock()
+    reg = two_layer_registry(clock)
     a = reg.register("h:1", "fp", cap(1e-3))
     b = reg.register("h:2", "fp", cap(1.5e-3))  # the slower span: the one worth a spare
     version = reg.plan_version
@@ -250,3 +255,18 @@ def test_a_route_can_avoid_stages_a_client_found_dead_and_says_which_layers_are_
     lo, hi = next(s for s in (a, b) if s is not twin).serving
     with pytest.raises(FailedPreconditionError, match=rf"no ready stage serves layers {lo}:{hi} \(avoiding "):
         reg.route(exclude={s.address for s in (a, b) if s is not twin})
+
+
+def test_a_stage_that_leaves_is_dropped_at_once_and_its_replica_stands_in():
+    reg = two_layer_registry(Clock())
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(1.5e-3))
+    spare = reg.register("h:3", "fp", cap(1.5e-3))
+    load(reg)
+    assert spare.replica and reg.route().stage_ids == [a.id, b.id]
+    assert reg.leave(b.id)  # no heartbeat missed: it says it goes
+    assert b.id not in reg.stages and not spare.replica
+    assert reg.route().stage_ids == [a.id, spare.id]
+    assert not reg.leave(b.id) and not reg.leave("never-registered")
+    assert reg.leave(spare.id)  # no replica left for its span: a new plan over what remains
+    assert list(reg.stages) == [a.id] and a.assignment == (0, 2)

@@ -10,7 +10,7 @@ import asyncio
 import grpc
 import pytest
 import torch
-from stage_wire import TIMEOUT, assert_status, connect, first_step, open_chain, probe, rpc_error
+from stage_wire import KEY, TIMEOUT, assert_status, connect, first_step, open_chain, probe, rpc_error
 
 from layerline.client import AsyncClient, Client, ClientConfig, RPCError
 from layerline.v1 import stage_pb2
@@ -107,7 +107,9 @@ def test_halt_ends_a_loop_and_reports_the_cache_length(tiny, routes):
                     kind, result = await pr.next()
                     assert kind == "result" and result.seq == seq and not result.done, (kind, result)
                     got += list(result.token_ids)
-                halted = await stubs[-1].Halt(stage_pb2.HaltRequest(session_id=ids[-1]), timeout=TIMEOUT)
+                halted = await stubs[-1].Halt(
+                    stage_pb2.HaltRequest(session_id=ids[-1], client_key=KEY), timeout=TIMEOUT
+                )
                 assert halted.running
                 while True:
                     kind, result = await pr.next()
@@ -121,7 +123,7 @@ def test_halt_ends_a_loop_and_reports_the_cache_length(tiny, routes):
                 assert got[:20] == hf_greedy(ref, p, 20)[: len(got)]
                 (length,) = result.lengths
                 assert len(p) + len(got) - 1 <= length <= len(p) + len(got)
-                again = await stubs[-1].Halt(stage_pb2.HaltRequest(session_id=ids[-1]), timeout=TIMEOUT)
+                again = await stubs[-1].Halt(stage_pb2.HaltRequest(session_id=ids[-1], client_key=KEY), timeout=TIMEOUT)
                 assert not again.running
                 # the session goes on from there: roll back to after the third token, feed it, loop for 5
                 history = p + free[:3]
@@ -173,7 +175,7 @@ def test_bad_loops_are_rejected_and_failures_reach_the_subscriber(tiny, routes):
                 (stubs[-1], "no-such-session", grpc.StatusCode.NOT_FOUND),
                 (stubs[0], ids[0], grpc.StatusCode.FAILED_PRECONDITION),
             ]:
-                e = await rpc_error(stub.Halt(stage_pb2.HaltRequest(session_id=sid), timeout=TIMEOUT))
+                e = await rpc_error(stub.Halt(stage_pb2.HaltRequest(session_id=sid, client_key=KEY), timeout=TIMEOUT))
                 assert_status(e, code)
 
     run(go())
@@ -222,10 +224,11 @@ def test_rpc_error_from_a_failed_loop_reaches_the_client(tiny, routes):
                     n = 0
                     async for _ in s.generate(prompt(9), max_new_tokens=400, stop_token_ids=[]):
                         n += 1
-                        if n == 2:  # someone closes the session at the first stage while the loop runs
+                        if n == 2:  # its client closes the session at the first stage while the loop runs
                             links = await client.links()
                             await links[0].stub.CloseSession(
-                                stage_pb2.CloseSessionRequest(session_id=s.ids[0]), timeout=TIMEOUT
+                                stage_pb2.CloseSessionRequest(session_id=s.ids[0], client_key=client.client_key),
+                                timeout=TIMEOUT,
                             )
                 assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value
 

@@ -10,7 +10,7 @@ import string
 import pytest
 import torch
 
-from layerline.errors import NotFoundError, ResourceExhaustedError
+from layerline.errors import NotFoundError, PermissionDeniedError, ResourceExhaustedError
 from layerline.kv_cache import KVCache
 from layerline.stage_server.sessions import SessionTable, new_session_id
 
@@ -36,12 +36,15 @@ class CacheFactory:
         return KVCache(num_layers=1, rows=1, num_kv_heads=1, head_dim=2, max_len=4)
 
 
-def open_session(table: SessionTable, kv_bytes: int, make_cache=None, rows: int = 1, max_length: int = 4):
+def open_session(
+    table: SessionTable, kv_bytes: int, make_cache=None, rows: int = 1, max_length: int = 4, owner: str = ""
+):
     return table.open(
         rows=rows,
         max_length=max_length,
         kv_bytes=kv_bytes,
         make_cache=make_cache or CacheFactory(),
+        owner=owner,
         next_address="",
         next_session_id="",
         wire_dtype=torch.float32,
@@ -208,3 +211,34 @@ def test_a_failing_make_cache_admits_nothing():
     with pytest.raises(RuntimeError):
         open_session(table, 60, make)
     assert (len(table), table.used_bytes) == (0, 0)
+
+
+def test_a_session_answers_only_to_the_key_it_was_opened_with():
+    table = SessionTable(budget_bytes=1000, ttl=60, max_sessions=100)
+    mine = open_session(table, 10, owner="alice-key-0123456789")
+    theirs = open_session(table, 10, owner="bob-key-0123456789")
+    assert table.get(mine.id, "alice-key-0123456789") is mine
+    for wrong in ("bob-key-0123456789", "", "alice-key-012345678", "alice-key-0123456789x"):
+        with pytest.raises(PermissionDeniedError) as e:
+            table.get(mine.id, wrong)
+        assert "another client" in str(e.value)
+        assert "key-0123" not in str(e.value)  # no key is ever shown
+    assert table.get(theirs.id, "bob-key-0123456789") is theirs
+    with pytest.raises(NotFoundError):  # an unknown id is NOT_FOUND whatever the key
+        table.get("no-such-session", "alice-key-0123456789")
+
+
+def test_sessions_per_client_are_limited_and_counted_back_on_close():
+    table = SessionTable(budget_bytes=1000, ttl=60, max_sessions=100, max_per_owner=2)
+    a = [open_session(table, 1, owner="a" * 16) for _ in range(2)]
+    with pytest.raises(ResourceExhaustedError) as e:
+        open_session(table, 1, owner="a" * 16)
+    assert "--max-sessions-per-client" in str(e.value) and "2" in str(e.value)
+    b = open_session(table, 1, owner="b" * 16)  # another client is not held back
+    assert (table.owned_by("a" * 16), table.owned_by("b" * 16), len(table)) == (2, 1, 3)
+    table.close(a[0].id)
+    table.close(a[0].id)  # twice: counted once
+    assert table.owned_by("a" * 16) == 1
+    open_session(table, 1, owner="a" * 16)
+    table.close(b.id)
+    assert table.owned_by("b" * 16) == 0

@@ -88,6 +88,18 @@ class HeartbeatResponse(_message.Message):
     assignment: Assignment
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
+class LeaveRequest(_message.Message):
+    __slots__ = ("stage_id",)
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    def __init__(self, stage_id: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
 class RouteRequest(_message.Message):
     __slots__ = ("exclude",)
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]

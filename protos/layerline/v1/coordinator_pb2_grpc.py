@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=layerline_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=layerline_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/layerline.v1.Coordinator/Leave',
+                request_serializer=layerline_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=layerline_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
+                _registered_method=True)
         self.GetRoute = channel.unary_unary(
                 '/layerline.v1.Coordinator/GetRoute',
                 request_serializer=layerline_dot_v1_dot_coordinator__pb2.RouteRequest.SerializeToString,
@@ -83,6 +88,13 @@ class CoordinatorServicer:
 
     def Heartbeat(self, request, context):
         """Every few seconds: the stage's state in, its current assignment out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """A stage leaving on purpose (drained, shutting down): dropped at once, as if it had missed its heartbeats.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +147,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=layerline_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=layerline_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=layerline_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=layerline_dot_v1_dot_coordinator__pb2.LeaveResponse.SerializeToString,
             ),
             'GetRoute': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoute,
@@ -216,6 +233,33 @@ class Coordinator:
             '/layerline.v1.Coordinator/Heartbeat',
             layerline_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             layerline_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Coordinator/Leave',
+            layerline_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            layerline_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,18 +84,20 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., draws: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("max_length", "rows", "next_address", "next_session_id", "wire_dtype")
+    __slots__ = ("max_length", "rows", "next_address", "next_session_id", "wire_dtype", "client_key")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NEXT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     rows: int
     next_address: str
     next_session_id: str
     wire_dtype: _tensor_pb2.DType
-    def __init__(self, max_length: _Optional[int] = ..., rows: _Optional[int] = ..., next_address: _Optional[str] = ..., next_session_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    client_key: str
+    def __init__(self, max_length: _Optional[int] = ..., rows: _Optional[int] = ..., next_address: _Optional[str] = ..., next_session_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "kv_bytes", "ttl_seconds")
@@ -108,10 +110,12 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "client_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    client_key: str
+    def __init__(self, session_id: _Optional[str] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class CloseSessionResponse(_message.Message):
     __slots__ = ("closed",)
@@ -120,7 +124,7 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets", "burst")
+    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets", "burst", "client_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +138,7 @@ class Step(_message.Message):
     LOOPED_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     BURST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     positions: _tensor_pb2.Tensor
@@ -147,7 +152,8 @@ class Step(_message.Message):
     looped: bool
     targets: _tensor_pb2.Tensor
     burst: int
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., looped: _Optional[bool] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., burst: _Optional[int] = ...) -> None: ...
+    client_key: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., looped: _Optional[bool] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., burst: _Optional[int] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class Loop(_message.Message):
     __slots__ = ("address", "session_id", "max_new_tokens", "stop_token_ids")
@@ -162,24 +168,28 @@ class Loop(_message.Message):
     def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("session_id", "seq", "code", "message", "stage")
+    __slots__ = ("session_id", "seq", "code", "message", "stage", "client_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     code: int
     message: str
     stage: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
+    client_key: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stage: _Optional[str] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "client_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    client_key: str
+    def __init__(self, session_id: _Optional[str] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("seq", "token_ids", "rows", "done", "lengths", "code", "message", "stage", "logprobs")
@@ -204,10 +214,26 @@ class Result(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., lengths: _Optional[_Iterable[int]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stage: _Optional[str] = ..., logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class HaltRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "client_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    client_key: str
+    def __init__(self, session_id: _Optional[str] = ..., client_key: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("wait_seconds",)
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: float
+    def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("open_sessions", "stage")
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    open_sessions: int
+    stage: str
+    def __init__(self, open_sessions: _Optional[int] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class HaltResponse(_message.Message):
     __slots__ = ("running",)

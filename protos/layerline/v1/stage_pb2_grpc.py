@@ -69,6 +69,11 @@ class StageStub:
                 request_serializer=layerline_dot_v1_dot_stage__pb2.HaltRequest.SerializeToString,
                 response_deserializer=layerline_dot_v1_dot_stage__pb2.HaltResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/layerline.v1.Stage/Drain',
+                request_serializer=layerline_dot_v1_dot_stage__pb2.DrainRequest.SerializeToString,
+                response_deserializer=layerline_dot_v1_dot_stage__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -124,6 +129,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Take this stage out of service on purpose: it leaves its coordinator (routes stop naming it at once), refuses
+        new sessions, lets its sessions end for up to `wait_seconds`, then closes the rest with UNAVAILABLE (their
+        clients move them to another chain) and shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Halt,
                     request_deserializer=layerline_dot_v1_dot_stage__pb2.HaltRequest.FromString,
                     response_serializer=layerline_dot_v1_dot_stage__pb2.HaltResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=layerline_dot_v1_dot_stage__pb2.DrainRequest.FromString,
+                    response_serializer=layerline_dot_v1_dot_stage__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +371,33 @@ class Stage:
             '/layerline.v1.Stage/Halt',
             layerline_dot_v1_dot_stage__pb2.HaltRequest.SerializeToString,
             layerline_dot_v1_dot_stage__pb2.HaltResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Stage/Drain',
+            layerline_dot_v1_dot_stage__pb2.DrainRequest.SerializeToString,
+            layerline_dot_v1_dot_stage__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
