@@ -333,6 +333,10 @@ class AsyncClient:
         except grpc.aio.AioRpcError as e:
             raise RPCError(e.code(), f"stage {link.address} is not reachable: {e.details()}", link.address) from None
 
+    def forget_route(self) -> None:
+        """The chain new sessions open on is out of date: the next one asks the coordinator again."""
+        self._links = None
+
     async def links(self) -> list[_Link]:
         await self.connect()
         assert self._links is not None
@@ -416,7 +420,7 @@ class AsyncClient:
         self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
     ) -> AsyncIterator[Piece]:
         ids = await self._prompt_ids(prompt, messages)
-        async with self.in_flight(), self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
+        async with self.in_flight(), self.session(max_length=await self.fit(len(ids) + opts.max_new_tokens)) as s:
             async with contextlib.aclosing(s._generate(ids, opts, slot=False)) as pieces:
                 async for piece in pieces:
                     yield piece
@@ -425,12 +429,18 @@ class AsyncClient:
         self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, opts: Options
     ) -> Generation:
         ids = await self._prompt_ids(prompt, messages)
-        async with self.in_flight(), self.session(max_length=await self._fit(len(ids) + opts.max_new_tokens)) as s:
+        async with self.in_flight(), self.session(max_length=await self.fit(len(ids) + opts.max_new_tokens)) as s:
             return await s._gather(s._generate(ids, opts, slot=False))
 
-    async def _fit(self, length: int) -> int:
+    async def fit(self, length: int) -> int:
         """`length` positions, or the model's context where that is shorter."""
         return min([length] + [link.info.max_length for link in await self.links() if link.info.max_length])
+
+    async def prompt_ids(
+        self, prompt: str | Sequence[int] | None = None, messages: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The token ids generate / chat would feed for `prompt` (text or ids) or `messages` (the chat template)."""
+        return await self._prompt_ids(prompt, messages)
 
     async def _prompt_ids(
         self, prompt: str | Sequence[int] | None, messages: list[dict[str, Any]] | None, first: bool = True
@@ -521,7 +531,21 @@ class AsyncSession:
         await self.close()
 
     async def open(self) -> None:
-        await self._open_on(await self.client.links())
+        attempt = 0
+        while True:
+            try:
+                await self._open_on(await self.client.links())
+                return
+            except RPCError as e:
+                # a stage of the chain serves other layers now (the coordinator re-planned since this client got
+                # its route): ask for the new route and open there
+                if e.code != grpc.StatusCode.ABORTED or not self.client.coordinator:
+                    raise
+                if attempt >= self.client.config.route_retries:
+                    raise
+                self.client.forget_route()
+                await asyncio.sleep(0.25 * 2**attempt)
+                attempt += 1
 
     async def _open_on(self, links: list[_Link]) -> None:
         limit = min(link.info.max_length or 1 << 30 for link in links)
@@ -543,7 +567,12 @@ class AsyncSession:
             # last stage first: each stage must know the session's id at the next one
             for i in reversed(range(len(links))):
                 req = stage_pb2.OpenSessionRequest(
-                    max_length=self.max_length, rows=self.rows, wire_dtype=wire, client_key=self.client.client_key
+                    max_length=self.max_length,
+                    rows=self.rows,
+                    wire_dtype=wire,
+                    client_key=self.client.client_key,
+                    start_layer=links[i].info.start_layer,
+                    end_layer=links[i].info.end_layer,
                 )
                 if i + 1 < len(links):
                     req.next_address, req.next_session_id = links[i + 1].address, ids[i + 1]

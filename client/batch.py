@@ -88,7 +88,7 @@ async def run_micro_batches(client: AsyncClient, items: list, size: int, one) ->
 async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], opts: Options) -> list[Generation]:
     """Generate for the prompts of one micro-batch, as one session with a row per prompt."""
     longest = max(len(p) for p in prompts)
-    max_length = await client._fit(longest + opts.max_new_tokens)
+    max_length = await client.fit(longest + opts.max_new_tokens)
     if longest >= max_length:
         raise RPCError(
             grpc.StatusCode.OUT_OF_RANGE, f"a prompt of {longest} tokens leaves no room in the model's context"
@@ -162,7 +162,7 @@ async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], op
 async def score_micro_batch(client: AsyncClient, seqs: list[list[int]]) -> list[list[float]]:
     """Per-token log-probabilities of the sequences of one micro-batch (one session, a row per sequence)."""
     tokens, positions, longest = left_padded(seqs)
-    limit = await client._fit(longest)
+    limit = await client.fit(longest)
     if longest > limit:
         raise RPCError(
             grpc.StatusCode.OUT_OF_RANGE, f"a sequence of {longest} tokens is longer than the model's context {limit}"

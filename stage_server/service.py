@@ -129,6 +129,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.steps_done = 0
         self.compute_seconds = 0.0  # compute thread time on steps (read by Info; written by that thread only)
         self.steps_computed = 0
+        self.tokens_computed = 0  # token positions computed (rows x tokens of every step)
+        self.tokens_sampled = 0  # last stage: tokens sampled
         self.batched_steps = 0  # of which ran in a forward pass shared with other sessions' steps
         self.peak_in_flight = 0  # the most steps admitted and not yet passed on, at once
         self.peak_results = 0  # the most results one subscriber has been behind
@@ -201,6 +203,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             max_length=mc.max_position_embeddings,
             compute_seconds=self.compute_seconds,
             steps_computed=self.steps_computed,
+            tokens_computed=self.tokens_computed,
+            tokens_sampled=self.tokens_sampled,
             batched_steps=self.batched_steps,
             queued_steps=self.in_flight,
             peak_queued_steps=self.peak_in_flight,
@@ -221,6 +225,12 @@ class StageService(stage_pb2_grpc.StageServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"{self.label} is draining (leaving the cluster): open the session elsewhere",
+            )
+        if request.end_layer and (request.start_layer, request.end_layer) != (m.start, m.end):
+            await context.abort(
+                grpc.StatusCode.ABORTED,
+                f"the route is out of date: this stage serves layers {m.start}:{m.end} now, not "
+                f"{request.start_layer}:{request.end_layer} (ask the coordinator for a new route)",
             )
         rows = request.rows or 1
         limit = m.config.max_position_embeddings
@@ -528,6 +538,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             results = self._compute_batch(batch) if len(batch) > 1 else [self._compute_one(item)]
             self.compute_seconds += time.perf_counter() - began
             self.steps_computed += len(batch)
+            self.tokens_computed += sum(it.positions.numel() for it in batch)
             if len(batch) > 1:
                 self.batched_steps += len(batch)
                 self._mark_bursts(batch, results)
@@ -773,6 +784,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         generator = None if sampler.params.greedy else draw_generator(sampler.seed, sampler.draws)
         sampler.draws += 1
         ids = sample(out[:, -1], sampler.params, generator, [sampler.history[r] for r in item.rows]).tolist()
+        self.tokens_sampled += len(ids)
         result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
         if item.targets is not None:
             result.logprobs.CopyFrom(wire.encode(_logprobs(out, item.targets)))

@@ -320,6 +320,7 @@ def test_open_session_and_subscribe_reject_bad_requests(route, expected):
                 (last, Open(max_length=8, rows=5000), INVALID, ["rows", "5000"]),
                 (last, Open(max_length=8, rows=-1), INVALID, ["rows", "-1"]),
                 (last, Open(max_length=8, wire_dtype=tensor_pb2.INT64), INVALID, ["wire_dtype"]),
+                (last, Open(max_length=8, end_layer=2), grpc.StatusCode.ABORTED, ["out of date", "2:4", "0:2"]),
                 (first, Open(max_length=8, next_address=route[1]), INVALID, ["next_session_id"]),
                 (first, Open(max_length=8, next_session_id="x"), PRECONDITION, ["next_address"]),
             ]

@@ -72,6 +72,10 @@ def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, ca
                         with Client(coordinator=address) as fresh:
                             out = fresh.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False)
                             assert out.token_ids == expected and fresh.route == list(route.addresses)
+                        # a client connected before the re-plan still holds the old chain: the stages refuse its next
+                        # session as out of date (they serve other layers now) and it asks for the new route
+                        out = client.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False)
+                        assert out.token_ids == expected and client.route == list(route.addresses)
                         # one stage dies: the coordinator drops it after missed heartbeats, the others take its layers
                         third.processes[0].kill()
                         third.processes[0].wait()

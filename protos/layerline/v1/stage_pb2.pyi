@@ -12,7 +12,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead")
+    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead", "tokens_computed", "tokens_sampled")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,8 @@ class StageInfo(_message.Message):
     MAX_QUEUED_STEPS_FIELD_NUMBER: _ClassVar[int]
     PEAK_QUEUED_RESULTS_FIELD_NUMBER: _ClassVar[int]
     MAX_LOOP_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_fingerprint: str
     start_layer: int
@@ -65,7 +67,9 @@ class StageInfo(_message.Message):
     max_queued_steps: int
     peak_queued_results: int
     max_loop_ahead: int
-    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ...) -> None: ...
+    tokens_computed: int
+    tokens_sampled: int
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ..., tokens_computed: _Optional[int] = ..., tokens_sampled: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "draws")
@@ -84,20 +88,24 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., draws: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("max_length", "rows", "next_address", "next_session_id", "wire_dtype", "client_key")
+    __slots__ = ("max_length", "rows", "next_address", "next_session_id", "wire_dtype", "client_key", "start_layer", "end_layer")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NEXT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     rows: int
     next_address: str
     next_session_id: str
     wire_dtype: _tensor_pb2.DType
     client_key: str
-    def __init__(self, max_length: _Optional[int] = ..., rows: _Optional[int] = ..., next_address: _Optional[str] = ..., next_session_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., client_key: _Optional[str] = ...) -> None: ...
+    start_layer: int
+    end_layer: int
+    def __init__(self, max_length: _Optional[int] = ..., rows: _Optional[int] = ..., next_address: _Optional[str] = ..., next_session_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., client_key: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "kv_bytes", "ttl_seconds")
