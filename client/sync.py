@@ -201,6 +201,11 @@ class Session:
     def last(self) -> Generation | None:
         return self._aio.last
 
+    @property
+    def ids(self) -> list[str]:
+        """The session's id on each stage of its chain (first stage first)."""
+        return list(self._aio.ids)
+
     def open(self) -> None:
         self._client._loop.run(self._aio.open())
 

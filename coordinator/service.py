@@ -15,12 +15,15 @@ import logging
 import math
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from layerline.checkpoint import load_config
 from layerline.config import ModelConfig, config_to_json
@@ -28,6 +31,7 @@ from layerline.coordinator.placement import PlacementError, StageCapacity, assig
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
 from layerline.coordinator.weights import check_request, stream_tensors
 from layerline.errors import BadInputError, CheckpointError, LayerlineError
+from layerline.metrics import CallCounter, Snapshot, serve_metrics, uptime
 from layerline.security import Security
 from layerline.stage_server.server import model_fingerprint
 from layerline.stage_server.status import status_of
@@ -244,6 +248,7 @@ class RunningCoordinator:
     service: CoordinatorService
     address: str
     sweeper: asyncio.Task
+    metrics: str = ""  # host:port of its Prometheus /metrics ("" = not served)
 
     async def stop(self, grace: float = 1.0) -> None:
         self.sweeper.cancel()
@@ -262,7 +267,10 @@ async def start_coordinator(
     settle_s: float = 4.0,
     expected_stages: int = 0,
     security: Security | None = None,
+    metrics_port: int = -1,
 ) -> RunningCoordinator:
+    """Serve the coordinator (and the gRPC health and reflection services) on host:port; with `metrics_port` >= 0
+    (0: any free port), Prometheus metrics on host:metrics_port."""
     security = security or Security()
     config = await asyncio.to_thread(load_config, model)
     try:
@@ -280,16 +288,22 @@ async def start_coordinator(
     )
     served = ServedModel(model, os.path.basename(model.rstrip("/")), config, registry.fingerprint, tokenizer_json)
     service = CoordinatorService(registry, served)
+    metrics = CollectorRegistry()
+    started = time.monotonic()
+    metrics.register(Snapshot(lambda: _coordinator_metrics(registry, started)))
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
-        interceptors=security.interceptors(),
+        interceptors=[CallCounter(metrics, "layerline_coordinator"), *security.interceptors()],
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     bound = security.bind(server, f"{host}:{port}")
     if bound == 0:
         raise LayerlineError(f"cannot listen on {host}:{port} (port taken or address not available)")
@@ -305,7 +319,48 @@ async def start_coordinator(
                 logger.warning("dropped %d stage(s) that stopped heartbeating: %s", len(gone), ", ".join(gone))
 
     sweeper = asyncio.create_task(sweep(), name="coordinator sweeper")
-    return RunningCoordinator(server, service, f"{host}:{bound}", sweeper)
+    metrics_address = serve_metrics(metrics, host, metrics_port) if metrics_port >= 0 else ""
+    return RunningCoordinator(server, service, f"{host}:{bound}", sweeper, metrics_address)
+
+
+def _coordinator_metrics(registry: Registry, started: float):
+    stages = list(registry.stages.values())
+    plan = registry.plan
+    yield uptime(started)
+    yield ("layerline_coordinator_stages", "stages registered", "gauge", len(stages), {})
+    yield (
+        "layerline_coordinator_ready_stages",
+        "stages serving their layers",
+        "gauge",
+        sum(s.ready for s in stages),
+        {},
+    )
+    yield (
+        "layerline_coordinator_replicas",
+        "stages holding a copy of a span",
+        "gauge",
+        sum(s.replica for s in stages),
+        {},
+    )
+    yield ("layerline_coordinator_plan_version", "plans made since the start", "counter", registry.plan_version, {})
+    bottleneck = plan.bottleneck_s if plan is not None else 0.0
+    yield (
+        "layerline_coordinator_predicted_bottleneck_seconds",
+        "the plan's slowest stage per token (0: no plan)",
+        "gauge",
+        bottleneck,
+        {},
+    )
+    for s in stages:
+        labels = {"stage": s.address}
+        yield ("layerline_coordinator_stage_open_sessions", "open sessions by stage", "gauge", s.open_sessions, labels)
+        yield (
+            "layerline_coordinator_stage_kv_bytes_used",
+            "KV cache bytes used by stage",
+            "gauge",
+            s.kv_bytes_used,
+            labels,
+        )
 
 
 async def serve_coordinator(

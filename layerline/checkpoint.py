@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from layerline import progress
 from layerline.config import ModelConfig
 from layerline.errors import CheckpointError
 from layerline.gguf_model import GGUFCheckpoint
@@ -150,7 +151,15 @@ def load_stage(
                 f"{ckpt.path}: missing tensor(s) {', '.join(ckpt.source_name(m) for m in missing[:3])}{more} "
                 f"(needed by layers {start}:{end})"
             )
-        tensors = ckpt.read(names, dtype)
+        groups: dict[str, list[str]] = {}
+        for n in names:  # a layer's tensors together: the bar moves a layer at a time
+            groups.setdefault(".".join(n.split(".")[:3]) if n.startswith("model.layers.") else n, []).append(n)
+        tensors: dict[str, torch.Tensor] = {}
+        what = "converting" if isinstance(ckpt, GGUFCheckpoint) else "loading"
+        with progress.bar(len(groups), f"{what} layers {start}:{end}", "part") as shown:
+            for group in groups.values():
+                tensors.update(ckpt.read(group, dtype))
+                shown.update(1)
         return StageModel(config, start, end, tensors, dtype, device)
     finally:
         if checkpoint is None:

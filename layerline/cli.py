@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -82,7 +83,9 @@ def _add_split_args(p: argparse.ArgumentParser, default_stages: int, threads_hel
         "--stages", type=_positive, default=None, help=f"number of near-equal stages (default {default_stages})"
     )
     split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="compute dtype (float32)"
+    )
     p.add_argument("--threads", type=_positive, default=None, help=threads_help)
 
 
@@ -118,6 +121,15 @@ def _security(args: argparse.Namespace):
     return Security.from_files(args.tls_cert, args.tls_key, args.tls_ca, args.token_file)
 
 
+def _add_metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST is --host; 0: any free port; default: off)",
+    )
+
+
 def _add_batch_args(p: argparse.ArgumentParser, file_help: str) -> None:
     p.add_argument("--file", default="", help=file_help)
     p.add_argument(
@@ -127,7 +139,19 @@ def _add_batch_args(p: argparse.ArgumentParser, file_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerline", description="Pipeline-parallel LLM inference over gRPC.")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LAYERLINE_LOG_LEVEL", "WARNING").upper(),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="DEBUG, INFO, WARNING (default; or $LAYERLINE_LOG_LEVEL) or ERROR",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("LAYERLINE_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="text (default; or $LAYERLINE_LOG_FORMAT) or json: one object per line, with the session it is about",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -138,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_split_args(run, default_stages=1, threads_help="torch threads (default: torch's choice)")
     _add_generation_args(run)
-    run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the question (default: a sample one)")
 
     info = sub.add_parser("info", help="describe a checkpoint", epilog="example: layerline info --model smollm2")
     _add_model_args(info)
@@ -171,8 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     stage.add_argument("--advertise", default="", help="host:port other machines use to reach this stage")
     stage.add_argument("--next", default="", help="host:port of the next stage (sessions may name another)")
-    stage.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    stage.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    stage.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="compute dtype (float32)"
+    )
+    stage.add_argument(
+        "--wire-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of the hidden states sent to the next stage (float32)",
+    )
     stage.add_argument(
         "--kv-cache-bytes",
         type=_bytes,
@@ -207,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="a generation loop pauses while its reader is this many tokens behind (32)",
     )
+    _add_metrics_args(stage)
     stage.add_argument(
         "--max-sessions-per-client",
         type=_positive,
@@ -218,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1 << 20,
         help="positions one session may hold, rows x max_length (1048576)",
+    )
+
+    api = sub.add_parser(
+        "api",
+        help="serve an OpenAI-compatible HTTP API and the cluster dashboard",
+        description="Serve /v1/models, /v1/completions and /v1/chat/completions (streaming as server-sent events) "
+        "over the cluster, the dashboard on / and Prometheus metrics on /metrics. Prints a ready line with the URL.",
+        epilog="example: layerline api --coordinator 10.0.0.1:7000 --host 0.0.0.0 --port 8000\n"
+        "then: OPENAI_BASE_URL=http://10.0.0.1:8000/v1 OPENAI_API_KEY=none any OpenAI client",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_route_args(api)
+    api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    api.add_argument("--model-name", default="", help="the model's name in the API (default: the checkpoint's name)")
+    api.add_argument(
+        "--api-key-file", default="", help="file holding the key clients must send (Authorization: Bearer KEY)"
     )
 
     drain = sub.add_parser(
@@ -263,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_split_args(local, default_stages=3, threads_help="torch threads per stage (default: cores/stages)")
     _add_generation_args(local)
-    local.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    local.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the question (default: a sample one)")
 
     coord = sub.add_parser(
         "coordinator",
@@ -279,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--heartbeat", type=float, default=2.0, help="seconds between stage heartbeats (2)")
     coord.add_argument("--settle", type=float, default=4.0, help="seconds the first plan waits for stages (4)")
     coord.add_argument("--expect", type=int, default=0, help="plan as soon as this many stages have registered")
+    _add_metrics_args(coord)
     _add_security_args(coord)
 
     certs = sub.add_parser(
@@ -407,6 +457,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             loop_ahead=args.loop_ahead,
             max_sessions_per_client=args.max_sessions_per_client,
             max_session_tokens=args.max_session_tokens,
+            metrics_port=args.metrics_port,
             security=_security(args),
         )
     except ValueError as e:
@@ -602,7 +653,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     die_with_parent()
 
     def ready(running) -> None:
-        print(f"{COORDINATOR_READY}{args.model} listening on {running.address}", flush=True)
+        metrics = f" (metrics on http://{running.metrics}/metrics)" if running.metrics else ""
+        print(f"{COORDINATOR_READY}{args.model} listening on {running.address}{metrics}", flush=True)
 
     asyncio.run(
         serve_coordinator(
@@ -614,6 +666,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             settle_s=args.settle,
             expected_stages=args.expect,
             security=_security(args),
+            metrics_port=args.metrics_port,
         )
     )
     return 0
@@ -650,45 +703,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(_json_of(status))
         return 0
-    print(f"model {status.model_name}: {status.num_layers} layers, plan version {status.plan_version}")
-    rows = [
-        [
-            "stage",
-            "address",
-            "device/dtype",
-            "layers",
-            "assigned",
-            "ms/layer decode",
-            "us/layer/token prefill",
-            "memory free",
-            "sessions",
-            "health",
-        ]
-    ]
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    table = Table(
+        title=f"model {status.model_name}: {status.num_layers} layers, plan version {status.plan_version}",
+        title_justify="left",
+    )
+    numbers = {"ms/layer decode", "us/layer/token prefill", "memory", "KV used", "sessions"}
+    for name in (
+        "stage",
+        "address",
+        "device/dtype",
+        "layers",
+        "assigned",
+        "ms/layer decode",
+        "us/layer/token prefill",
+        "memory",
+        "KV used",
+        "sessions",
+        "health",
+    ):
+        table.add_column(name, no_wrap=True, justify="right" if name in numbers else "left")
     for s in status.stages:
         r = s.report
         serving = f"{s.serving_start}:{s.serving_end}" if s.serving_end else "-"
         assigned = f"{s.assignment.start_layer}:{s.assignment.end_layer}" if s.assignment.end_layer else "standby"
         if s.replica:
             assigned += " (replica)"
-        health = ("ready" if s.ready else "loading") + f", seen {s.seconds_since_heartbeat:.1f}s ago"
-        rows.append(
-            [
-                s.stage_id[:8],
-                r.address,
-                f"{r.device}/{r.dtype}",
-                serving,
-                assigned,
-                f"{1e3 * r.decode_s_per_layer:.2f}",
-                f"{1e6 * r.prefill_s_per_layer_token:.1f}",
-                f"{r.memory_bytes / (1 << 30):.2f} GiB",
-                str(s.open_sessions),
-                health,
-            ]
+        health = ("[green]ready[/green]" if s.ready else "[yellow]loading[/yellow]") + (
+            f", seen {s.seconds_since_heartbeat:.1f}s ago"
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        table.add_row(
+            s.stage_id[:8],
+            r.address,
+            f"{r.device}/{r.dtype}",
+            serving,
+            assigned,
+            f"{1e3 * r.decode_s_per_layer:.2f}",
+            f"{1e6 * r.prefill_s_per_layer_token:.1f}",
+            f"{r.memory_bytes / (1 << 30):.2f} GiB",
+            f"{s.kv_bytes_used / (1 << 20):.1f} MiB",
+            str(s.open_sessions),
+            health,
+        )
+    console.print(table)
     if status.predicted_bottleneck_s:
         print(
             f"predicted bottleneck {1e3 * status.predicted_bottleneck_s:.2f} ms/token, one token through the chain "
@@ -704,6 +764,61 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _ask_coordinator(args.coordinator, "Plan", _security(args))
     print(_json_of(plan) if args.json else plan.explanation)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from layerline.api import serve_api
+    from layerline.client import AsyncClient, ClientConfig, RPCError
+    from layerline.local_cluster import API_READY, die_with_parent
+
+    die_with_parent()
+    route = _route_args(args)
+    api_key = ""
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file) as f:
+                api_key = f.read().strip()
+        except OSError as e:
+            raise LayerlineError(f"cannot read --api-key-file {args.api_key_file}: {e.strerror or e}") from None
+        if not api_key:
+            raise LayerlineError(f"--api-key-file {args.api_key_file} is empty")
+    security = _security(args)
+
+    async def main() -> None:
+        client = AsyncClient(route, coordinator=args.coordinator, config=ClientConfig(security=security))
+        try:
+            infos = await client.connect()
+        except RPCError as e:
+            await client.close()
+            where = f"the coordinator at {args.coordinator}" if args.coordinator else "the route"
+            raise LayerlineError(f"cannot reach the cluster through {where}: {e.details}") from None
+        name = args.model_name or infos[0].model_name.removesuffix(".gguf")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(host: str, port: int) -> None:
+            print(f"{API_READY}http://{host}:{port} (model {name!r}; dashboard on /, OpenAI API on /v1)", flush=True)
+
+        await serve_api(
+            client,
+            name,
+            args.host,
+            args.port,
+            coordinator=args.coordinator,
+            route=route,
+            security=security,
+            api_key=api_key,
+            on_ready=ready,
+            stop=stop,
+        )
+
+    asyncio.run(main())
     return 0
 
 
@@ -770,16 +885,16 @@ COMMANDS = {
     "plan": cmd_plan,
     "certs": cmd_certs,
     "drain": cmd_drain,
+    "api": cmd_api,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from layerline import logs
+
+    logs.setup(args.log_level, args.log_format)
     try:
         return COMMANDS[args.command](args)
     except LayerlineError as e:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,7 @@ class LocalCluster:
         self.logs: list[tempfile._TemporaryFileWrapper] = []
         self.route: list[str] = []
         self.listen: list[str] = []  # where each stage listens (differs from its route address with --advertise)
+        self.metrics: list[str] = []  # host:port of each stage's Prometheus metrics ("" without --metrics-port)
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -116,6 +118,7 @@ class LocalCluster:
                 threading.Thread(target=_watch, args=(i, p, ready), daemon=True).start()
             addresses: list[str | None] = [None] * len(self.ranges)
             listen = [""] * len(self.ranges)
+            metrics = [""] * len(self.ranges)
             deadline = time.monotonic() + self.startup_timeout
             while any(a is None for a in addresses):
                 try:
@@ -127,7 +130,8 @@ class LocalCluster:
                     raise LayerlineError(f"stage {what} failed to start:\n{self.log_tail(i)}")
                 addresses[i] = info["address"]
                 listen[i] = info.get("listen") or info["address"]
-            self.route, self.listen = [a for a in addresses if a is not None], listen
+                metrics[i] = info.get("metrics", "")
+            self.route, self.listen, self.metrics = [a for a in addresses if a is not None], listen, metrics
             return self.route
         except BaseException:
             self.stop()
@@ -173,36 +177,28 @@ def _watch(i: int, p: subprocess.Popen, ready: queue.Queue) -> None:
 COORDINATOR_READY = "layerline coordinator for "  # printed by `layerline coordinator` once it listens
 
 
-class LocalCoordinator:
-    """`layerline coordinator` as a child process on 127.0.0.1 (port 0); `address` once it listens."""
+class _Child:
+    """A `layerline ...` command as a child process; `start()` waits for the line it prints once it listens."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        heartbeat: float = 2.0,
-        settle: float = 4.0,
-        expect: int = 0,
-        startup_timeout: float = 60.0,
-        env: dict[str, str] | None = None,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.args = ["--heartbeat", str(heartbeat), "--settle", str(settle), "--expect", str(expect), *extra_args]
-        self.model, self.startup_timeout, self.env = model, startup_timeout, env
+    what = "the process"
+    ready_prefix = ""
+
+    def __init__(self, startup_timeout: float, env: dict[str, str] | None) -> None:
+        self.startup_timeout, self.env = startup_timeout, env
         self.process: subprocess.Popen | None = None
-        self.address = ""
-        self.log = tempfile.NamedTemporaryFile(prefix="layerline-coordinator-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="layerline-child-", suffix=".log", delete=False)
 
-    def __enter__(self) -> LocalCoordinator:
+    def __enter__(self):
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self) -> str:
+    def _launch(self, args: Sequence[str]) -> str:
+        """Run `layerline ARGS`; the rest of its ready line."""
         env = dict(os.environ, **(self.env or {}), **{PARENT_ENV: str(os.getpid())})
-        cmd = [sys.executable, "-m", "layerline.cli", "coordinator", "--model", self.model, "--port", "0", *self.args]
+        cmd = [sys.executable, "-m", "layerline.cli", *args]
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True, env=env
         )
@@ -212,23 +208,26 @@ class LocalCoordinator:
             assert self.process is not None and self.process.stdout is not None
             announced = False
             for line in self.process.stdout:
-                if not announced and line.startswith(COORDINATOR_READY):
-                    ready.put(line.strip().rsplit(" ", 1)[-1])
+                if not announced and line.startswith(self.ready_prefix):
+                    ready.put(line.strip()[len(self.ready_prefix) :])
                     announced = True
             if not announced:
                 ready.put(None)
 
         threading.Thread(target=watch, daemon=True).start()
         try:
-            address = ready.get(timeout=self.startup_timeout)
+            rest = ready.get(timeout=self.startup_timeout)
         except queue.Empty:
-            address = None
-        if address is None:
+            rest = None
+        if rest is None:
             self.stop()
             with open(self.log.name, errors="replace") as f:
-                raise LayerlineError(f"the coordinator did not start:\n{f.read()[-2000:]}")
-        self.address = address
-        return address
+                raise LayerlineError(f"{self.what} did not start:\n{f.read()[-2000:]}")
+        return rest
+
+    def log_tail(self, chars: int = 4000) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-chars:]
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -241,3 +240,64 @@ class LocalCoordinator:
         self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)
+
+
+class LocalCoordinator(_Child):
+    """`layerline coordinator` as a child process on 127.0.0.1 (port 0); `address` once it listens."""
+
+    what = "the coordinator"
+    ready_prefix = COORDINATOR_READY
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        heartbeat: float = 2.0,
+        settle: float = 4.0,
+        expect: int = 0,
+        startup_timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(startup_timeout, env)
+        self.args = ["--heartbeat", str(heartbeat), "--settle", str(settle), "--expect", str(expect), *extra_args]
+        self.model = model
+        self.address = ""
+        self.metrics = ""  # host:port of its Prometheus metrics, when started with --metrics-port
+
+    def start(self) -> str:
+        rest = self._launch(["coordinator", "--model", self.model, "--port", "0", *self.args])
+        self.address = re.search(r"listening on (\S+)", rest).group(1)  # type: ignore[union-attr]
+        metrics = re.search(r"metrics on http://(\S+)/metrics", rest)
+        self.metrics = metrics.group(1) if metrics else ""
+        return self.address
+
+
+API_READY = "layerline api on "  # printed by `layerline api` once it listens
+
+
+class LocalApi(_Child):
+    """`layerline api` as a child process on 127.0.0.1 (port 0) over a route or a coordinator; `url` once it
+    listens (http://127.0.0.1:PORT)."""
+
+    what = "the API server"
+    ready_prefix = API_READY
+
+    def __init__(
+        self,
+        *,
+        route: Sequence[str] = (),
+        coordinator: str = "",
+        startup_timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(startup_timeout, env)
+        self.args = ["--route", ",".join(route)] if route else ["--coordinator", coordinator]
+        self.args += list(extra_args)
+        self.url = ""
+
+    def start(self) -> str:
+        rest = self._launch(["api", "--port", "0", *self.args])
+        self.url = rest.split(" ", 1)[0]
+        return self.url

@@ -19,6 +19,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
+if [ "$want_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  # the dashboard test drives Debian's chromium (playwright's own browser download does not work offline)
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the dashboard test" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; } ||
+      echo "setup: could not install chromium; the dashboard test will say so" >&2
+  else
+    echo "setup: no chromium found (install Debian's chromium package for the dashboard test)" >&2
+  fi
+fi
+
 stamp=".venv/.layerline-setup-$want_test"
 digest="$(cat pyproject.toml scripts/constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then

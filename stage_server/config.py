@@ -48,6 +48,7 @@ class StageConfig:
     threads: int = 0  # torch threads for compute; 0 = torch's default
     grace: float = 5.0  # seconds in-flight work gets to finish on shutdown
     advertise: str = ""  # address other processes should use; "" = host:port
+    metrics_port: int = -1  # Prometheus metrics on host:metrics_port (0: any free port; -1: off)
     security: Security = field(default_factory=Security)  # TLS / mutual TLS / token, listening and dialling
 
     def __post_init__(self) -> None:

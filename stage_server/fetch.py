@@ -17,7 +17,7 @@ import time
 import grpc
 import torch
 
-from layerline import weight_cache
+from layerline import progress, weight_cache
 from layerline.config import config_from_json, model_fingerprint
 from layerline.errors import CheckpointError, LayerlineError
 from layerline.model import FLOAT_DTYPES, expected_tensors
@@ -118,6 +118,7 @@ class WeightFetcher:
         hashes: dict[str, str] = {}
         receiver = TensorReceiver(ordered, dtype_name(self.dtype))
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        shown = progress.bar(len(ordered), f"fetching weights from {self.coordinator}", "tensor")
         async with self.security.channel(self.coordinator, options) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             request = coordinator_pb2.FetchRequest(
@@ -131,6 +132,7 @@ class WeightFetcher:
                     name, tensor, digest = finished
                     self.bytes_fetched += tensor.numel() * tensor.element_size()
                     self.tensors_fetched += 1
+                    shown.update(1)
                     group = weight_cache.group_of(name)
                     done[group][name], hashes[name] = tensor, digest
                     if len(done[group]) == len(groups[group]):
@@ -139,6 +141,8 @@ class WeightFetcher:
                 raise LayerlineError(
                     f"fetching weights from {self.coordinator} failed: {e.code().name}: {e.details()}"
                 ) from None
+            finally:
+                shown.close()
         receiver.finish()
 
 

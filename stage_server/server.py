@@ -18,12 +18,14 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
 
 from layerline import weight_cache
 from layerline.checkpoint import load_stage, open_checkpoint
 from layerline.config import model_fingerprint
 from layerline.errors import CheckpointError, LayerlineError
 from layerline.local_cluster import READY_PREFIX
+from layerline.metrics import CallCounter, serve_metrics
 from layerline.model import StageModel
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import channel_options
@@ -46,6 +48,7 @@ class RunningStage:
     address: str  # where others reach it (--advertise, else where it listens)
     fetcher: WeightFetcher | None = None  # a host without the checkpoint: layers come from the coordinator
     listen: str = ""  # host:port it listens on
+    metrics: str = ""  # host:port of its Prometheus /metrics ("" = not served)
 
     async def stop(self, grace: float | None = None) -> None:
         """New RPCs are refused at once; admitted steps get up to `grace` seconds to finish. The service then
@@ -82,11 +85,15 @@ async def start_stage(config: StageConfig) -> RunningStage:
             logger.warning("no tokenizer served: %s", e)
     service = StageService(model, config, name, fingerprint, tokenizer_json, model_config)
     server = grpc.aio.server(
-        options=channel_options(config.max_message_bytes), interceptors=config.security.interceptors()
+        options=channel_options(config.max_message_bytes),
+        interceptors=[CallCounter(service.metrics, "layerline_stage"), *config.security.interceptors()],
     )
     stage_pb2_grpc.add_StageServicer_to_server(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     port = config.security.bind(server, f"{config.host}:{config.port}")
     if port == 0:
         raise LayerlineError(f"cannot listen on {config.host}:{config.port} (port taken or address not available)")
@@ -96,7 +103,8 @@ async def start_stage(config: StageConfig) -> RunningStage:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = config.advertise or f"{config.host}:{port}"
     logger.info("stage %s of %s serving on %s", service.label, config.model, address)
-    return RunningStage(server, service, health, address, listen=f"{config.host}:{port}")
+    metrics = serve_metrics(service.metrics, config.host, config.metrics_port) if config.metrics_port >= 0 else ""
+    return RunningStage(server, service, health, address, listen=f"{config.host}:{port}", metrics=metrics)
 
 
 async def load_layers(stage: RunningStage, start: int, end: int) -> None:
@@ -215,5 +223,7 @@ def print_ready(stage: RunningStage) -> None:
     """The line launchers wait for: where the stage listens and what it serves."""
     start, end = stage.service.serving
     info = {"address": stage.address, "listen": stage.listen, "start": start, "end": end, "pid": os.getpid()}
+    if stage.metrics:
+        info["metrics"] = stage.metrics
     sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
     sys.stdout.flush()

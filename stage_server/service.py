@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 import layerline
 from layerline import wire
@@ -43,6 +44,7 @@ from layerline.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from layerline.metrics import Snapshot, uptime
 from layerline.model import StageModel
 from layerline.sampling import SamplingParams, draw_generator, sample
 from layerline.stage_server.config import StageConfig
@@ -133,6 +135,21 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.tokens_sampled = 0  # last stage: tokens sampled
         self.batched_steps = 0  # of which ran in a forward pass shared with other sessions' steps
         self.peak_in_flight = 0  # the most steps admitted and not yet passed on, at once
+        self.started = time.monotonic()
+        self.metrics = CollectorRegistry()  # Prometheus (server.py serves it with --metrics-port)
+        self.metrics.register(Snapshot(self._metrics))
+        self.pass_seconds = Histogram(
+            "layerline_stage_pass_seconds",
+            "compute time of one forward pass (one step, or several sessions' steps batched)",
+            registry=self.metrics,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.step_errors = Counter(
+            "layerline_stage_step_errors",
+            "steps refused or failed, by gRPC status code",
+            ["code"],
+            registry=self.metrics,
+        )
         self.peak_results = 0  # the most results one subscriber has been behind
 
     @property
@@ -298,7 +315,12 @@ class StageService(stage_pb2_grpc.StageServicer):
             session.sampler = Sampler(SamplingParams(), 0, [[] for _ in range(rows)])
             session.results = asyncio.Queue(maxsize=self.config.max_queued_results + 1)
         logger.info(
-            "opened session %s (rows=%d, max_length=%d, %d bytes)", session.id[:8], rows, request.max_length, kv_bytes
+            "opened session %s (rows=%d, max_length=%d, %d bytes)",
+            session.id[:8],
+            rows,
+            request.max_length,
+            kv_bytes,
+            extra={"session": session.id[:8], "stage": self.label, "peer": context.peer()},
         )
         return stage_pb2.OpenSessionResponse(
             session_id=session.id, kv_bytes=kv_bytes, ttl_seconds=self.config.session_ttl
@@ -373,6 +395,41 @@ class StageService(stage_pb2_grpc.StageServicer):
                 raise UnavailableError(f"session closed: {SHUTDOWN}") from None
             raise
 
+    def _metrics(self):
+        """What Prometheus reads at each scrape (see layerline/metrics.py)."""
+        start, end = self.serving
+        yield uptime(self.started)
+        yield ("layerline_stage_steps", "steps computed", "counter", self.steps_computed, {})
+        yield (
+            "layerline_stage_batched_steps",
+            "steps computed in a pass with other sessions' steps",
+            "counter",
+            self.batched_steps,
+            {},
+        )
+        yield (
+            "layerline_stage_tokens",
+            "token positions computed, and tokens sampled (last stage)",
+            "counter",
+            self.tokens_computed,
+            {"kind": "computed"},
+        )
+        yield ("layerline_stage_tokens", "", "counter", self.tokens_sampled, {"kind": "sampled"})
+        yield ("layerline_stage_compute_seconds", "compute thread time on steps", "counter", self.compute_seconds, {})
+        yield ("layerline_stage_queue_depth", "steps admitted and not yet passed on", "gauge", self.in_flight, {})
+        yield ("layerline_stage_open_sessions", "open sessions", "gauge", len(self.sessions), {})
+        yield (
+            "layerline_stage_kv_bytes_used",
+            "KV cache bytes held by sessions",
+            "gauge",
+            self.sessions.used_bytes,
+            {},
+        )
+        yield ("layerline_stage_kv_bytes_budget", "KV cache budget", "gauge", self.sessions.budget_bytes, {})
+        yield ("layerline_stage_layers", "the layer range served, [start, end)", "gauge", start, {"bound": "start"})
+        yield ("layerline_stage_layers", "", "gauge", end, {"bound": "end"})
+        yield ("layerline_stage_draining", "1 while the stage drains", "gauge", float(self.draining), {})
+
     def _close(self, session_id: str, reason: str) -> bool:
         session = self.sessions.close(session_id, reason)
         if session is None:
@@ -381,7 +438,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             _put_latest(session.results, None)  # ends the subscriber's stream
         if session.next_address in self.downstreams:
             self.downstreams[session.next_address].forget(session.next_session_id)
-        logger.info("session %s: %s", session_id[:8], reason)
+        logger.info("session %s: %s", session_id[:8], reason, extra={"session": session_id[:8], "stage": self.label})
         return True
 
     # ---- streams -------------------------------------------------------------------------------------------------
@@ -536,7 +593,9 @@ class StageService(stage_pb2_grpc.StageServicer):
                 self._gather(batch, pending)
             began = time.perf_counter()
             results = self._compute_batch(batch) if len(batch) > 1 else [self._compute_one(item)]
-            self.compute_seconds += time.perf_counter() - began
+            took = time.perf_counter() - began
+            self.compute_seconds += took
+            self.pass_seconds.observe(took)
             self.steps_computed += len(batch)
             self.tokens_computed += sum(it.positions.numel() for it in batch)
             if len(batch) > 1:
@@ -637,7 +696,13 @@ class StageService(stage_pb2_grpc.StageServicer):
             error = self._closed_error(item.session)
         if error is not None:
             if not isinstance(error, LayerlineError):
-                logger.error("step %d of session %s failed", item.step.seq, item.session.id[:8], exc_info=error)
+                logger.error(
+                    "step %d of session %s failed",
+                    item.step.seq,
+                    item.session.id[:8],
+                    exc_info=error,
+                    extra={"session": item.session.id[:8], "stage": self.label},
+                )
             item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, error, key=item.step.client_key))
         elif out is not None:
             self.steps_done += 1
@@ -844,6 +909,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     ) -> stage_pb2.PushReply:
         if exc is not None:
             code, message = status_of(exc)
+        self.step_errors.labels(code.name).inc()
         return stage_pb2.PushReply(
             session_id=session_id, seq=seq, code=code.value[0], message=message, stage=self.label, client_key=key
         )

@@ -3,8 +3,11 @@ seeded sampling, and clear errors with exit status 2 for bad arguments."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -143,3 +146,45 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path)
     stage = layerline("stage", "--coordinator", address, "--connect-timeout", "1", "--cache-dir", str(tmp_path))
     assert stage.returncode == 2 and f"the coordinator at {address} is unreachable" in stage.stderr, stage.stderr
     assert "Traceback" not in stage.stderr
+
+
+def test_every_command_has_help_with_an_example():
+    from layerline.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert f"example: layerline {name}" in text, name
+        assert all(a.help for a in p._actions if a.dest != "help"), [a.dest for a in p._actions if not a.help]
+    out = layerline("drain", "--help")
+    assert out.returncode == 0 and "--wait" in out.stdout
+
+
+def test_a_port_taken_is_a_clear_error(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(TinySpec("llama", layers=4))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args in (
+            ["coordinator", "--model", folder, "--port", port],
+            ["stage", "--model", folder, "--layers", "0:2", "--port", port],
+        ):
+            out = layerline(*args)
+            assert out.returncode == 2, out.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "port taken" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr
+
+
+def test_progress_bars_show_on_request_and_not_in_pipes(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(TinySpec("llama", layers=4))
+    args = [sys.executable, "-m", "layerline.cli", "run", "--model", folder, "--stages", "2", "--max-new-tokens", "2"]
+    shown = subprocess.run(
+        args, capture_output=True, text=True, timeout=120, env={**os.environ, "LAYERLINE_PROGRESS": "1"}
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "loading layers 0:2" in shown.stderr and "loading layers 2:4" in shown.stderr, shown.stderr
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=120)  # stderr is a pipe: no bars
+    assert quiet.returncode == 0 and "loading layers" not in quiet.stderr

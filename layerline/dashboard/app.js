@@ -1,0 +1,131 @@
+// The layerline dashboard: polls /api/cluster once a second and draws the stages as a bar of layer ranges across
+// the model, and as a table. No framework, nothing fetched from elsewhere.
+"use strict";
+
+const COLORS = ["#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2", "#4f46e5", "#65a30d"];
+const ROW = 46; // px per row of the layer bar
+
+function el(tag, attrs = {}, text = "") {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text) e.textContent = text;
+  return e;
+}
+
+function bytes(n) {
+  if (n === undefined || n === null) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function num(x, digits = 2) {
+  return x === undefined || x === null ? "–" : Number(x).toFixed(digits);
+}
+
+function rangeOf(s) {
+  return s.end > s.start ? `${s.start}:${s.end}` : "none";
+}
+
+function health(s) {
+  if (!s.healthy) return ["down", "bad"];
+  if (!s.ready) return ["loading", "muted"];
+  const seen = s.seen_s_ago !== undefined ? `, seen ${num(s.seen_s_ago, 1)} s ago` : "";
+  return [`ready${seen}`, "ok"];
+}
+
+function drawLayers(data) {
+  const bar = document.getElementById("layers");
+  const axis = document.getElementById("axis");
+  bar.replaceChildren();
+  axis.replaceChildren();
+  const L = data.num_layers || Math.max(1, ...data.stages.map((s) => s.end || 0));
+  // rows: stages whose ranges overlap go on separate rows (replicas below the chain)
+  const rows = [];
+  const placed = data.stages
+    .filter((s) => s.end > s.start)
+    .sort((a, b) => (a.replica === b.replica ? a.start - b.start : a.replica ? 1 : -1));
+  for (const s of placed) {
+    let r = rows.findIndex((row) => row.every((o) => o.end <= s.start || o.start >= s.end));
+    if (r < 0) { rows.push([]); r = rows.length - 1; }
+    rows[r].push(s);
+    const i = data.stages.indexOf(s);
+    const seg = el("div", {
+      class: "segment" + (s.replica ? " replica" : "") + (s.healthy ? "" : " down"),
+      "data-stage-address": s.address,
+      "data-range": rangeOf(s),
+      title: `${s.address}: layers ${rangeOf(s)}${s.replica ? " (replica)" : ""}`,
+    }, `${s.address} · ${rangeOf(s)}${s.replica ? " · replica" : ""}`);
+    seg.style.left = `${(100 * s.start) / L}%`;
+    seg.style.width = `calc(${(100 * (s.end - s.start)) / L}% - 2px)`;
+    seg.style.top = `${4 + r * ROW}px`;
+    seg.style.background = COLORS[i % COLORS.length];
+    bar.appendChild(seg);
+  }
+  bar.style.height = `${Math.max(1, rows.length) * ROW + 4}px`;
+  const step = L <= 16 ? 1 : L <= 40 ? 5 : 10;
+  for (let l = 0; l <= L; l += step) {
+    const t = el("span", {}, String(l));
+    t.style.left = `${(100 * l) / L}%`;
+    axis.appendChild(t);
+  }
+}
+
+function drawTable(data) {
+  const body = document.querySelector("#stages tbody");
+  body.replaceChildren();
+  data.stages.forEach((s, i) => {
+    const [h, cls] = health(s);
+    const tr = el("tr", { "data-stage-address": s.address });
+    const name = el("td");
+    const sw = el("span", { class: "swatch" });
+    sw.style.background = COLORS[i % COLORS.length];
+    name.append(sw, document.createTextNode((s.id || String(i + 1)).slice(0, 8)));
+    const layers = rangeOf(s) + (s.replica ? " (replica)" : "");
+    const kv = s.kv_bytes_total ? `${bytes(s.kv_bytes_used)} / ${bytes(s.kv_bytes_total)}` : bytes(s.kv_bytes_used);
+    tr.append(
+      name,
+      el("td", {}, s.address),
+      el("td", {}, `${s.device || "?"} / ${s.dtype || "?"}`),
+      el("td", { class: "range" }, layers),
+      el("td", {}, num(s.ms_per_layer_decode)),
+      el("td", {}, s.memory_bytes ? bytes(s.memory_bytes) : "–"),
+      el("td", {}, kv),
+      el("td", {}, s.open_sessions === undefined ? "–" : String(s.open_sessions)),
+      el("td", {}, num(s.tokens_per_s, 1)),
+      el("td", { class: cls }, h),
+    );
+    body.appendChild(tr);
+  });
+}
+
+function drawSummary(data) {
+  document.getElementById("model").textContent = data.model || "";
+  const parts = [`${data.stages.length} stage(s)`, `${data.num_layers} layers`];
+  if (data.coordinator) parts.push(`coordinator ${data.coordinator}`, `plan v${data.plan_version}`);
+  if (data.predicted_bottleneck_ms) parts.push(`predicted bottleneck ${num(data.predicted_bottleneck_ms)} ms/token`);
+  if (data.api) parts.push(`API ${num(data.api.tokens_per_s, 1)} tokens/s (${data.api.tokens_generated} generated)`);
+  parts.push(data.route.length ? `route ${data.route.join(" → ")}` : "no route");
+  document.getElementById("summary").textContent = parts.join(" · ");
+  const problem = document.getElementById("problem");
+  problem.hidden = !data.problem;
+  problem.textContent = data.problem || "";
+}
+
+async function refresh() {
+  try {
+    const response = await fetch("/api/cluster", { cache: "no-store" });
+    const data = await response.json();
+    drawSummary(data);
+    drawLayers(data);
+    drawTable(data);
+    document.getElementById("updated").textContent = new Date().toLocaleTimeString();
+    document.body.dataset.loaded = "true";
+  } catch (e) {
+    document.getElementById("summary").textContent = `cannot reach the api server: ${e}`;
+  }
+}
+
+refresh();
+setInterval(refresh, 1000);
