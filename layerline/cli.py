@@ -268,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--api-key-file", default="", help="file holding the key clients must send (Authorization: Bearer KEY)"
     )
+    api.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait at start for the cluster to have a working route (300)",
+    )
 
     drain = sub.add_parser(
         "drain",
@@ -790,12 +796,21 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         client = AsyncClient(route, coordinator=args.coordinator, config=ClientConfig(security=security))
-        try:
-            infos = await client.connect()
-        except RPCError as e:
-            await client.close()
-            where = f"the coordinator at {args.coordinator}" if args.coordinator else "the route"
-            raise LayerlineError(f"cannot reach the cluster through {where}: {e.details}") from None
+        deadline, wait, said = time.monotonic() + args.connect_timeout, 0.5, False
+        while True:  # a cluster starting up has no route for a while (stages measuring, loading): wait for it
+            try:
+                infos = await client.connect()
+                break
+            except RPCError as e:
+                if time.monotonic() + wait > deadline:
+                    await client.close()
+                    where = f"the coordinator at {args.coordinator}" if args.coordinator else "the route"
+                    raise LayerlineError(f"cannot reach the cluster through {where}: {e.details}") from None
+                if not said:
+                    print(f"layerline api: waiting for the cluster ({e.details})", file=sys.stderr, flush=True)
+                    said = True
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 5.0)
         name = args.model_name or infos[0].model_name.removesuffix(".gguf")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

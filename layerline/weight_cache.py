@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import secrets
 
 import torch
 
@@ -74,7 +75,7 @@ def write_group(folder: str, group: str, tensors: dict[str, torch.Tensor], hashe
     """One group's tensors, with their hashes, as one file (written whole or not at all)."""
     metadata = {HASH_PREFIX + n: hashes[n] for n in tensors}
     path = os.path.join(folder, f"{group}.safetensors")
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # unique across hosts sharing the folder too
     write_safetensors(tmp, tensors, metadata)
     os.replace(tmp, path)
 
@@ -112,7 +113,7 @@ def _remove(path: str, why: CheckpointError) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # unique across hosts sharing the folder too
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)

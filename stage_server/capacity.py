@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -276,7 +277,7 @@ def cached_capacity(
     capacity = measure(config, dtype, device, **measure_options)  # type: ignore[arg-type]
     try:
         os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # unique across hosts sharing the folder
         with open(tmp, "w") as f:
             f.write(capacity.to_json())
         os.replace(tmp, path)  # atomic: a reader never sees half an entry

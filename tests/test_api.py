@@ -271,10 +271,22 @@ def test_a_port_taken_or_no_cluster_is_a_clear_error(cluster):
         )
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr and "port taken" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "layerline.cli", "api", "--coordinator", "127.0.0.1:1", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "layerline.cli",
+            "api",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--port",
+            "0",
+            "--connect-timeout",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 2 and "cannot reach the cluster through the coordinator at 127.0.0.1:1" in out.stderr
+    assert "waiting for the cluster" in out.stderr  # it waited (a cluster starting up has no route for a while)
     assert "Traceback" not in out.stderr
