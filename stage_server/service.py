@@ -76,6 +76,7 @@ class WorkItem:
     sampling: SamplingParams | None  # new sampler settings carried by the step (checked before anything runs)
     follow: stage_pb2.Step | None = None  # last stage, generation loop: the next step, for the first stage
     follow_address: str = ""
+    admitted: float = 0.0  # perf_counter() when the step was admitted (the step latency histogram)
 
 
 def sampling_from_wire(msg: stage_pb2.SamplingParams) -> SamplingParams:
@@ -141,6 +142,12 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.pass_seconds = Histogram(
             "layerline_stage_pass_seconds",
             "compute time of one forward pass (one step, or several sessions' steps batched)",
+            registry=self.metrics,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.step_latency = Histogram(
+            "layerline_stage_step_seconds",
+            "a step's time at this stage: from its arrival to its result handed on (queue, compute, sampling)",
             registry=self.metrics,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )
@@ -543,7 +550,9 @@ class StageService(stage_pb2_grpc.StageServicer):
                 )
         if step.sample and not m.is_last and session.next_address == "":
             raise FailedPreconditionError("nowhere to send the step")
-        return WorkItem(step, session, replies, x, positions, tokens, targets, rows, sampling)
+        return WorkItem(
+            step, session, replies, x, positions, tokens, targets, rows, sampling, admitted=time.perf_counter()
+        )
 
     async def _last_stage_session(self, session_id: str, key: str, context: grpc.aio.ServicerContext) -> Session:
         """The session, for an RPC only the last stage answers."""
@@ -706,6 +715,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             item.replies.put_nowait(self._reply(item.step.session_id, item.step.seq, error, key=item.step.client_key))
         elif out is not None:
             self.steps_done += 1
+            self.step_latency.observe(time.perf_counter() - item.admitted)
             if isinstance(out, stage_pb2.Step):
                 self._downstream(item.session.next_address).send(out, on_sent=self._release)
                 return

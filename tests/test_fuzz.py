@@ -331,3 +331,41 @@ def test_after_the_fuzzing_everyone_still_serves(stubs, good_session, fuzz_clust
         stub.Info(stage_pb2.InfoRequest(), timeout=DEADLINE)
     coordinator_stub.Status(coordinator_pb2.StatusRequest(), timeout=DEADLINE)
     assert len(good_session) >= 3 and all(good_session), good_session
+
+
+def test_drain_answers_every_message_and_a_drained_stage_exits_cleanly(tiny_checkpoint):
+    """Drain takes its stage out of service, so it is fuzzed on a stage of its own: a session held open keeps the
+    stage draining (for up to an hour) while random DrainRequests come in; every one is answered (a reply, or
+    INVALID_ARGUMENT for a wait that is not in (0, 3600]), no new session is let in, and once the session is closed
+    the stage exits 0."""
+    folder, _ = tiny_checkpoint(SPEC)
+    with LocalCluster(folder, [(0, SPEC.layers)], threads=1) as one, grpc.insecure_channel(one.route[0]) as ch:
+        stub = stage_pb2_grpc.StageStub(ch)
+        held = stub.OpenSession(stage_pb2.OpenSessionRequest(max_length=16, client_key=FUZZ_KEY), timeout=DEADLINE)
+        for bad in (math.nan, -1.0, math.inf, 3601.0):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Drain(stage_pb2.DrainRequest(wait_seconds=bad), timeout=DEADLINE)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        first = stub.Drain(stage_pb2.DrainRequest(wait_seconds=3600), timeout=DEADLINE)
+        assert first.open_sessions == 1 and first.stage == f"layers 0:{SPEC.layers}"
+        outcomes: set[str] = set()
+
+        @FUZZ
+        @given(msg=messages(stage_pb2.DrainRequest))
+        def run(msg):
+            try:
+                reply = stub.Drain(msg, timeout=DEADLINE)
+                assert reply.stage == first.stage
+                outcomes.add("accepted")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+                outcomes.add("invalid")
+
+        run()
+        assert outcomes == {"accepted", "invalid"}
+        with pytest.raises(grpc.RpcError) as e:
+            stub.OpenSession(stage_pb2.OpenSessionRequest(max_length=16, client_key=FUZZ_KEY), timeout=DEADLINE)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
+        close = stage_pb2.CloseSessionRequest(session_id=held.session_id, client_key=FUZZ_KEY)
+        assert stub.CloseSession(close, timeout=DEADLINE).closed
+        assert one.processes[0].wait(timeout=30) == 0

@@ -62,6 +62,8 @@ def test_stage_metrics_count_what_happened(stages):
         assert a["layerline_stage_steps_total"] - b["layerline_stage_steps_total"] == 10  # 1 prefill + 9 decode
         assert a["layerline_stage_pass_seconds_count"] - b["layerline_stage_pass_seconds_count"] >= 1
         assert a["layerline_stage_pass_seconds_sum"] > b["layerline_stage_pass_seconds_sum"]
+        assert a["layerline_stage_step_seconds_count"] - b["layerline_stage_step_seconds_count"] == 10
+        assert a['layerline_stage_step_seconds_bucket{le="+Inf"}'] == a["layerline_stage_step_seconds_count"]
         assert a['layerline_stage_rpcs_total{code="OK",method="OpenSession"}'] >= 1
         assert (a['layerline_stage_layers{bound="start"}'], a['layerline_stage_layers{bound="end"}']) == (start, end)
         assert a["layerline_stage_open_sessions"] == 0 and a["layerline_stage_kv_bytes_used"] == 0
