@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="a generation loop pauses while its reader is this many tokens behind (32)",
     )
+    stage.add_argument(
+        "--inline-below-ms",
+        type=float,
+        default=1.0,
+        help="an idle stage computes decode steps that take less than this on its event loop, saving two thread "
+        "hand-offs (1.0; 0: always on the compute thread)",
+    )
     _add_metrics_args(stage)
     stage.add_argument(
         "--max-sessions-per-client",
@@ -464,6 +471,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             max_sessions_per_client=args.max_sessions_per_client,
             max_session_tokens=args.max_session_tokens,
             metrics_port=args.metrics_port,
+            inline_compute_s=args.inline_below_ms / 1e3,
             security=_security(args),
         )
     except ValueError as e:

@@ -29,6 +29,7 @@ TO_WIRE: dict[torch.dtype, int] = {
     torch.int32: tensor_pb2.INT32,
 }
 FROM_WIRE: dict[int, torch.dtype] = {v: k for k, v in TO_WIRE.items()}
+ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty((), dtype=d).element_size() for d in TO_WIRE}
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # decoded tensors share the message's immutable bytes and are only ever read; torch warns on every such view (and a
 # warnings.catch_warnings() per message costs more than the decode), so that one warning is silenced here, for this
@@ -76,15 +77,15 @@ def decode(
     if dtypes is not None and dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise BadInputError(f"{field}: dtype {str(dtype).removeprefix('torch.')} is not allowed here ({allowed})")
-    shape = tuple(int(d) for d in msg.shape)
+    shape = tuple(msg.shape)  # protobuf ints
     if ndim is not None and len(shape) != ndim:
         raise BadInputError(f"{field}: expected {ndim} dimensions, got shape {list(shape)}")
-    if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):
+    if len(shape) > MAX_DIMS or (shape and (min(shape) < 0 or max(shape) > MAX_DIM)):
         raise BadInputError(f"{field}: invalid shape {list(shape)} (at most {MAX_DIMS} dims of 0..{MAX_DIM})")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise BadInputError(f"{field}: {count} elements is more than the {max_elements} allowed")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = ITEMSIZE[dtype]
     if len(msg.data) != count * itemsize:
         raise BadInputError(
             f"{field}: {len(msg.data)} bytes of data for shape {list(shape)} of {str(dtype).removeprefix('torch.')} "

@@ -42,6 +42,7 @@ class StageConfig:
     max_queued_steps: int = 64  # steps waiting for compute before senders are slowed down (flow control)
     max_batch: int = 16  # decode steps of different sessions run as one forward pass, up to this many (1: never)
     batch_wait: float = 0.005  # seconds a batch waits at most for the steps its first step announces (Step.burst)
+    inline_compute_s: float = 0.001  # an idle stage computes decode steps faster than this on its event loop (0: never)
     pack_weights: bool = False  # a second, oneDNN-packed copy of the weights for steps of 4+ rows (model.pack_weight)
     max_queued_results: int = 4096  # results a subscriber may fall behind before its session is dropped
     loop_ahead: int = 32  # a generation loop pauses while its subscriber is this many results behind (slow reader)
@@ -54,6 +55,8 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.kv_cache_bytes <= 0:
             self.kv_cache_bytes = default_kv_cache_bytes()
+        if not self.inline_compute_s >= 0:
+            raise ValueError(f"--inline-below-ms must be >= 0, got {1e3 * self.inline_compute_s}")
         if self.session_ttl <= 0:
             raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
         for name in ("max_queued_steps", "max_batch", "loop_ahead", "max_sessions_per_client", "max_session_tokens"):

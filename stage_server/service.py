@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 MAX_ROWS = 4096
 SHUTDOWN = "the stage shut down"
 MAX_STOP_IDS = 1024
+INLINE_POSITIONS = 8  # a step of at most this many positions may be computed inline (see _submit)
+INLINE_ALONE_S = 0.05  # ... when no other session has stepped here for this long
 CLIENT_KEY_CHARS = (16, 256)  # the length a client key must have
 DEFAULT_DRAIN_WAIT = 30.0
 MAX_DRAIN_WAIT = 3600.0
@@ -77,6 +79,7 @@ class WorkItem:
     follow: stage_pb2.Step | None = None  # last stage, generation loop: the next step, for the first stage
     follow_address: str = ""
     admitted: float = 0.0  # perf_counter() when the step was admitted (the step latency histogram)
+    position_rows: list[list[int]] | None = None  # positions as lists, for a small step (plain Python is faster)
 
 
 def sampling_from_wire(msg: stage_pb2.SamplingParams) -> SamplingParams:
@@ -130,6 +133,11 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.steps_done = 0
+        self._queued = 0  # steps handed to the compute thread whose results were not dispatched yet
+        self._decode_pass: float | None = None  # seconds per decode step here, lately (None: none computed yet)
+        self.inline_steps = 0  # steps computed on the event loop (see _submit)
+        self._last_session: Session | None = None  # the session of the latest step submitted, and since when
+        self._switched = 0.0
         self.compute_seconds = 0.0  # compute thread time on steps (read by Info; written by that thread only)
         self.steps_computed = 0
         self.tokens_computed = 0  # token positions computed (rows x tokens of every step)
@@ -229,6 +237,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             steps_computed=self.steps_computed,
             tokens_computed=self.tokens_computed,
             tokens_sampled=self.tokens_sampled,
+            inline_steps=self.inline_steps,
             batched_steps=self.batched_steps,
             queued_steps=self.in_flight,
             peak_queued_steps=self.peak_in_flight,
@@ -422,6 +431,13 @@ class StageService(stage_pb2_grpc.StageServicer):
             {"kind": "computed"},
         )
         yield ("layerline_stage_tokens", "", "counter", self.tokens_sampled, {"kind": "sampled"})
+        yield (
+            "layerline_stage_inline_steps",
+            "of the steps, those computed on the event loop (small, with the stage idle)",
+            "counter",
+            self.inline_steps,
+            {},
+        )
         yield ("layerline_stage_compute_seconds", "compute thread time on steps", "counter", self.compute_seconds, {})
         yield ("layerline_stage_queue_depth", "steps admitted and not yet passed on", "gauge", self.in_flight, {})
         yield ("layerline_stage_open_sessions", "open sessions", "gauge", len(self.sessions), {})
@@ -476,7 +492,54 @@ class StageService(stage_pb2_grpc.StageServicer):
                 replies.put_nowait(self._reply(step.session_id, step.seq, e, key=step.client_key))
                 continue
             await self._take_slot()  # waits while too many steps are in flight: flow control up the chain
-            self._inbox.put(item)
+            self._submit(item)
+
+    def _submit(self, item: WorkItem) -> None:
+        """Hand an admitted step to the compute thread; or, when the stage is idle and the step is a decode step that
+        takes less than `inline_compute_s` here (a small model, a fast device), compute it on the event loop right
+        away: the two thread hand-offs (queue in, callback back) would cost more than the step, and with nothing
+        else queued there is nothing for the loop to overlap with it meanwhile. Not while other sessions step too
+        (their steps are better batched together on the compute thread). Steps of a session stay in order: a step
+        is only computed inline when no earlier step is queued, computing or waiting to be dispatched."""
+        limit = self.config.inline_compute_s
+        now = time.monotonic()
+        previous = self._last_session
+        if item.session is not previous:
+            if previous is not None and not previous.closed:  # another open session steps here too
+                self._switched = now
+            self._last_session = item.session
+        if (
+            limit > 0
+            and self._queued == 0
+            and now - self._switched > INLINE_ALONE_S
+            and self._decode_pass is not None
+            and self._decode_pass < limit
+            and item.positions.numel() <= INLINE_POSITIONS
+            and not item.step.burst
+        ):
+            began = time.perf_counter()
+            out, error = self._compute_one(item)
+            self._account([item], time.perf_counter() - began)
+            self.inline_steps += 1
+            self._dispatch(item, out, error)
+            return
+        self._queued += 1
+        self._inbox.put(item)
+
+    def _account(self, batch: list[WorkItem], took: float) -> None:
+        """Bookkeeping of one forward pass (compute thread, or the loop for a step computed inline)."""
+        self.compute_seconds += took
+        self.pass_seconds.observe(took)
+        self.steps_computed += len(batch)
+        positions = sum(it.positions.numel() for it in batch)
+        self.tokens_computed += positions
+        if positions <= INLINE_POSITIONS * len(batch):  # decode steps: what deciding to compute inline needs
+            per_step = took / len(batch)
+            self._decode_pass = per_step if self._decode_pass is None else 0.8 * self._decode_pass + 0.2 * per_step
+
+    def _dispatch_queued(self, item: WorkItem, out, error) -> None:
+        self._queued -= 1
+        self._dispatch(item, out, error)
 
     async def _take_slot(self) -> None:
         await self._slots.acquire()
@@ -497,6 +560,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         B, T = positions.shape
         if B == 0 or T == 0:
             raise BadInputError(f"positions: empty shape {[B, T]}")
+        rows_list = None
         if positions.numel() <= 64:  # a decode step: plain Python beats tensor ops here
             rows_list = positions.tolist()
             lowest, lowest_last = min(min(r) for r in rows_list), min(r[-1] for r in rows_list)
@@ -551,7 +615,17 @@ class StageService(stage_pb2_grpc.StageServicer):
         if step.sample and not m.is_last and session.next_address == "":
             raise FailedPreconditionError("nowhere to send the step")
         return WorkItem(
-            step, session, replies, x, positions, tokens, targets, rows, sampling, admitted=time.perf_counter()
+            step,
+            session,
+            replies,
+            x,
+            positions,
+            tokens,
+            targets,
+            rows,
+            sampling,
+            admitted=time.perf_counter(),
+            position_rows=rows_list,
         )
 
     async def _last_stage_session(self, session_id: str, key: str, context: grpc.aio.ServicerContext) -> Session:
@@ -602,16 +676,12 @@ class StageService(stage_pb2_grpc.StageServicer):
                 self._gather(batch, pending)
             began = time.perf_counter()
             results = self._compute_batch(batch) if len(batch) > 1 else [self._compute_one(item)]
-            took = time.perf_counter() - began
-            self.compute_seconds += took
-            self.pass_seconds.observe(took)
-            self.steps_computed += len(batch)
-            self.tokens_computed += sum(it.positions.numel() for it in batch)
+            self._account(batch, time.perf_counter() - began)
             if len(batch) > 1:
                 self.batched_steps += len(batch)
                 self._mark_bursts(batch, results)
             for it, (out, error) in zip(batch, results, strict=True):
-                self._loop.call_soon_threadsafe(self._dispatch, it, out, error)
+                self._loop.call_soon_threadsafe(self._dispatch_queued, it, out, error)
 
     def _gather(self, batch: list[WorkItem], pending: list[WorkItem]) -> None:
         """Add to `batch` the batchable steps waiting now, and those announced by `Step.burst` that are on their
@@ -770,6 +840,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._loop_failed(session, code, message, self.label)
             self._release()
             return
+        self._queued += 1
         self._inbox.put(nxt)
         self._publish(session, result)
 
@@ -834,9 +905,16 @@ class StageService(stage_pb2_grpc.StageServicer):
                 item.step.sampling.draws,
             )
         if item.tokens is not None:
-            for b, r in enumerate(item.rows):
-                valid = item.positions[b] >= 0
-                sampler.history[r].extend(item.tokens[b][valid].tolist())
+            if item.position_rows is not None:
+                token_rows = item.tokens.tolist()
+                for b, r in enumerate(item.rows):
+                    sampler.history[r].extend(
+                        t for t, p in zip(token_rows[b], item.position_rows[b], strict=True) if p >= 0
+                    )
+            else:
+                for b, r in enumerate(item.rows):
+                    valid = item.positions[b] >= 0
+                    sampler.history[r].extend(item.tokens[b][valid].tolist())
         loop = None
         if step.HasField("loop"):
             spec = step.loop
@@ -870,7 +948,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     def _continue_loop(self, item: WorkItem, loop: LoopState, ids: list[int], result: stage_pb2.Result) -> None:
         """Last stage, compute thread: the rows that go on become the next step for the first stage."""
         session, rows = item.session, []
-        ends = item.positions[:, -1].tolist()
+        ends = [r[-1] for r in item.position_rows] if item.position_rows is not None else item.positions[:, -1].tolist()
         for b, r in enumerate(item.rows):
             loop.remaining[r] -= 1
             if ids[b] in loop.stop_ids or loop.remaining[r] <= 0 or ends[b] + 1 >= session.max_length:

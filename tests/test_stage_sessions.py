@@ -250,3 +250,23 @@ def test_route_that_does_not_cover_the_model_is_refused(tiny, route):
         Client(route[:2]).connect()
     with pytest.raises(RPCError, match="not reachable|UNAVAILABLE"):
         Client(["127.0.0.1:1"], config=None).connect()
+
+
+def test_a_lone_session_of_a_small_model_is_computed_on_the_event_loop(tiny, route, stage_cluster):
+    """A decode step far cheaper than the thread hand-offs, with nothing else queued, runs on the stage's event
+    loop; the tokens are the same, with --inline-below-ms 0 nothing runs there, and concurrent sessions are still
+    batched on the compute thread (the test above)."""
+    folder, ref = tiny
+    prompt = _prompts(1, seed=5)[0]
+    never = stage_cluster(folder, RANGES, "--inline-below-ms", "0")
+    for r, inline in ((route, True), (never, False)):
+        with Client(r) as client:
+            for _ in range(2):  # the first generation measures how long a decode step takes
+                before = [i.inline_steps for i in infos(r)]
+                out = client.generate(prompt, max_new_tokens=24, stop_token_ids=[], stream=False)
+                assert out.token_ids == hf_greedy(ref, prompt, 24)
+        ran = [i.inline_steps - b for i, b in zip(infos(r), before, strict=True)]
+        if inline:
+            assert all(n >= 20 for n in ran), ran  # (after the prompt's step: the decode steps)
+        else:
+            assert ran == [0, 0, 0], ran
