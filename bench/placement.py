@@ -1,13 +1,18 @@
 """Placement by measured capacity vs the usual rules, measured side by side in one run: 2 stages of unequal strength
 on SmolLM2 (one stage held to half a core by a cgroup v1 CPU quota), each split served by real stage servers:
 
-- the coordinator's plan (the stages measure themselves, register, and the coordinator places them),
+- the coordinator's plan from the stages' own measurements (they measure themselves alone, register, and the
+  coordinator places them),
+- the coordinator's plan refined under load: sessions decode through the coordinator's route for a while, the stages
+  heartbeat their decode step times, and the coordinator re-plans from what it observed (`layerline coordinator
+  --refine`; a CPU quota slows a stage less when it idles part of the time, and the stages share this machine's two
+  cores with each other and the client, so the figures taken alone are not what serving sees),
 - an even split,
 - a memory-proportional split (exo's rule: layers in proportion to each stage's memory; here the slow stage is given
   twice the memory of the fast one, as a big-RAM CPU box next to a small fast card).
 
 For each split: decode throughput with several sessions at once (the pipeline full), prefill throughput (concurrent
-prompts), and, for the coordinator's plan, each stage's predicted time per decode step next to the time its compute
+prompts), and, for the coordinator's plans, each stage's predicted time per decode step next to the time its compute
 thread measured with the pipeline full. Needs root (cgroup v1 cpu controller).
 
     .venv/bin/python bench/placement.py [--sessions 4] [--tokens 32] [--prompt 128] [--repeats 3] [--out docs/benchmarks.md]
@@ -38,6 +43,8 @@ from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage
 SECTION = "## Placement by measured capacity"
 # one step at a time, as capacity is measured and placement predicts (bench/sessions.py measures batching)
 UNBATCHED = ["--max-batch", "1"]
+REFINE_S = 5.0  # the coordinator re-plans from observed step times at most this often, here
+PLAN, REFINED = "coordinator's plan, from the stages' measurements", "coordinator's plan, refined under load"
 GiB = 1 << 30
 
 
@@ -46,9 +53,15 @@ def coordinator_status(address: str) -> coordinator_pb2.ClusterStatus:
         return coordinator_pb2_grpc.CoordinatorStub(channel).Status(coordinator_pb2.StatusRequest(), timeout=10)
 
 
-def coordinator_plan(model: str, quota: CpuQuota, memories: list[int], env: dict[str, str]) -> tuple[list, list]:
-    """Let a coordinator place the two stages: their layer counts (fast stage first) and predicted seconds/step."""
-    with LocalCoordinator(model, heartbeat=0.5, settle=300, expect=2, env=env) as coordinator:
+def coordinator_plans(
+    model: str, quota: CpuQuota, memories: list[int], env: dict[str, str], prompts: list[list[int]], load_s: float
+) -> dict[str, tuple]:
+    """Let a coordinator place the two stages, then refine the plan under load. For both the plan from the stages'
+    own measurements and the refined one: (layer ranges, fast stage first; predicted seconds per decode step;
+    per-layer decode seconds the coordinator plans with)."""
+    with LocalCoordinator(
+        model, heartbeat=0.5, settle=300, expect=2, env=env, extra_args=["--refine", str(REFINE_S)]
+    ) as coordinator:
         stages = [
             LocalCluster(
                 model,
@@ -61,26 +74,60 @@ def coordinator_plan(model: str, quota: CpuQuota, memories: list[int], env: dict
             )
             for slow, memory in zip((False, True), memories, strict=True)
         ]
-        try:
-            for s in stages:
-                s.start()
-            deadline = time.monotonic() + 300
+
+        def loaded_plan(timeout: float = 300) -> tuple[coordinator_pb2.ClusterStatus, list]:
+            deadline = time.monotonic() + timeout
             while True:
                 status = coordinator_status(coordinator.address)
                 by_address = {st.report.address: st for st in status.stages}
                 chosen = [by_address.get(s.route[0]) for s in stages]
-                if all(c is not None and c.assignment.end_layer > c.assignment.start_layer for c in chosen):
-                    break
+                if all(
+                    c is not None
+                    and c.assignment.end_layer > c.assignment.start_layer
+                    and (c.serving_start, c.serving_end) == (c.assignment.start_layer, c.assignment.end_layer)
+                    and c.ready
+                    for c in chosen
+                ):
+                    return status, chosen
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the coordinator made no plan over both stages: {status}")
                 time.sleep(0.2)
+
+        def summary(chosen: list) -> tuple:
             ranges = [(c.assignment.start_layer, c.assignment.end_layer) for c in chosen]
-            predicted = [c.predicted_decode_s for c in chosen]
-            measured_capacity = [c.report.decode_s_per_layer for c in chosen]
-            return ranges, predicted, measured_capacity
+            return (
+                ranges,
+                [c.predicted_decode_s for c in chosen],
+                [c.report.decode_s_per_layer * (c.load_factor or 1.0) for c in chosen],
+            )
+
+        try:
+            for s in stages:
+                s.start()
+            status, chosen = loaded_plan()
+            plans = {"measured": summary(chosen)}
+            # load: sessions decode through the coordinator's route until the plan has stayed put for a while
+            began, version, since = time.monotonic(), status.plan_version, time.monotonic()
+            while time.monotonic() - began < load_s:
+                asyncio.run(coordinator_load(coordinator.address, prompts, 32))
+                status, chosen = loaded_plan()
+                observed = all(abs(c.load_factor - 1.0) > 1e-9 for c in chosen)
+                if status.plan_version != version:
+                    version, since = status.plan_version, time.monotonic()
+                elif observed and time.monotonic() - since > 2 * REFINE_S:
+                    break
+            plans["refined"] = summary(chosen)
+            return plans
         finally:
             for s in stages:
                 s.stop()
+
+
+async def coordinator_load(address: str, prompts: list[list[int]], tokens: int) -> None:
+    async with AsyncClient(coordinator=address) as client:
+        await asyncio.gather(
+            *(client.generate(p, max_new_tokens=tokens, stop_token_ids=[], stream=False) for p in prompts)
+        )
 
 
 def ordered(counts: tuple[int, int], fast_first: bool) -> list[tuple[int, int]]:
@@ -123,6 +170,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per session")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per session (prefill figure)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--load-seconds", type=float, default=90.0, help="at most this long refining under load")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not cpu_quota.available():
@@ -138,16 +186,22 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="layerline-bench-") as cache:
             env = {"XDG_CACHE_HOME": cache}  # measured afresh in this run
-            plan_ranges, predicted, capacity = coordinator_plan(path, quota, memories, env)
-        fast_first = plan_ranges[0][0] == 0
-        plan_counts = tuple(b - a for a, b in plan_ranges)
+            plans = coordinator_plans(path, quota, memories, env, prompts, args.load_seconds)
+        fast_first = plans["measured"][0][0][0] == 0
         even = (L // 2, L - L // 2)
         by_memory = (round(L * memories[0] / sum(memories)), L - round(L * memories[0] / sum(memories)))
-        splits = {"coordinator's plan": plan_counts, "even split": even, "memory-proportional (exo)": by_memory}
+        splits = {
+            PLAN: tuple(b - a for a, b in plans["measured"][0]),
+            REFINED: tuple(b - a for a, b in plans["refined"][0]),
+            "even split": even,
+            "memory-proportional (exo)": by_memory,
+        }
+        orders = {PLAN: plans["measured"][0][0][0] == 0, REFINED: plans["refined"][0][0][0] == 0}
         results = {}
         for name, counts in splits.items():
-            ranges = ordered(counts, fast_first)
-            prefixes = [None, quota.prefix()] if fast_first else [quota.prefix(), None]
+            first_fast = orders.get(name, fast_first)
+            ranges = ordered(counts, first_fast)
+            prefixes = [None, quota.prefix()] if first_fast else [quota.prefix(), None]
             with LocalCluster(path, ranges, threads=1, prefixes=prefixes, extra_args=UNBATCHED) as cluster:
                 route = cluster.route
                 asyncio.run(benchlib.decode_throughput(route, prompts[:1], 4))  # warm-up
@@ -155,19 +209,24 @@ def main() -> None:
                     asyncio.run(benchlib.decode_throughput(route, prompts, args.tokens)) for _ in range(args.repeats)
                 ]
                 pre = [asyncio.run(prefill_throughput(route, long_prompts)) for _ in range(args.repeats)]
-                stage_times = per_stage_decode(route, prompts, args.tokens) if name == "coordinator's plan" else []
+                stage_times = per_stage_decode(route, prompts, args.tokens) if name in orders else []
+                if stage_times and not first_fast:
+                    stage_times = stage_times[::-1]  # fast stage first, as the plans list them
             results[name] = (counts, statistics.median(dec), statistics.median(pre), stage_times)
     finally:
         quota.remove()
 
     base_dec, base_pre = results["even split"][1], results["even split"][2]
+    measured_caps, refined_caps = plans["measured"][2], plans["refined"][2]
     lines = [
         f"Placement: {os.path.basename(path)}, float32, 2 stage servers on 127.0.0.1, 1 torch thread each; the slow "
         f"stage is held to {args.slow_cores:g} core by a cgroup v1 CPU quota. Memory given to the stages (fast, slow): "
         f"{memories[0] / GiB:g} GiB, {memories[1] / GiB:g} GiB. Decode: {args.sessions} concurrent sessions x "
         f"{args.tokens} tokens; prefill: {args.sessions} concurrent {args.prompt}-token prompts; medians of "
-        f"{args.repeats}. The coordinator's plan comes from the stages' own measurements in this run (decode "
-        f"{1e3 * capacity[0]:.2f} and {1e3 * capacity[1]:.2f} ms/layer, fast and slow).",
+        f"{args.repeats}. The coordinator's first plan comes from the stages' own measurements in this run (decode "
+        f"{1e3 * measured_caps[0]:.2f} and {1e3 * measured_caps[1]:.2f} ms/layer, fast and slow); the refined plan from "
+        f"what it observed under load through its route afterwards ({1e3 * refined_caps[0]:.2f} and "
+        f"{1e3 * refined_caps[1]:.2f} ms/layer; `--refine {REFINE_S:g}`).",
         f"Machine: {benchlib.machine()}.",
         "",
         "| split (fast stage, slow stage layers) | decode tok/s | vs even | prefill tok/s | vs even |",
@@ -182,16 +241,19 @@ def main() -> None:
         "",
         "Target: the coordinator's plan >= 1.3x the even split when one stage has half the CPU.",
         "",
-        "Predicted vs measured time per decode step on each stage of the coordinator's plan (measured = the stage's "
+        "Predicted vs measured time per decode step on each stage of the coordinator's plans (measured = the stage's "
         f"compute-thread seconds per decode step from its own counters, {args.sessions} sessions at once):",
         "",
-        "| stage | layers | predicted ms | measured ms | measured / predicted |",
-        "|---|---:|---:|---:|---:|",
+        "| plan | stage | layers | predicted ms | measured ms | measured / predicted |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    counts, _, _, measured = results["coordinator's plan"]
     names = ["fast", "slow"]
-    for i, (pred, meas) in enumerate(zip(predicted, measured, strict=True)):
-        lines.append(f"| {names[i]} | {counts[i]} | {1e3 * pred:.2f} | {1e3 * meas:.2f} | {meas / pred:.2f} |")
+    for name, key in ((PLAN, "measured"), (REFINED, "refined")):
+        counts, _, _, measured = results[name]
+        for i, (pred, meas) in enumerate(zip(plans[key][1], measured, strict=True)):
+            lines.append(
+                f"| {name} | {names[i]} | {counts[i]} | {1e3 * pred:.2f} | {1e3 * meas:.2f} | {meas / pred:.2f} |"
+            )
     lines += ["", "Target: predicted within 15% of measured."]
     benchlib.publish(lines, args.out, SECTION)
 

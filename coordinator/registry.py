@@ -16,6 +16,14 @@ Rules (the coordinator is never on the token path, and its state is soft):
   the fewest copies, then the slowest). When a stage of the plan is dropped and a ready replica serves its span,
   the replica takes its place (nothing is loaded; a fresh plan follows only if it is `min_gain` faster); without
   one, the coordinator re-plans.
+- Capacity is refined under load: a stage heartbeats how many one-row decode steps it computed and how long they
+  took (wall time, so a CPU quota's throttling and other processes on the box show). Over windows of at least
+  `observe_steps` steps the coordinator compares that with what the stage's measured capacity predicts for what it
+  serves, and keeps the ratio (its load factor, smoothed, at least 1: slower than it measured alone is real, faster
+  is a lightly loaded stage that a plan must not count on) on the measured figures. Planning,
+  predictions and routes use the measured figures times the factor. At most every `refine_s` seconds, when a
+  fresh plan from the refined figures is at least `min_gain` faster at the bottleneck than the plan in force (also
+  judged by the refined figures), it is installed like a plan for a join.
 - The route is the fastest chain of ready stages by what they serve now (the plan's, once its stages have loaded
   their ranges; until then the chain they still serve), each stage's predicted time weighted by the sessions it
   already has, so that new sessions spread over replica chains - the coordinator never sends clients to a stage
@@ -24,10 +32,11 @@ Rules (the coordinator is never on the token path, and its state is soft):
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from layerline.config import ModelConfig
 from layerline.coordinator.placement import (
@@ -57,6 +66,10 @@ class StageEntry:
     assignment: tuple[int, int] = (0, 0)
     assigned_version: int = 0
     replica: bool = False  # its assignment copies a plan stage's span (it is not in the plan's chain)
+    measured: StageCapacity | None = None  # as the stage measured itself; `capacity` = measured x load_factor
+    load_factor: float = 1.0  # observed / predicted decode time per step under load (1: not observed yet)
+    observed: tuple[int, float] | None = None  # the decode counters (steps, seconds) of the last observation
+    factor_seen: bool = False  # load_factor comes from an observation
 
     @property
     def held(self) -> tuple[int, int]:
@@ -87,6 +100,9 @@ class Registry:
     plan_version: int = 0
     problem: str = ""  # why there is no plan (no stages, not enough memory)
     settle_until: float | None = None  # no plan before this (see settle_s)
+    observe_steps: int = 32  # decode steps a load-factor observation needs at least
+    refine_s: float = 30.0  # seconds between re-plans from refined capacities, at least (0: never refine)
+    last_refined: float = 0.0
 
     # ---- membership ----------------------------------------------------------------------------------------------
 
@@ -113,10 +129,12 @@ class Registry:
         for old in [s.id for s in self.stages.values() if s.address == address]:
             del self.stages[old]  # the same stage, restarted
         sid = secrets.token_hex(8)
+        measured = StageCapacity(**{**capacity.__dict__, "name": sid})
         entry = StageEntry(
             id=sid,
             address=address,
-            capacity=StageCapacity(**{**capacity.__dict__, "name": sid}),
+            capacity=measured,
+            measured=measured,
             info=info,
             serving=serving,
             ready=serving != (0, 0),
@@ -139,7 +157,14 @@ class Registry:
         return entry
 
     def heartbeat(
-        self, stage_id: str, serving: tuple[int, int], ready: bool, open_sessions: int = 0, kv_bytes_used: int = 0
+        self,
+        stage_id: str,
+        serving: tuple[int, int],
+        ready: bool,
+        open_sessions: int = 0,
+        kv_bytes_used: int = 0,
+        decode_steps: int = 0,
+        decode_seconds: float = 0.0,
     ) -> StageEntry:
         self.expire()
         entry = self.stages.get(stage_id)
@@ -148,10 +173,74 @@ class Registry:
         L = self.model.num_layers
         if serving != (0, 0) and not 0 <= serving[0] < serving[1] <= L:
             raise BadInputError(f"serving range {serving[0]}:{serving[1]} is not within the model's {L} layers")
+        if not (decode_steps >= 0 and math.isfinite(decode_seconds) and decode_seconds >= 0):
+            raise BadInputError("decode_steps and decode_seconds must be non-negative counters")
+        if serving != entry.serving:
+            entry.observed = None  # other layers: observe afresh
         entry.serving, entry.ready = serving, ready and serving != (0, 0)
         entry.open_sessions, entry.kv_bytes_used = open_sessions, kv_bytes_used
         entry.last_seen = self.clock()
+        if self._observe(entry, decode_steps, decode_seconds):
+            self._refine()
         return entry
+
+    def _observe(self, entry: StageEntry, steps: int, seconds: float) -> bool:
+        """Fold a heartbeat's decode counters into the stage's load factor; True when it changed."""
+        last = entry.observed
+        if last is None or steps < last[0] or not entry.ready:  # first sight, a restarted stage, or loading
+            entry.observed = (steps, seconds)
+            return False
+        n, spent = steps - last[0], seconds - last[1]
+        if n < self.observe_steps:
+            return False
+        entry.observed = (steps, seconds)
+        a, b = entry.serving
+        L = self.model.num_layers
+        predicted = stage_cost(entry.measured, b - a, a == 0, b == L) if entry.measured is not None else 0.0
+        if predicted <= 0 or spent <= 0:
+            return False
+        # never below 1: capacity is measured flat out, which is what the bottleneck stage of a full pipeline sees; a
+        # stage that idles part of the time can look faster than that (a CPU quota's unused budget, a turbo clock)
+        # and would be overloaded by a plan trusting it; slower than measured is real (another job on its box)
+        ratio = min(max((spent / n) / predicted, 1.0), 4.0)
+        entry.load_factor = 0.5 * entry.load_factor + 0.5 * ratio if entry.factor_seen else ratio
+        entry.factor_seen = True
+        m = entry.measured
+        entry.capacity = replace(
+            m,
+            decode_s_per_layer=m.decode_s_per_layer * entry.load_factor,
+            head_decode_s=m.head_decode_s * entry.load_factor,
+            fixed_s=m.fixed_s * entry.load_factor,
+            prefill_s_per_layer=m.prefill_s_per_layer * entry.load_factor,
+        )
+        return True
+
+    def _refine(self) -> None:
+        """Install a fresh plan when the refined capacities make it `min_gain` faster (at most every refine_s)."""
+        now = self.clock()
+        if self.plan is None or self.refine_s <= 0 or now - self.last_refined < self.refine_s:
+            return
+        if not all(a.name in self.stages for a in self.plan.assignments):
+            return  # a dead stage's replacement is under way elsewhere
+        try:
+            new = self.dry_run()
+        except PlacementError:
+            return
+        if new.ranges() != self.plan.ranges() and new.bottleneck_s < self.bottleneck() * (1 - self.min_gain):
+            self.last_refined = now
+            self._install(new)
+
+    def bottleneck(self) -> float:
+        """The plan in force's slowest stage per token, by the refined capacities (0 without a plan)."""
+        if self.plan is None:
+            return 0.0
+        L = self.model.num_layers
+        costs = [
+            stage_cost(self.stages[a.name].capacity, a.layers, a.start == 0, a.end == L)
+            for a in self.plan.assignments
+            if a.name in self.stages
+        ]
+        return max(costs, default=0.0)
 
     def leave(self, stage_id: str) -> bool:
         """A stage leaving on purpose: dropped now, as if it had missed its heartbeats (a replica stands in or the
@@ -202,7 +291,7 @@ class Registry:
             return
         self.problem = ""
         intact = self.plan is not None and all(a.name in self.stages for a in self.plan.assignments)
-        if intact and joined and new.bottleneck_s > self.plan.bottleneck_s * (1 - self.min_gain):  # type: ignore[union-attr]
+        if intact and joined and new.bottleneck_s > self.bottleneck() * (1 - self.min_gain):
             self._assign_standby()
             return
         if intact and new.ranges() == self.plan.ranges():  # type: ignore[union-attr]

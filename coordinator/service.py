@@ -122,6 +122,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 request.ready,
                 request.open_sessions,
                 request.kv_bytes_used,
+                request.decode_steps,
+                request.decode_seconds,
             )
         except LayerlineError as e:
             await self._fail(context, e)
@@ -173,11 +175,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     seconds_since_heartbeat=now - s.last_seen,
                     predicted_decode_s=predicted,
                     replica=s.replica,
+                    load_factor=s.load_factor,
                 )
             )
         if reg.plan is not None:
-            out.predicted_bottleneck_s = reg.plan.bottleneck_s
-            out.predicted_total_s = reg.plan.total_s
+            out.predicted_bottleneck_s = reg.bottleneck()
+            out.predicted_total_s = sum(s.predicted_decode_s for s in out.stages if not s.replica)
         with contextlib.suppress(LayerlineError):
             choice = reg.route()
             out.route.CopyFrom(
@@ -268,6 +271,7 @@ async def start_coordinator(
     expected_stages: int = 0,
     security: Security | None = None,
     metrics_port: int = -1,
+    refine_s: float = 30.0,
 ) -> RunningCoordinator:
     """Serve the coordinator (and the gRPC health and reflection services) on host:port; with `metrics_port` >= 0
     (0: any free port), Prometheus metrics on host:metrics_port."""
@@ -285,6 +289,7 @@ async def start_coordinator(
         miss_limit=miss_limit,
         settle_s=settle_s,
         expected_stages=expected_stages,
+        refine_s=refine_s,
     )
     served = ServedModel(model, os.path.basename(model.rstrip("/")), config, registry.fingerprint, tokenizer_json)
     service = CoordinatorService(registry, served)

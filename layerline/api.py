@@ -556,6 +556,7 @@ class Api:
                             "ready": s.ready,
                             "seen_s_ago": round(s.seconds_since_heartbeat, 2),
                             "ms_per_layer_decode": 1e3 * r.decode_s_per_layer,
+                            "load_factor": s.load_factor,
                             "us_per_layer_token_prefill": 1e6 * r.prefill_s_per_layer_token,
                             "memory_bytes": r.memory_bytes,
                             "kv_bytes_used": s.kv_bytes_used,

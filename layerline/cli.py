@@ -341,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--heartbeat", type=float, default=2.0, help="seconds between stage heartbeats (2)")
     coord.add_argument("--settle", type=float, default=4.0, help="seconds the first plan waits for stages (4)")
     coord.add_argument("--expect", type=int, default=0, help="plan as soon as this many stages have registered")
+    coord.add_argument(
+        "--refine",
+        type=float,
+        default=30.0,
+        help="re-plan at most this often (seconds) from the stages' speed observed under load (30; 0: never)",
+    )
     _add_metrics_args(coord)
     _add_security_args(coord)
 
@@ -681,6 +687,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             expected_stages=args.expect,
             security=_security(args),
             metrics_port=args.metrics_port,
+            refine_s=args.refine,
         )
     )
     return 0
@@ -725,7 +732,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         title=f"model {status.model_name}: {status.num_layers} layers, plan version {status.plan_version}",
         title_justify="left",
     )
-    numbers = {"ms/layer decode", "us/layer/token prefill", "memory", "KV used", "sessions"}
+    numbers = {"ms/layer decode", "load", "us/layer/token prefill", "memory", "KV used", "sessions"}
     for name in (
         "stage",
         "address",
@@ -733,6 +740,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "layers",
         "assigned",
         "ms/layer decode",
+        "load",
         "us/layer/token prefill",
         "memory",
         "KV used",
@@ -756,6 +764,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             serving,
             assigned,
             f"{1e3 * r.decode_s_per_layer:.2f}",
+            f"x{s.load_factor:.2f}" if s.load_factor else "-",
             f"{1e6 * r.prefill_s_per_layer_token:.1f}",
             f"{r.memory_bytes / (1 << 30):.2f} GiB",
             f"{s.kv_bytes_used / (1 << 20):.1f} MiB",

@@ -132,6 +132,8 @@ class CoordinatorAgent:
                 ready=ready,
                 open_sessions=len(service.sessions),
                 kv_bytes_used=service.sessions.used_bytes,
+                decode_steps=service.decode_steps,
+                decode_seconds=service.decode_seconds,
             ),
             timeout=timeout,
         )

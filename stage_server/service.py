@@ -136,6 +136,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._queued = 0  # steps handed to the compute thread whose results were not dispatched yet
         self._decode_pass: float | None = None  # seconds per decode step here, lately (None: none computed yet)
         self.inline_steps = 0  # steps computed on the event loop (see _submit)
+        self.decode_steps = 0  # one-row decode steps computed alone, and their compute (wall) seconds
+        self.decode_seconds = 0.0
         self._last_session: Session | None = None  # the session of the latest step submitted, and since when
         self._switched = 0.0
         self.compute_seconds = 0.0  # compute thread time on steps (read by Info; written by that thread only)
@@ -533,6 +535,11 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.steps_computed += len(batch)
         positions = sum(it.positions.numel() for it in batch)
         self.tokens_computed += positions
+        if len(batch) == 1 and positions == 1 and batch[0].session.model is self.model:
+            # a one-row decode step on the layers served now, as capacity is measured: the coordinator refines its
+            # figures for this stage from these
+            self.decode_steps += 1
+            self.decode_seconds += took
         if positions <= INLINE_POSITIONS * len(batch):  # decode steps: what deciding to compute inline needs
             per_step = took / len(batch)
             self._decode_pass = per_step if self._decode_pass is None else 0.8 * self._decode_pass + 0.2 * per_step

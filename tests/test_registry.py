@@ -270,3 +270,51 @@ def test_a_stage_that_leaves_is_dropped_at_once_and_its_replica_stands_in():
     assert not reg.leave(b.id) and not reg.leave("never-registered")
     assert reg.leave(spare.id)  # no replica left for its span: a new plan over what remains
     assert list(reg.stages) == [a.id] and a.assignment == (0, 2)
+
+
+def test_capacity_is_refined_under_load_and_the_plan_follows():
+    clock = Clock()
+    reg = registry(clock)
+    reg.refine_s = 10.0
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(1e-3))
+    load(reg)
+    assert {a.assignment, b.assignment} == {(0, 6), (6, 12)}
+    counters = {a.id: [0, 0.0], b.id: [0, 0.0]}
+
+    def tick(steps: dict, per_step: dict) -> None:
+        """A second passes; each stage heartbeats its decode counters after `steps` more steps."""
+        clock.now += 1.0
+        for e in (a, b):
+            c = counters[e.id]
+            c[0] += steps.get(e.id, 0)
+            c[1] += steps.get(e.id, 0) * per_step.get(e.id, 0.0)
+            reg.heartbeat(e.id, e.serving, True, decode_steps=c[0], decode_seconds=c[1])
+
+    predicted = 6 * 1e-3  # six layers at 1 ms each (no head or fixed cost in cap())
+    tick({}, {})  # the counters as they start
+    tick({a.id: 20, b.id: 20}, {a.id: predicted, b.id: 2 * predicted})
+    assert a.load_factor == b.load_factor == 1.0  # too few steps to tell
+    version = reg.plan_version
+    for _ in range(10):  # b runs twice as slow as it measured (another job on its box), a as measured
+        tick({a.id: 40, b.id: 40}, {a.id: predicted, b.id: 2 * predicted})
+    assert a.load_factor == pytest.approx(1.0) and b.load_factor == pytest.approx(2.0)
+    assert b.capacity.decode_s_per_layer == pytest.approx(2e-3) and b.measured.decode_s_per_layer == 1e-3
+    # the plan follows (once: re-plans wait refine_s): the slower stage gets a third of the layers
+    assert reg.plan_version == version + 1
+    assert (a.assignment[1] - a.assignment[0], b.assignment[1] - b.assignment[0]) == (8, 4)
+    assert reg.bottleneck() == pytest.approx(8e-3)
+    clock.now += 1.0
+    for e in (a, b):  # both load their new layers
+        reg.heartbeat(e.id, e.assignment, True, decode_steps=counters[e.id][0], decode_seconds=counters[e.id][1])
+    # on its new layers b is observed afresh; as predicted now: nothing moves; a observed faster than it measured
+    # (a lightly loaded stage) is not counted on: its factor stays 1
+    version = reg.plan_version
+    for _ in range(12):
+        tick({a.id: 40, b.id: 40}, {a.id: 5e-3, b.id: 8e-3})
+    assert reg.plan_version == version and a.load_factor == pytest.approx(1.0)
+    assert b.load_factor == pytest.approx(2.0)
+    with pytest.raises(BadInputError):
+        reg.heartbeat(a.id, a.serving, True, decode_steps=-1)
+    with pytest.raises(BadInputError):
+        reg.heartbeat(a.id, a.serving, True, decode_steps=50, decode_seconds=float("nan"))
