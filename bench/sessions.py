@@ -1,6 +1,9 @@
 """Many sessions at once, measured side by side in one run: aggregate decode tokens/s of N concurrent sessions vs
 one session, on 2 stage servers (SmolLM2, one torch thread each), with the stages batching the decode steps of
-different sessions into one forward pass (the default, `--max-batch 16`) and without (`--max-batch 1`).
+different sessions into one forward pass (the default, `--max-batch 16`), the same with oneDNN-packed weights
+(`--pack-weights`: a batched step of 4 rows costs ~2x one row instead of ~3x on this CPU), and without batching
+(`--max-batch 1`). The layers are split as a coordinator places two equal stages: by the capacity measured here
+(the last stage also runs the LM head, about 8 layers' worth of SmolLM2's compute, so it gets fewer layers).
 
     .venv/bin/python bench/sessions.py [--sessions 8] [--tokens 32] [--repeats 3] [--out docs/benchmarks.md]
 """
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import os
 import statistics
+from dataclasses import replace
 
 import benchlib  # bench/benchlib.py, next to this script
 import grpc
@@ -31,6 +35,38 @@ def batched_share(route: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+def decode_rate(times: dict[tuple[int, int], list[float]], k: int, tokens: int) -> float:
+    """Decode tokens/s of k sessions at once: the tokens after each one's first over the time they added (prefill and
+    session set-up, in both runs, cancel out)."""
+    t_n, t_1 = statistics.median(times[(k, tokens)]), statistics.median(times[(k, 1)])
+    return k * (tokens - 1) / (t_n - t_1)
+
+
+def coordinator_split(config) -> list[tuple[int, int]]:
+    """The ranges a coordinator gives two stages of this machine's measured capacity (one torch thread)."""
+    import torch
+
+    from layerline.coordinator.placement import place
+    from layerline.coordinator.registry import model_shape
+    from layerline.coordinator.service import capacity_from_report
+    from layerline.stage_server.capacity import measure
+    from layerline.v1 import coordinator_pb2
+
+    torch.set_num_threads(1)
+    c = measure(config)
+    report = coordinator_pb2.StageReport(
+        decode_s_per_layer=c.decode_s_per_layer,
+        decode_s_fixed=c.decode_s_fixed,
+        head_decode_s=c.head_decode_s,
+        prefill_s_per_layer_token=c.prefill_s_per_layer_token,
+        memory_bytes=16 << 30,
+        bytes_per_param=8,  # packed weights: twice the float32 weights
+    )
+    caps = [replace(capacity_from_report(report), name=n) for n in ("first", "second")]
+    plan = place(model_shape(config), caps)
+    return [(a.start, a.end) for a in plan.assignments]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -42,30 +78,41 @@ def main() -> None:
     path = resolve_model(args.model)
     from layerline.checkpoint import load_config
 
-    L = load_config(path).num_layers
-    ranges = [(0, L // 2), (L // 2, L)]
+    config = load_config(path)
+    ranges = coordinator_split(config)
     prompts = [[1 + (7 * i + j) % 500 for j in range(8 + i)] for i in range(args.sessions)]
     results: dict[str, tuple[float, float, float]] = {}
-    for label, max_batch in (("batched (--max-batch 16)", 16), ("one step at a time (--max-batch 1)", 1)):
-        with LocalCluster(path, ranges, threads=1, extra_args=["--max-batch", str(max_batch)]) as cluster:
+    setups = (
+        ("batched, packed weights (--max-batch 16 --pack-weights)", ["--max-batch", "16", "--pack-weights"]),
+        ("batched (--max-batch 16)", ["--max-batch", "16"]),
+        ("one step at a time (--max-batch 1)", ["--max-batch", "1"]),
+    )
+    for label, extra in setups:
+        with LocalCluster(path, ranges, threads=1, extra_args=extra) as cluster:
             route = cluster.route
             asyncio.run(benchlib.decode_throughput(route, prompts[:1], 4))  # warm-up
-            one, many = [], []
+            times: dict[tuple[int, int], list[float]] = {}  # (sessions, tokens) -> seconds of each repeat
             before = batched_share(route)
             for _ in range(args.repeats):
-                one.append(asyncio.run(benchlib.decode_throughput(route, prompts[:1], args.tokens)))
-                many.append(asyncio.run(benchlib.decode_throughput(route, prompts, args.tokens)))
+                for group in (prompts[:1], prompts):
+                    for n in (1, args.tokens):
+                        rate = asyncio.run(benchlib.decode_throughput(route, group, n))
+                        times.setdefault((len(group), n), []).append(len(group) * n / rate)
             after = batched_share(route)
             share = sum(b1 - b0 for (b1, _), (b0, _) in zip(after, before, strict=True)) / max(
                 1, sum(n1 - n0 for (_, n1), (_, n0) in zip(after, before, strict=True))
             )
-        results[label] = (statistics.median(one), statistics.median(many), share)
+
+        results[label] = (decode_rate(times, 1, args.tokens), decode_rate(times, len(prompts), args.tokens), share)
         print(label, results[label], flush=True)
 
     lines = [
         f"Concurrent sessions: {os.path.basename(path)}, float32, 2 stage servers on 127.0.0.1 (layers "
-        f"{ranges[0][0]}:{ranges[0][1]} and {ranges[1][0]}:{ranges[1][1]}), 1 torch thread each; {args.tokens} new "
-        f"tokens per session, greedy; medians of {args.repeats}.",
+        f"{ranges[0][0]}:{ranges[0][1]} and {ranges[1][0]}:{ranges[1][1]}, as a coordinator places two stages of the "
+        f"capacity measured here), 1 torch thread each; {args.tokens} new tokens per session, greedy; medians of "
+        f"{args.repeats}; one session and {args.sessions} at once take turns within each repeat. Decode tokens/s = "
+        f"the tokens after each session's first over the time they add (a run of {args.tokens} tokens minus a run of "
+        "1, so that prefill and session set-up are left out, as in the decode benchmark).",
         f"Machine: {benchlib.machine()}.",
         "",
         f"| stages | 1 session tok/s | {args.sessions} sessions tok/s (aggregate) | ratio | steps in shared passes |",
