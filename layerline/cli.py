@@ -59,6 +59,20 @@ def _layer_range(text: str) -> tuple[int, int]:
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
+def _cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers and ranges like 0-3,8, got {text!r}") from None
+    return cpus
+
+
 def _bytes(text: str) -> int:
     t = text.strip().lower().replace(" ", "")
     number = t.rstrip("kmgib")
@@ -214,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--max-message-bytes", type=_bytes, default=64 << 20, help="largest gRPC message (64MiB)")
     stage.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     stage.add_argument(
+        "--cpus",
+        type=_cpu_list,
+        default=None,
+        help="run on these CPU cores only, e.g. 2 or 0-3,8 (several stages on one host: a core or set each)",
+    )
+    stage.add_argument(
         "--max-batch",
         type=_positive,
         default=16,
@@ -324,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example: layerline local --stages 3 "What is the capital of France?"',
     )
     _add_split_args(local, default_stages=3, threads_help="torch threads per stage (default: cores/stages)")
+    local.add_argument(
+        "--pin",
+        action="store_true",
+        help="give each stage a core of its own (when there are as many cores as stages): helps small models, can "
+        "hurt bigger ones that need memory bandwidth more than cache",
+    )
     _add_generation_args(local)
     local.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the question (default: a sample one)")
 
@@ -448,6 +474,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from layerline.stage_server.server import print_ready, serve
 
     die_with_parent()
+    if args.cpus is not None:
+        try:
+            os.sched_setaffinity(0, args.cpus)  # before torch starts any thread: they all inherit it
+        except (OSError, AttributeError) as e:
+            raise LayerlineError(f"--cpus {sorted(args.cpus)}: {getattr(e, 'strerror', None) or e}") from None
     if args.layers is None and not args.coordinator:
         raise LayerlineError("give --layers A:B, or --coordinator HOST:PORT to be assigned layers")
     start, end = args.layers if args.layers is not None else (0, 0)
@@ -631,7 +662,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             ranges = split_layers(config.num_layers, None, args.layers)
         except ValueError as e:
             raise LayerlineError(str(e)) from None
-        with LocalCluster(path, ranges, dtype=args.dtype, threads=args.threads) as cluster:
+        with LocalCluster(path, ranges, dtype=args.dtype, threads=args.threads, pin=args.pin) as cluster:
             logger.info("stages %s at %s", ranges, cluster.route)
             return _stream_answer(cluster.route, args)
     stages = args.stages or 3
@@ -639,7 +670,12 @@ def cmd_local(args: argparse.Namespace) -> int:
         raise LayerlineError(f"{stages} stages for a model of {config.num_layers} layers: use at most that many")
     with LocalCoordinator(path, heartbeat=1.0, settle=120.0, expect=stages) as coordinator:
         with LocalCluster(
-            path, [None] * stages, coordinator=coordinator.address, dtype=args.dtype, threads=args.threads
+            path,
+            [None] * stages,
+            coordinator=coordinator.address,
+            dtype=args.dtype,
+            threads=args.threads,
+            pin=args.pin,
         ):
             route = _wait_for_route(coordinator.address, timeout=300.0)
             logger.info("coordinator %s placed the stages: %s", coordinator.address, route)

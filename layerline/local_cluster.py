@@ -42,6 +42,12 @@ def die_with_parent() -> None:
         raise SystemExit("layerline: the process that started this stage is gone")
 
 
+def pinned_cores(n: int) -> list[int | None]:
+    """A core of this process's own for each of `n` processes, or none for any when there are fewer cores."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return list(allowed[:n]) if 0 < n <= len(allowed) else [None] * n
+
+
 class LocalCluster:
     def __init__(
         self,
@@ -55,8 +61,12 @@ class LocalCluster:
         startup_timeout: float = 180.0,
         env: dict[str, str] | None = None,
         prefixes: Sequence[Sequence[str] | None] = (),
+        pin: bool = False,
     ) -> None:
         self.model, self.ranges, self.dtype = model, list(ranges), dtype
+        # one core per stage (`layerline stage --cpus`) when there are enough: co-located stages then do not evict
+        # each other's caches or migrate between cores
+        self.cores = pinned_cores(len(self.ranges)) if pin else [None] * len(self.ranges)
         self.prefixes = list(prefixes)  # per stage: argv put in front of its command (e.g. a wrapper), or None
         self.coordinator = coordinator  # stages with no range (None) register there and get one
         cores = os.cpu_count() or 1
@@ -76,7 +86,7 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def command(self, layers: tuple[int, int] | None) -> list[str]:
+    def command(self, layers: tuple[int, int] | None, cpu: int | None = None) -> list[str]:
         if layers is None and not self.coordinator:
             raise LayerlineError("a stage without a layer range needs a coordinator")
         where = ["--layers", f"{layers[0]}:{layers[1]}"] if layers is not None else ["--coordinator", self.coordinator]
@@ -95,6 +105,7 @@ class LocalCluster:
             self.dtype,
             "--threads",
             str(self.threads),
+            *(["--cpus", str(cpu)] if cpu is not None else []),
             *self.extra_args,
         ]
 
@@ -107,7 +118,7 @@ class LocalCluster:
                 self.logs.append(log)
                 prefix = self.prefixes[i] if i < len(self.prefixes) and self.prefixes[i] else []
                 p = subprocess.Popen(
-                    [*prefix, *self.command(layers)],
+                    [*prefix, *self.command(layers, self.cores[i])],
                     stdout=subprocess.PIPE,
                     stderr=log,
                     stdin=subprocess.DEVNULL,

@@ -188,3 +188,22 @@ def test_progress_bars_show_on_request_and_not_in_pipes(tiny_checkpoint):
     assert "loading layers 0:2" in shown.stderr and "loading layers 2:4" in shown.stderr, shown.stderr
     quiet = subprocess.run(args, capture_output=True, text=True, timeout=120)  # stderr is a pipe: no bars
     assert quiet.returncode == 0 and "loading layers" not in quiet.stderr
+
+
+def test_stages_can_be_pinned_to_cores(tiny_checkpoint):
+    from layerline.local_cluster import LocalCluster, pinned_cores
+
+    folder, _ = tiny_checkpoint(TinySpec("llama", layers=4))
+    cores = pinned_cores(2)
+    if None in cores:
+        pytest.skip("needs 2 cores")  # this project's machines have 2
+    with LocalCluster(folder, [(0, 2), (2, 4)], threads=1, pin=True) as cluster:
+        allowed = []
+        for p in cluster.processes:
+            with open(f"/proc/{p.pid}/status") as f:
+                allowed.append(next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list:")))
+        assert allowed == [str(c) for c in cores]
+    out = layerline("stage", "--model", folder, "--layers", "0:2", "--cpus", "3-1")
+    assert out.returncode == 2 and "expected CPU numbers and ranges like 0-3,8" in out.stderr
+    out = layerline("stage", "--model", folder, "--layers", "0:2", "--cpus", "4096")
+    assert out.returncode == 2 and "--cpus [4096]" in out.stderr and "Traceback" not in out.stderr
