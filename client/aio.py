@@ -216,9 +216,18 @@ class AsyncClient:
         """Reach every stage and check that together they serve one model's layers in order."""
         async with self._lock:
             attempt = 0
+            deadline = time.monotonic() + self.config.connect_timeout
             while self._links is None:
                 if self.coordinator:
-                    self.route = await self._route_from_coordinator()
+                    try:
+                        self.route = await self._route_from_coordinator()
+                    except RPCError as e:
+                        # ABORTED: the stages are loading a new plan's layers; ask again until connect_timeout
+                        if e.code != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
+                        attempt += 1
+                        continue
                 try:
                     self._links = await self._chain(self.route)
                 except RPCError as e:
@@ -276,8 +285,11 @@ class AsyncClient:
                     route = self.route
                 links = await self._chain(route)
             except RPCError as e:
-                retry = e.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE) or (
-                    e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                retry = e.code in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.ABORTED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
                 if not retry or (not self.coordinator and "fixed route" in e.details):
                     raise

@@ -49,7 +49,7 @@ from layerline.coordinator.placement import (
     place,
     stage_cost,
 )
-from layerline.errors import BadInputError, FailedPreconditionError, NotFoundError
+from layerline.errors import AbortedError, BadInputError, FailedPreconditionError, NotFoundError
 
 
 @dataclass
@@ -385,6 +385,7 @@ class Registry:
         self.expire()
         chain = self._fastest_chain(lambda s: s.ready and s.address not in exclude)
         if chain is None:
+            transient = False  # ABORTED (ask again in a moment) rather than FAILED_PRECONDITION
             if not self.stages:
                 why = "no stages have registered yet"
             elif self.problem:
@@ -396,14 +397,15 @@ class Registry:
                 names = ", ".join(f"{a}:{b}" for a, b in missing) or "none"
                 loading = self._uncovered(lambda s: s.address not in exclude, lambda s: s.assignment)
                 if not missing:  # every layer is served, but the ranges do not chain yet: a re-plan is under way
-                    why = "the stages are still loading their layers"
+                    why, transient = "the stages are still loading their layers", True
                 elif not loading and not exclude:
-                    why = f"the stages are still loading their layers ({names} not served yet)"
+                    why, transient = f"the stages are still loading their layers ({names} not served yet)", True
                 else:
                     why = f"no ready stage serves layers {names}"
                     if exclude:
                         why += f" (avoiding {', '.join(sorted(exclude))}, found dead or stalled)"
-            raise FailedPreconditionError(f"no complete chain of ready stages: {why}")
+            error = AbortedError if transient else FailedPreconditionError
+            raise error(f"no complete chain of ready stages: {why}")
         entries = [self.stages[sid] for sid in chain]
         return RouteChoice(
             chain,

@@ -89,7 +89,12 @@ def from_rpc(e: RPCError) -> ApiError:
         return ApiError(400, e.details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(429, e.details, "rate_limit_error", code="server_busy")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION):
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+    ):
         return ApiError(503, e.details, "server_error", code="unavailable")
     return ApiError(500, f"{e.code.name}: {e.details}", "server_error")
 

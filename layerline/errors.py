@@ -35,6 +35,11 @@ class PermissionDeniedError(LayerlineError):
     """The caller may not do this: e.g. a session opened by another client."""
 
 
+class AbortedError(LayerlineError):
+    """A change under way got in the way; the same request a moment later may succeed (e.g. the stages are loading
+    the layers of a new plan)."""
+
+
 class UnavailableError(LayerlineError):
     """The server cannot do it now but another try (elsewhere, or later) may: e.g. the stage is shutting down."""
 

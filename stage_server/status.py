@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from layerline.errors import (
+    AbortedError,
     BadInputError,
     CacheFullError,
     FailedPreconditionError,
@@ -22,6 +23,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (PositionError, grpc.StatusCode.FAILED_PRECONDITION),
     (BadInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AbortedError, grpc.StatusCode.ABORTED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -83,7 +83,7 @@ def test_stages_register_heartbeat_and_clients_get_a_route(model):
             ranges[sid] = (a.start_layer, a.end_layer)
         assert ranges[fast.stage_id][1] - ranges[fast.stage_id][0] > ranges[slow.stage_id][1] - ranges[slow.stage_id][0]
         code, message = await status_code(stub.GetRoute(pb.RouteRequest(), timeout=TIMEOUT))
-        assert code == grpc.StatusCode.FAILED_PRECONDITION and "loading" in message
+        assert code == grpc.StatusCode.ABORTED and "loading" in message  # a moment later it may work
         for sid, (a, b) in ranges.items():
             req = pb.HeartbeatRequest(stage_id=sid, serving_start=a, serving_end=b, ready=True, open_sessions=2)
             await stub.Heartbeat(req, timeout=TIMEOUT)

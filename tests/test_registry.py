@@ -9,7 +9,7 @@ import pytest
 from layerline.config import ModelConfig
 from layerline.coordinator.placement import ModelShape, StageCapacity
 from layerline.coordinator.registry import Registry, model_shape
-from layerline.errors import BadInputError, FailedPreconditionError, NotFoundError
+from layerline.errors import AbortedError, BadInputError, FailedPreconditionError, NotFoundError
 
 MODEL = ModelShape(num_layers=12, layer_params=1000, embed_params=2000, head_params=2000)
 GB = 1 << 30
@@ -48,7 +48,7 @@ def test_stages_are_placed_by_capacity_and_the_route_waits_until_they_are_ready(
     assert reg.plan_version >= 1
     assert {fast.assignment, slow.assignment} == {(0, 8), (8, 12)}
     assert fast.assignment[1] - fast.assignment[0] == 8  # twice as fast: twice the layers
-    with pytest.raises(FailedPreconditionError, match="still loading"):
+    with pytest.raises(AbortedError, match="still loading"):
         reg.route()
     load(reg)
     route = reg.route()
@@ -83,7 +83,7 @@ def test_a_stage_that_misses_heartbeats_is_dropped_and_the_plan_follows():
         reg.heartbeat(a.id, a.serving, True)
     assert b.id not in reg.stages and reg.plan_version == version + 1
     assert a.assignment == (0, 12)
-    with pytest.raises(FailedPreconditionError):  # a still serves 0:6 until it has loaded 0:12
+    with pytest.raises(AbortedError):  # a still serves 0:6 until it has loaded 0:12: ask again in a moment
         reg.route()
     load(reg)
     assert reg.route().addresses == ["h:1"]
