@@ -37,21 +37,34 @@ def wait_for_replicas(address: str, n: int, timeout: float = 90.0) -> None:
     while True:
         st = status(address)
         ready = [s for s in st.stages if s.ready and s.serving_end > s.serving_start]
-        if len(st.route.addresses) == 2 and sum(s.replica for s in ready) >= n:
+        loaded = all(
+            s.ready and (s.serving_start, s.serving_end) == (s.assignment.start_layer, s.assignment.end_layer)
+            for s in st.stages
+            if s.assignment.end_layer > s.assignment.start_layer
+        )  # the plan's chain too, not only the replicas (they may be ready first)
+        if len(st.route.addresses) == 2 and sum(s.replica for s in ready) >= n and loaded:
             return
         assert time.monotonic() < deadline, st
         time.sleep(0.2)
 
 
-def victim(address: str, chain: list[str]) -> str:
-    """A stage of `chain` whose layers another ready stage also serves."""
-    stages = [s for s in status(address).stages if s.ready]
-    for a in chain:
-        me = next(s for s in stages if s.report.address == a)
-        span = (me.serving_start, me.serving_end)
-        if any(s.report.address != a and (s.serving_start, s.serving_end) == span for s in stages):
-            return a
-    raise AssertionError(f"no stage of {chain} has a ready twin: {stages}")
+def victim(address: str, chain: list[str], timeout: float = 15.0) -> str:
+    """A stage of `chain` whose layers another ready stage also serves (waiting for one while the coordinator
+    re-plans or a stage reloads)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(address)
+        stages = [s for s in st.stages if s.ready]
+        for a in chain:
+            me = next((s for s in stages if s.report.address == a), None)
+            if me is None:
+                continue
+            span = (me.serving_start, me.serving_end)
+            if any(s.report.address != a and (s.serving_start, s.serving_end) == span for s in stages):
+                return a
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no stage of {chain} has a ready twin: {st}")
+        time.sleep(0.2)
 
 
 async def generate(

@@ -85,7 +85,11 @@ def test_a_blackholed_stage_is_detected_and_routed_around(tiny_checkpoint, tmp_p
         deadline = time.monotonic() + 90
         while True:  # a chain of 2 and a ready replica
             st = status(coordinator.address)
-            if len(st.route.addresses) == 2 and any(s.replica and s.ready for s in st.stages):
+            loaded = len(st.stages) == 3 and all(
+                s.ready and (s.serving_start, s.serving_end) == (s.assignment.start_layer, s.assignment.end_layer)
+                for s in st.stages
+            )  # the replica's twin too (a replica may be ready first)
+            if len(st.route.addresses) == 2 and any(s.replica and s.ready for s in st.stages) and loaded:
                 break
             assert time.monotonic() < deadline, st
             time.sleep(0.2)
