@@ -744,9 +744,16 @@ def _ask_coordinator(address: str, method: str, security=None):
                 requests[method], timeout=10, metadata=security.metadata()
             )
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise LayerlineError(f"the coordinator at {address} is unreachable ({e.details()})") from None
-            raise LayerlineError(f"{e.details()} [{e.code().name}]") from None
+            raise _call_failed(e, f"the coordinator at {address}") from None
+
+
+def _call_failed(e, whom: str) -> LayerlineError:
+    """A failed one-off gRPC call of the CLI as the error it prints: unreachable, or the server's message."""
+    import grpc
+
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return LayerlineError(f"{whom} is unreachable ({e.details()})")
+    return LayerlineError(f"{e.details()} [{e.code().name}]")
 
 
 def _json_of(message) -> str:
@@ -903,9 +910,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         try:
             reply = stub.Drain(stage_pb2.DrainRequest(wait_seconds=args.wait), timeout=10, metadata=security.metadata())
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise LayerlineError(f"the stage at {args.stage} is unreachable ({e.details()})") from None
-            raise LayerlineError(f"{e.details()} [{e.code().name}]") from None
+            raise _call_failed(e, f"the stage at {args.stage}") from None
         print(
             f"draining {reply.stage} at {args.stage}: {reply.open_sessions} sessions open, they get up to "
             f"{args.wait:g} s before they move to another chain",

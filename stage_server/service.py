@@ -62,6 +62,7 @@ INLINE_POSITIONS = 8  # a step of at most this many positions may be computed in
 INLINE_ALONE_S = 0.05  # ... when no other session has stepped here for this long
 CLIENT_KEY_CHARS = (16, 256)  # the length a client key must have
 DEFAULT_DRAIN_WAIT = 30.0
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)  # seconds (metrics)
 MAX_DRAIN_WAIT = 3600.0
 
 
@@ -153,13 +154,13 @@ class StageService(stage_pb2_grpc.StageServicer):
             "layerline_stage_pass_seconds",
             "compute time of one forward pass (one step, or several sessions' steps batched)",
             registry=self.metrics,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            buckets=STEP_BUCKETS,
         )
         self.step_latency = Histogram(
             "layerline_stage_step_seconds",
             "a step's time at this stage: from its arrival to its result handed on (queue, compute, sampling)",
             registry=self.metrics,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            buckets=STEP_BUCKETS,
         )
         self.step_errors = Counter(
             "layerline_stage_step_errors",
@@ -347,12 +348,12 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def CloseSession(
         self, request: stage_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.CloseSessionResponse:
-        session = self.sessions.peek(request.session_id)
-        if session is not None and not owns(session, request.client_key):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"session {request.session_id[:40]!r} was opened by another client (client_key does not match)",
-            )
+        try:
+            self.sessions.get(request.session_id, request.client_key)  # another client's: PERMISSION_DENIED
+        except NotFoundError:
+            return stage_pb2.CloseSessionResponse(closed=False)
+        except PermissionDeniedError as e:
+            await context.abort(*status_of(e))
         return stage_pb2.CloseSessionResponse(closed=self._close(request.session_id, "closed by the client"))
 
     async def GetTokenizer(
