@@ -330,7 +330,6 @@ async def start_coordinator(
 
 def _coordinator_metrics(registry: Registry, started: float):
     stages = list(registry.stages.values())
-    plan = registry.plan
     yield uptime(started)
     yield ("layerline_coordinator_stages", "stages registered", "gauge", len(stages), {})
     yield (
@@ -348,7 +347,7 @@ def _coordinator_metrics(registry: Registry, started: float):
         {},
     )
     yield ("layerline_coordinator_plan_version", "plans made since the start", "counter", registry.plan_version, {})
-    bottleneck = plan.bottleneck_s if plan is not None else 0.0
+    bottleneck = registry.bottleneck()  # by the refined capacities, as Status reports it
     yield (
         "layerline_coordinator_predicted_bottleneck_seconds",
         "the plan's slowest stage per token (0: no plan)",

@@ -142,9 +142,7 @@ class Api:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
         self.generated_total = 0
-        self._previous: dict[str, tuple[float, int]] = {}  # stage address -> (when, tokens computed) last poll
-        self._api_previous: tuple[float, int] = (time.monotonic(), 0)
-        self._api_rate = 0.0
+        self._rates = Rates()  # tokens/s of each stage and of this process, from the dashboard's polls
 
     # ---- the app -------------------------------------------------------------------------------------------------
 
@@ -593,21 +591,12 @@ class Api:
             )
             if not self.coordinator:
                 s["ready"] = info.end_layer > info.start_layer
-            then = self._previous.get(s["address"])
-            rate = None
-            if then is not None and now - then[0] > 0.2:
-                rate = max(0.0, (info.tokens_computed - then[1]) / (now - then[0]))
-            if then is None or now - then[0] > 0.2:
-                self._previous[s["address"]] = (now, info.tokens_computed)
-            s["tokens_per_s"] = rate if rate is not None else s.get("tokens_per_s")
+            s["tokens_per_s"] = self._rates.rate(s["address"], info.tokens_computed, now)
         # the chain first, in layer order, then replicas, then stages that serve nothing
         stages.sort(key=lambda s: (s.get("end", 0) <= s.get("start", 0), bool(s.get("replica")), s.get("start", 0)))
         out["stages"] = stages
-        when, total = self._api_previous
-        if now - when > 0.2:
-            self._api_rate = (self.generated_total - total) / (now - when)
-            self._api_previous = (now, self.generated_total)
-        out["api"] = {"tokens_generated": self.generated_total, "tokens_per_s": self._api_rate}
+        api_rate = self._rates.rate("api", self.generated_total, now)
+        out["api"] = {"tokens_generated": self.generated_total, "tokens_per_s": api_rate or 0.0}
         return out
 
     async def _info(self, address: str) -> stage_pb2.StageInfo | None:
@@ -616,6 +605,24 @@ class Api:
                 return await stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=3)
         except grpc.aio.AioRpcError:
             return None
+
+
+class Rates:
+    """Per second rates of counters sampled now and then (each dashboard poll): a counter's rate is taken over at
+    least `window` seconds since its previous sample, and polls closer together get the last rate again."""
+
+    def __init__(self, window: float = 0.2) -> None:
+        self.window = window
+        self._last: dict[str, tuple[float, int, float | None]] = {}  # key -> (when, count, rate then)
+
+    def rate(self, key: str, count: int, now: float) -> float | None:
+        """None until a counter has been seen twice."""
+        last = self._last.get(key)
+        if last is not None and now - last[0] <= self.window:
+            return last[2]
+        rate = None if last is None else max(0.0, (count - last[1]) / (now - last[0]))
+        self._last[key] = (now, count, rate)
+        return rate
 
 
 # ---- request parsing ---------------------------------------------------------------------------------------------
