@@ -10,7 +10,7 @@ gRPC status code for the sender of the step; failures further down the chain are
 
 Generation loop (the `Loop` of a step, at the last stage): after sampling, the last stage publishes the token and
 sends it straight back to the first stage as the session's next step (`Step.looped`), so a token costs N network
-hops and no client round trip; a one-stage route feeds the step to its own compute queue without any hop. The
+hops and no client round trip; a one-stage route submits the step to itself without any hop. The
 loop's state lives in `Session.loop`; it ends at a stop token, max_new_tokens, the session's max_length, or a
 Halt, and its last Result says `done` and how many positions the caches hold. A loop step that fails further on
 ends the loop with a Result carrying the status, so the client hears of it on the Subscribe stream.
@@ -834,7 +834,9 @@ class StageService(stage_pb2_grpc.StageServicer):
     def _send_follow(self, item: WorkItem, result: stage_pb2.Result | None) -> None:
         """Last stage, event loop: the loop's next step goes to the first stage (before the result goes to the
         subscriber: the step is on the critical path, the result is not), holding on to the slot of the step that
-        produced it. A one-stage route is its own first stage: the step goes straight into the compute queue."""
+        produced it. A one-stage route is its own first stage: the step is submitted here again, as a step that
+        arrived (computed inline when the stage is idle, else queued for the compute thread), from a callback of its
+        own so that the loop serves every other stream and the subscriber between two tokens."""
         follow, session = item.follow, item.session
         if follow.session_id != session.id:
             self._downstream(item.follow_address).send(follow, on_sent=self._release)
@@ -848,8 +850,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._loop_failed(session, code, message, self.label)
             self._release()
             return
-        self._queued += 1
-        self._inbox.put(nxt)
+        self._loop.call_soon(self._submit, nxt)
         self._publish(session, result)
 
     @staticmethod

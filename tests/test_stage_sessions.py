@@ -270,3 +270,17 @@ def test_a_lone_session_of_a_small_model_is_computed_on_the_event_loop(tiny, rou
             assert all(n >= 20 for n in ran), ran  # (after the prompt's step: the decode steps)
         else:
             assert ran == [0, 0, 0], ran
+
+
+def test_a_one_stage_loop_computes_its_tokens_on_the_event_loop_too(tiny, stage_cluster):
+    """A one-stage route's generation loop feeds each token back to the same stage: those steps are computed inline
+    as well (they used to take two thread hand-offs each), and give transformers' tokens."""
+    folder, ref = tiny
+    alone = stage_cluster(folder, [(0, RANGES[-1][1])])
+    prompt = _prompts(1, seed=6)[0]
+    with Client(alone) as client:
+        for _ in range(2):  # the first generation measures how long a decode step takes
+            before = infos(alone)[0].inline_steps
+            out = client.generate(prompt, max_new_tokens=24, stop_token_ids=[], stream=False)
+            assert out.token_ids == hf_greedy(ref, prompt, 24)
+    assert infos(alone)[0].inline_steps - before >= 20
