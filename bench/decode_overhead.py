@@ -289,12 +289,7 @@ async def grpc_stage(model: str, start: int, end: int, threads: int, fd_result: 
         return
         yield  # an async generator: the stream's replies (none)
 
-    server = grpc.aio.server()
-    handler = grpc.stream_stream_rpc_method_handler(push)  # no (de)serializers: the bytes as they are
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(RING_SERVICE, {ECHO_METHOD: handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"{RING_READY}{port}", flush=True)
+    server, port = await serve_bytes(RING_SERVICE, push, RING_READY)
     next_port = int(await asyncio.to_thread(sys.stdin.readline))
     alone = next_port == port  # a one-stage ring feeds itself in-process
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{next_port}")
@@ -440,6 +435,18 @@ def ready_port(proc: subprocess.Popen, prefix: str) -> int:
 # ---- raw gRPC echo -----------------------------------------------------------------------------------------------
 
 
+async def serve_bytes(service: str, method: Callable, ready: str) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server on 127.0.0.1 port 0 whose one bidi-stream method (`ECHO_METHOD` of `service`) takes and
+    gives raw bytes (no (de)serializers); its port is announced on stdout after `ready`."""
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(method)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {ECHO_METHOD: handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"{ready}{port}", flush=True)
+    return server, port
+
+
 async def _echo(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
     async for msg in requests:
         yield msg
@@ -448,12 +455,7 @@ async def _echo(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContex
 async def serve_echo() -> None:
     """The echo server (run as `--echo-server` in its own process): prints its port, serves until killed."""
     die_with_parent()
-    server = grpc.aio.server()
-    handler = grpc.stream_stream_rpc_method_handler(_echo)  # no (de)serializers: the bytes as they are
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_METHOD: handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"{ECHO_READY}{port}", flush=True)
+    server, _ = await serve_bytes(ECHO_SERVICE, _echo, ECHO_READY)
     try:
         await server.wait_for_termination()
     finally:
