@@ -391,6 +391,8 @@ class GrpcRing:
                 p.stdin.flush()
             self.driver = StreamDriver(f"127.0.0.1:{ports[0]}", f"/{RING_SERVICE}/{ECHO_METHOD}")
         except BaseException:
+            for p in self.procs:  # stages that did start wait for a next port that will not come
+                p.kill()
             self.close()
             raise
         finally:
