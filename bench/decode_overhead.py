@@ -321,8 +321,22 @@ async def grpc_stage(model: str, start: int, end: int, threads: int, fd_result: 
         await server.stop(None)
 
 
-class BareRing:
-    """k `--bare-stage` processes in a ring of pipes; `generate(prompt, n)` runs greedy decoding through them."""
+class Ring:
+    """What both rings share: `generate(prompt, n)` feeds the prompt to the first stage (`_feed`) and reads the n
+    greedy tokens the last stage writes to `result_r`."""
+
+    result_r: int
+
+    def _feed(self, message: bytes) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        self._feed(HEADER.pack(n, 0, len(prompt)) + struct.pack(f"<{len(prompt)}q", *prompt))
+        return [struct.unpack("<q", read_exact(self.result_r, 8))[0] for _ in range(n)]
+
+
+class BareRing(Ring):
+    """k `--bare-stage` processes in a ring of pipes."""
 
     def __init__(self, model: str, ranges: Sequence[tuple[int, int]], threads: int) -> None:
         k = len(ranges)
@@ -348,9 +362,8 @@ class BareRing:
                 os.close(w)
         os.close(result_w)
 
-    def generate(self, prompt: list[int], n: int) -> list[int]:
-        os.write(self.feed, HEADER.pack(n, 0, len(prompt)) + struct.pack(f"<{len(prompt)}q", *prompt))
-        return [struct.unpack("<q", read_exact(self.result_r, 8))[0] for _ in range(n)]
+    def _feed(self, message: bytes) -> None:
+        os.write(self.feed, message)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -360,7 +373,7 @@ class BareRing:
         os.close(self.result_r)
 
 
-class GrpcRing:
+class GrpcRing(Ring):
     """k `--grpc-stage` processes in a ring of raw gRPC streams, fed by one stream to the first stage (driven from a
     private event-loop thread, as the sync `Client` drives its calls); tokens come back on a pipe."""
 
@@ -398,10 +411,9 @@ class GrpcRing:
         finally:
             os.close(result_w)
 
-    def generate(self, prompt: list[int], n: int) -> list[int]:
+    def _feed(self, message: bytes) -> None:
         assert self.driver is not None
-        self.driver.write(HEADER.pack(n, 0, len(prompt)) + struct.pack(f"<{len(prompt)}q", *prompt))
-        return [struct.unpack("<q", read_exact(self.result_r, 8))[0] for _ in range(n)]
+        self.driver.write(message)
 
     def close(self) -> None:
         if self.driver is not None:
