@@ -95,7 +95,9 @@ def main() -> None:
         clusters = []
 
         def add_stage() -> None:
-            c = LocalCluster(path, [None], coordinator=address, threads=threads, env=env, startup_timeout=300)
+            c = LocalCluster(
+                path, [None], coordinator=address, dtype="float32", threads=threads, env=env, startup_timeout=300
+            )
             c.start()
             clusters.append(c)
 

@@ -130,7 +130,7 @@ def cluster_generate(
     stack: contextlib.ExitStack, model: str, ranges: Sequence[tuple[int, int]], threads: int, prompt: list[int]
 ) -> dict[str, Generate]:
     """Stage servers for `ranges` and a client per mode on them, all closed with `stack`."""
-    cluster = stack.enter_context(LocalCluster(model, ranges, threads=threads))
+    cluster = stack.enter_context(LocalCluster(model, ranges, dtype="float32", threads=threads))
     out = {}
     for mode, loop in MODES.items():
         client = stack.enter_context(Client(cluster.route, config=ClientConfig(server_loop=loop)))
@@ -153,7 +153,7 @@ def compare(
     """Seconds per token in this process, and (stages, mode, seconds per token, same tokens) through each stage
     count in each mode."""
     with contextlib.ExitStack() as stack:
-        setups = {"local": local_generate(LocalPipeline.load(model, [(0, num_layers)]), prompt)}
+        setups = {"local": local_generate(LocalPipeline.load(model, [(0, num_layers)], torch.float32), prompt)}
         for k in stages:
             ranges = split_layers(num_layers, stages=k)
             for kind, ring_class in (("bare", BareRing), ("grpc", GrpcRing)):
@@ -228,7 +228,7 @@ class RingStage:
 
     def __init__(self, model: str, start: int, end: int, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.stage = load_stage(model, start, end)
+        self.stage = load_stage(model, start, end, torch.float32)
         self.cache = None
 
     def payload_bytes(self, count: int) -> int:

@@ -100,7 +100,7 @@ def session_ceiling(
     stages' one-row decode times in turn; `sessions` sessions at best either go as two groups taking turns on the
     two stages (both busy: twice the slower stage's time for `sessions`/2 rows) or as one group of `sessions` rows.
     Returns (that ratio, {rows: [seconds per decode step, per stage]}, [weight bytes held, per stage])."""
-    pipe = LocalPipeline.load(path, ranges)
+    pipe = LocalPipeline.load(path, ranges, torch.float32)
     if pack:
         for stage in pipe.stages:
             stage.pack_weights()
@@ -163,7 +163,9 @@ def main() -> None:
     path = resolve_model(args.model)
     seqs = gpipe_baseline.make_sequences(args.batch, args.seq_len)
     L = load_config(path).num_layers
-    local = LocalPipeline.load(path, [(0, L // 2), (L // 2, L)])  # also the one-process baseline (all layers)
+    local = LocalPipeline.load(
+        path, [(0, L // 2), (L // 2, L)], torch.float32
+    )  # also the one-process baseline (all layers)
     if args.pack_weights:
         for stage in local.stages:
             stage.pack_weights()
@@ -183,7 +185,7 @@ def main() -> None:
     s: dict[str, list[float]] = {"1": [], "8": []}
     diff = 0.0
     extra = ["--pack-weights"] if args.pack_weights else []
-    with LocalCluster(path, ranges, threads=1, extra_args=extra) as cluster:
+    with LocalCluster(path, ranges, dtype="float32", threads=1, extra_args=extra) as cluster:
         route = cluster.route
         asyncio.run(score(route, seqs[:4], 8))  # warm-up
         asyncio.run(generate(route, prompts[:4], 4, 8))

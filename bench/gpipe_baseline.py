@@ -237,7 +237,7 @@ def reference_logprobs(
     """The one-process LocalPipeline's log-probs over the same micro-batches, and the seconds it took."""
     from layerline.pipeline import LocalPipeline
 
-    pipe = LocalPipeline.load(model_path, list(ranges))
+    pipe = LocalPipeline.load(model_path, list(ranges), torch.float32)
     tokens = torch.tensor(sequences, dtype=torch.int64)
     t0 = time.perf_counter()
     with torch.inference_mode():

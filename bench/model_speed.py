@@ -48,7 +48,7 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     else:
         hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).eval()
-    pipe = LocalPipeline.load(path, [(0, hf.config.num_hidden_layers)])
+    pipe = LocalPipeline.load(path, [(0, hf.config.num_hidden_layers)], torch.float32)
     vocab = pipe.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt1 = torch.randint(100, vocab, (1, 32), generator=g)

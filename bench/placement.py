@@ -67,6 +67,7 @@ def coordinator_plans(
                 model,
                 [None],
                 coordinator=coordinator.address,
+                dtype="float32",
                 threads=1,
                 env=env,
                 extra_args=["--max-memory", str(memory), *UNBATCHED],
@@ -202,7 +203,9 @@ def main() -> None:
             first_fast = orders.get(name, fast_first)
             ranges = ordered(counts, first_fast)
             prefixes = [None, quota.prefix()] if first_fast else [quota.prefix(), None]
-            with LocalCluster(path, ranges, threads=1, prefixes=prefixes, extra_args=UNBATCHED) as cluster:
+            with LocalCluster(
+                path, ranges, dtype="float32", threads=1, prefixes=prefixes, extra_args=UNBATCHED
+            ) as cluster:
                 route = cluster.route
                 asyncio.run(benchlib.decode_throughput(route, prompts[:1], 4))  # warm-up
                 dec = [

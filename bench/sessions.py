@@ -88,7 +88,7 @@ def main() -> None:
         ("one step at a time (--max-batch 1)", ["--max-batch", "1"]),
     )
     for label, extra in setups:
-        with LocalCluster(path, ranges, threads=1, extra_args=extra) as cluster:
+        with LocalCluster(path, ranges, dtype="float32", threads=1, extra_args=extra) as cluster:
             route = cluster.route
             asyncio.run(benchlib.decode_throughput(route, prompts[:1], 4))  # warm-up
             times: dict[tuple[int, int], list[float]] = {}  # (sessions, tokens) -> seconds of each repeat

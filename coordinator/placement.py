@@ -38,6 +38,28 @@ class PlacementError(LayerlineError):
 
 
 @dataclass(frozen=True)
+class WeightBytes:
+    """A model's weight bytes in one quantized form (what the checkpoint's blocks, or --quantize's, take)."""
+
+    layers: tuple[int, ...]  # each layer's
+    embed: int  # token embedding (first stage)
+    head: int  # final norm + LM head (last stage; the embedding again when tied)
+
+    @property
+    def layer_max(self) -> int:
+        return max(self.layers, default=0)
+
+    def extra(self, first: bool, last: bool, tied: bool) -> int:
+        """Embedding and head bytes of a stage in that role (a tied table held once by a stage of both)."""
+        return (
+            (self.embed if first else 0) + (self.head if last else 0) - (self.embed if first and last and tied else 0)
+        )
+
+    def for_range(self, start: int, end: int, num_layers: int, tied: bool) -> int:
+        return sum(self.layers[start:end]) + self.extra(start == 0, end == num_layers, tied)
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """What placement needs to know of a model: its layers and the parameter counts that take memory."""
 
@@ -46,6 +68,9 @@ class ModelShape:
     embed_params: int  # token embedding (first stage)
     head_params: int  # final norm + LM head (last stage; the embedding matrix again when tied)
     tied: bool = False  # tied embeddings: a stage that is first and last keeps one copy for both roles
+    # bytes by weight format for the quantized ones ("stored", "int8", "int4": layerline.quant); a stage in one of
+    # these is counted by them, a stage of float weights by its parameters times its bytes per parameter
+    quantized: dict[str, WeightBytes] = field(default_factory=dict)
 
     def extra_params(self, first: bool, last: bool) -> int:
         """Parameters besides the layers for a stage in that role."""
@@ -62,7 +87,8 @@ class StageCapacity:
     head_decode_s: float  # final norm + LM head + sampling, paid by the last stage
     memory_bytes: int  # memory it can give the model: weights and KV cache
     kv_bytes: int = 0  # of which it keeps this much for KV caches
-    bytes_per_param: float = 4.0  # its compute dtype
+    bytes_per_param: float = 4.0  # of its float weights
+    weights: str = ""  # its weight format (layerline.quant; "": float weights of bytes_per_param)
     send_s: float = 0.0  # sending one token's hidden state to the next stage (0 = not measured / negligible)
     fixed_s: float = 0.0  # per step whatever its layer count (embedding, rotary tables, the server's own work)
     prefill_s_per_layer: float = 0.0  # per prompt token, for the prefill prediction (not used to place)
@@ -121,9 +147,25 @@ def stage_cost(stage: StageCapacity, layers: int, first: bool, last: bool) -> fl
     return stage.fixed_s + layers * stage.decode_s_per_layer + extra
 
 
-def weight_bytes(model: ModelShape, stage: StageCapacity, layers: int, first: bool, last: bool) -> int:
-    params = layers * model.layer_params + model.extra_params(first, last)
-    return int(math.ceil(params * stage.bytes_per_param))
+def _bytes(model: ModelShape, stage: StageCapacity, first: bool, last: bool) -> tuple[float, float]:
+    """(bytes a layer takes on this stage (the largest layer, for a model whose layers differ), bytes of its
+    embedding / head in that role)."""
+    q = model.quantized.get(stage.weights)
+    if q is not None:
+        return float(q.layer_max), float(q.extra(first, last, model.tied))
+    return model.layer_params * stage.bytes_per_param, model.extra_params(first, last) * stage.bytes_per_param
+
+
+def weight_bytes(
+    model: ModelShape, stage: StageCapacity, layers: int, first: bool, last: bool, start: int | None = None
+) -> int:
+    """The stage's weight bytes for `layers` layers in that role: exact for layers start.. when `start` is
+    given, else counting each layer as the largest (what placement must allow for)."""
+    per_layer, extra = _bytes(model, stage, first, last)
+    q = model.quantized.get(stage.weights)
+    if q is not None and start is not None:
+        return int(sum(q.layers[start : start + layers]) + extra)
+    return int(math.ceil(layers * per_layer + extra))
 
 
 def fits(model: ModelShape, stage: StageCapacity, layers: int, first: bool, last: bool) -> bool:
@@ -132,10 +174,11 @@ def fits(model: ModelShape, stage: StageCapacity, layers: int, first: bool, last
 
 def max_layers(model: ModelShape, stage: StageCapacity, first: bool, last: bool) -> int:
     """Most layers the stage's memory holds in that role (-1: not even the embedding / head fit)."""
-    room = stage.weight_room() / stage.bytes_per_param - model.extra_params(first, last)
+    per_layer, extra = _bytes(model, stage, first, last)
+    room = stage.weight_room() - extra
     if room < 0:
         return -1
-    n = min(model.num_layers, int(room // model.layer_params) if model.layer_params else model.num_layers)
+    n = min(model.num_layers, int(room // per_layer) if per_layer else model.num_layers)
     while n >= 0 and not fits(model, stage, n, first, last):  # rounding of the ceil above
         n -= 1
     return n
@@ -241,7 +284,7 @@ def place(model: ModelShape, stages: Sequence[StageCapacity]) -> Plan:
                 end=start + n,
                 decode_s=stage_cost(s, n, first, last),
                 prefill_s_per_token=n * s.prefill_s_per_layer,
-                weight_bytes=weight_bytes(model, s, n, first, last),
+                weight_bytes=weight_bytes(model, s, n, first, last, start),
             )
         )
         start += n
@@ -259,13 +302,8 @@ def place(model: ModelShape, stages: Sequence[StageCapacity]) -> Plan:
 def _not_enough_memory(model: ModelShape, stages: Sequence[StageCapacity]) -> str:
     """How far the stages' memory is from holding the model, in words."""
     room = sum(max(0.0, s.weight_room()) for s in stages)
-    per_param = max(s.bytes_per_param for s in stages)
-    need = (
-        model.num_layers * model.layer_params + model.embed_params + model.head_params
-    ) * per_param  # the most any dtype here needs
-    need_min = (model.num_layers * model.layer_params + model.embed_params + model.head_params) * min(
-        s.bytes_per_param for s in stages
-    )
+    whole = [weight_bytes(model, s, model.num_layers, True, True, 0) for s in stages]  # by each stage's format
+    need, need_min = max(whole), min(whole)
     missing = max(need_min - room, 0.0)
     return (
         f"the model does not fit the {len(stages)} stage(s): its weights need {need_min / GiB:.2f} GiB"

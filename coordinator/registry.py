@@ -45,6 +45,7 @@ from layerline.coordinator.placement import (
     PlacementError,
     Plan,
     StageCapacity,
+    WeightBytes,
     assign_replicas,
     place,
     stage_cost,
@@ -63,6 +64,8 @@ class StageEntry:
     last_seen: float
     open_sessions: int = 0
     kv_bytes_used: int = 0
+    weight_bytes: int = 0  # from its heartbeats: weights held ...
+    resident_bytes: int = 0  # ... and its process's resident memory
     assignment: tuple[int, int] = (0, 0)
     assigned_version: int = 0
     replica: bool = False  # its assignment copies a plan stage's span (it is not in the plan's chain)
@@ -165,6 +168,8 @@ class Registry:
         kv_bytes_used: int = 0,
         decode_steps: int = 0,
         decode_seconds: float = 0.0,
+        weight_bytes: int = 0,
+        resident_bytes: int = 0,
     ) -> StageEntry:
         self.expire()
         entry = self.stages.get(stage_id)
@@ -175,10 +180,13 @@ class Registry:
             raise BadInputError(f"serving range {serving[0]}:{serving[1]} is not within the model's {L} layers")
         if not (decode_steps >= 0 and math.isfinite(decode_seconds) and decode_seconds >= 0):
             raise BadInputError("decode_steps and decode_seconds must be non-negative counters")
+        if weight_bytes < 0 or resident_bytes < 0 or kv_bytes_used < 0:
+            raise BadInputError("memory figures must not be negative")
         if serving != entry.serving:
             entry.observed = None  # other layers: observe afresh
         entry.serving, entry.ready = serving, ready and serving != (0, 0)
         entry.open_sessions, entry.kv_bytes_used = open_sessions, kv_bytes_used
+        entry.weight_bytes, entry.resident_bytes = weight_bytes, resident_bytes
         entry.last_seen = self.clock()
         if self._observe(entry, decode_steps, decode_seconds):
             self._refine()
@@ -454,9 +462,12 @@ class Registry:
         return best[L][1] if L in best else None
 
 
-def model_shape(config: ModelConfig) -> ModelShape:
-    """Parameter counts of one layer, the embedding and the head, from the tensors a checkpoint must hold."""
+def model_shape(config: ModelConfig, stored: dict[str, str] | None = None) -> ModelShape:
+    """Parameter counts of one layer, the embedding and the head, from the tensors a checkpoint must hold, and the
+    bytes of the quantized weight formats (`stored`: the checkpoint's own tensor types, for a GGUF file)."""
     from layerline.model import expected_tensors  # torch, only here
+    from layerline.quant import from_name
+    from layerline.quant.layout import model_bytes
 
     def count(tensors: dict[str, tuple[int, ...]]) -> int:
         total = 0
@@ -470,7 +481,10 @@ def model_shape(config: ModelConfig) -> ModelShape:
     layer = count({k: v for k, v in expected_tensors(config, 0, 1).items() if k.startswith("model.layers.")})
     embed = config.vocab_size * config.hidden_size
     head = config.hidden_size + config.vocab_size * config.hidden_size  # final norm + LM head (tied: a copy)
-    return ModelShape(config.num_layers, layer, embed, head, tied=config.tie_word_embeddings)
+    quantized = {
+        name: WeightBytes(*model_bytes(config, from_name(name), stored)) for name in ("stored", "int8", "int4")
+    }
+    return ModelShape(config.num_layers, layer, embed, head, tied=config.tie_word_embeddings, quantized=quantized)
 
 
 def _check_capacity(c: StageCapacity) -> None:

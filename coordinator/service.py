@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -25,13 +26,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from layerline.checkpoint import load_config
+from layerline.checkpoint import open_checkpoint
 from layerline.config import ModelConfig, config_to_json
 from layerline.coordinator.placement import PlacementError, StageCapacity, assign_replicas, stage_cost
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
 from layerline.coordinator.weights import check_request, stream_tensors
 from layerline.errors import BadInputError, CheckpointError, LayerlineError
 from layerline.metrics import CallCounter, Snapshot, serve_metrics, uptime
+from layerline.quant import WeightFormat, from_name, resolve
 from layerline.security import Security
 from layerline.stage_server.server import model_fingerprint
 from layerline.stage_server.status import status_of
@@ -48,6 +50,11 @@ def capacity_from_report(report: coordinator_pb2.StageReport) -> StageCapacity:
     for name in ("decode_s_per_layer", "decode_s_fixed", "head_decode_s", "prefill_s_per_layer_token"):
         if not math.isfinite(getattr(report, name)):
             raise BadInputError(f"report: {name} is not a finite number")
+    if report.weights:
+        try:
+            from_name(report.weights)
+        except ValueError as e:
+            raise BadInputError(f"report: weights: {e}") from None
     return StageCapacity(
         name="",
         decode_s_per_layer=report.decode_s_per_layer,
@@ -55,6 +62,7 @@ def capacity_from_report(report: coordinator_pb2.StageReport) -> StageCapacity:
         memory_bytes=report.memory_bytes,
         kv_bytes=report.kv_bytes,
         bytes_per_param=report.bytes_per_param or 4.0,
+        weights=report.weights,
         fixed_s=max(report.decode_s_fixed, 0.0),
         prefill_s_per_layer=report.prefill_s_per_layer_token,
     )
@@ -75,6 +83,17 @@ class ServedModel:
     config: ModelConfig
     fingerprint: str
     tokenizer_json: str  # empty: the checkpoint has no tokenizer
+    stored_types: dict[str, str]  # HF name -> GGML type of a quantized checkpoint (empty: a float one)
+    weights: str = "stored"  # the weight format stages that fetch the model and name none of their own use
+
+
+def _describe(model: str) -> tuple[ModelConfig, dict[str, str] | None]:
+    """The checkpoint's config and its own tensor types (None for a float checkpoint)."""
+    ckpt = open_checkpoint(model)
+    try:
+        return ckpt.config, ckpt.stored_types()
+    finally:
+        ckpt.close()
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
@@ -124,6 +143,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 request.kv_bytes_used,
                 request.decode_steps,
                 request.decode_seconds,
+                request.weight_bytes,
+                request.resident_bytes,
             )
         except LayerlineError as e:
             await self._fail(context, e)
@@ -176,6 +197,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     predicted_decode_s=predicted,
                     replica=s.replica,
                     load_factor=s.load_factor,
+                    weight_bytes=s.weight_bytes,
+                    resident_bytes=s.resident_bytes,
                 )
             )
         if reg.plan is not None:
@@ -200,6 +223,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             config_json=config_to_json(m.config),
             tokenizer_json=m.tokenizer_json,
             num_layers=m.config.num_layers,
+            stored_types_json=json.dumps(m.stored_types) if m.stored_types else "",
+            weights=m.weights,
         )
 
     async def FetchWeights(
@@ -272,18 +297,19 @@ async def start_coordinator(
     security: Security | None = None,
     metrics_port: int = -1,
     refine_s: float = 30.0,
+    weights: WeightFormat | None = None,
 ) -> RunningCoordinator:
     """Serve the coordinator (and the gRPC health and reflection services) on host:port; with `metrics_port` >= 0
     (0: any free port), Prometheus metrics on host:metrics_port."""
     security = security or Security()
-    config = await asyncio.to_thread(load_config, model)
+    config, stored = await asyncio.to_thread(_describe, model)
     try:
         tokenizer_json = (await asyncio.to_thread(Tokenizer.from_path, model)).to_json()
     except CheckpointError as e:
         logger.warning("no tokenizer to serve to stage hosts: %s", e)
         tokenizer_json = ""
     registry = Registry(
-        model_shape(config),
+        model_shape(config, stored),
         model_fingerprint(config),
         heartbeat_s=heartbeat_s,
         miss_limit=miss_limit,
@@ -291,7 +317,15 @@ async def start_coordinator(
         expected_stages=expected_stages,
         refine_s=refine_s,
     )
-    served = ServedModel(model, os.path.basename(model.rstrip("/")), config, registry.fingerprint, tokenizer_json)
+    served = ServedModel(
+        model,
+        os.path.basename(model.rstrip("/")),
+        config,
+        registry.fingerprint,
+        tokenizer_json,
+        stored or {},
+        (weights or resolve()).name,
+    )
     service = CoordinatorService(registry, served)
     metrics = CollectorRegistry()
     started = time.monotonic()

@@ -1,9 +1,11 @@
 """The coordinator as a weight server: stage hosts without the checkpoint fetch their layers' tensors from it.
 
 A request names tensors by their Hugging Face names; only the tensors of this model's layers, embedding, final norm
-and LM head can be asked for, in one of the float dtypes. Each tensor is read from the checkpoint (GGUF tensors are
-dequantized), converted to the dtype asked for, and streamed in chunks of consecutive bytes; its last chunk carries
-the SHA-256 of all its bytes, which the stage checks before it keeps the tensor. One tensor at a time is held in
+and LM head can be asked for, in one of the weight formats (`layerline.quant`): a float dtype (GGUF tensors are
+dequantized to it), "stored" (a GGUF file's quantized blocks as they are: the bytes on the wire are the file's
+share), or "int8" / "int4" (quantized here from the float weights). Each tensor is streamed in chunks of consecutive
+bytes, its first chunk naming its type (a float dtype or a GGML block type) and shape; its last chunk carries the
+SHA-256 of all its bytes, which the stage checks before it keeps the tensor. One tensor at a time is held in
 memory per request; gRPC flow control paces the stream to the receiver.
 """
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from layerline.checkpoint import open_checkpoint
+from layerline.checkpoint import open_checkpoint, read_tensors
 from layerline.config import ModelConfig
 from layerline.errors import BadInputError, FailedPreconditionError
-from layerline.model import FLOAT_DTYPES, expected_tensors
+from layerline.model import expected_tensors
+from layerline.quant import from_name
+from layerline.quant.tensor import QTensor
 from layerline.safetensors_io import raw_bytes
 from layerline.v1 import coordinator_pb2
 from layerline.weight_cache import sha256_of
@@ -31,8 +35,10 @@ def check_request(req: coordinator_pb2.FetchRequest, config: ModelConfig, finger
         raise FailedPreconditionError(
             f"fetch: model fingerprint {req.model_fingerprint or 'none'!r} is not this coordinator's ({fingerprint})"
         )
-    if req.dtype not in FLOAT_DTYPES:
-        raise BadInputError(f"fetch: dtype {req.dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    try:
+        from_name(req.dtype)
+    except ValueError as e:
+        raise BadInputError(f"fetch: dtype: {e}") from None
     if not req.names:
         raise BadInputError("fetch: no tensor names given")
     if len(req.names) > MAX_NAMES:
@@ -50,14 +56,19 @@ def check_request(req: coordinator_pb2.FetchRequest, config: ModelConfig, finger
     return list(req.names), chunk
 
 
-async def stream_tensors(model: str, names: list[str], dtype_name: str, chunk: int) -> AsyncIterator:
-    """WeightChunk messages for `names`, read from the checkpoint at `model` (opened for this request)."""
-    dtype = FLOAT_DTYPES[dtype_name]
+async def stream_tensors(model: str, names: list[str], format_name: str, chunk: int) -> AsyncIterator:
+    """WeightChunk messages for `names` in the weight format named, read from the checkpoint at `model` (opened
+    for this request)."""
+    fmt = from_name(format_name)
     ckpt = await asyncio.to_thread(open_checkpoint, model)
     try:
         for name in names:
-            t = (await asyncio.to_thread(ckpt.read, [name], dtype))[name].contiguous()
-            data = raw_bytes(t)
+            t = (await asyncio.to_thread(read_tensors, ckpt, [name], fmt))[name]
+            if isinstance(t, QTensor):
+                data, type_name = t.data.numpy(), t.type_name
+            else:
+                t = t.contiguous()
+                data, type_name = raw_bytes(t), str(t.dtype).removeprefix("torch.")
             digest = await asyncio.to_thread(sha256_of, t)
             total = data.nbytes
             offset = 0
@@ -65,7 +76,7 @@ async def stream_tensors(model: str, names: list[str], dtype_name: str, chunk: i
                 piece = data[offset : offset + chunk].tobytes()
                 msg = coordinator_pb2.WeightChunk(name=name, offset=offset, data=piece)
                 if offset == 0:
-                    msg.dtype = dtype_name
+                    msg.dtype = type_name
                     msg.shape.extend(t.shape)
                     msg.total_bytes = total
                 offset += len(piece)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
+import math
 import os
 
 import torch
@@ -19,8 +21,14 @@ from layerline.config import ModelConfig
 from layerline.errors import CheckpointError
 from layerline.gguf_model import GGUFCheckpoint
 from layerline.model import StageModel, check_range, expected_tensors
+from layerline.quant import WeightFormat, resolve
+from layerline.quant.build import available as kernels_available
+from layerline.quant.tensor import QTensor, quantized_type
+from layerline.quant.tensor import quantize as quantize_weight
 from layerline.safetensors_io import SafetensorsFile, TensorEntry
 from layerline.weight_cache import FetchedCheckpoint, is_fetched_folder
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -94,6 +102,9 @@ class HFCheckpoint:
             self.bytes_read += sf.bytes_read - before
         return out
 
+    def stored_types(self) -> None:
+        return None  # float tensors: a stage holds them in its float dtype
+
     def close(self) -> None:
         self._files.clear()
 
@@ -131,11 +142,19 @@ def load_stage(
     path: str | os.PathLike,
     start: int,
     end: int,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     checkpoint: Checkpoint | None = None,
+    quantize: str = "",
+    *,
+    weights: WeightFormat | None = None,
 ) -> StageModel:
-    """The stage model for layers [start, end) of the checkpoint at `path`, reading only the tensors it needs."""
+    """The stage model for layers [start, end) of the checkpoint at `path`, reading only the tensors it needs.
+
+    The weights' form follows `quant.resolve(dtype, quantize)`: with no dtype, a GGUF file's quantized blocks are
+    kept as they are (computed in float32); a dtype asks for every weight dequantized to it (the exact mode);
+    `quantize` ("int8" / "int4") quantizes float weights at load. `weights` (a resolved format) overrides both."""
+    fmt = weights or resolve(dtype, quantize)
     ckpt = checkpoint if checkpoint is not None else open_checkpoint(path)
     try:
         config = ckpt.config
@@ -151,16 +170,55 @@ def load_stage(
                 f"{ckpt.path}: missing tensor(s) {', '.join(ckpt.source_name(m) for m in missing[:3])}{more} "
                 f"(needed by layers {start}:{end})"
             )
+        shapes = expected_tensors(config, start, end)
+        float_bytes = 4 * sum(math.prod(shape) for shape in shapes.values())
+        if fmt.quantizes or (fmt.kind == "stored" and not isinstance(ckpt, HFCheckpoint)):
+            if kernels_missing(ckpt.stored_bytes(names), float_bytes):
+                fmt = resolve(torch.float32)
         groups: dict[str, list[str]] = {}
         for n in names:  # a layer's tensors together: the bar moves a layer at a time
             groups.setdefault(".".join(n.split(".")[:3]) if n.startswith("model.layers.") else n, []).append(n)
-        tensors: dict[str, torch.Tensor] = {}
-        what = "converting" if isinstance(ckpt, GGUFCheckpoint) else "loading"
+        tensors: dict[str, torch.Tensor | QTensor] = {}
+        what = "converting" if isinstance(ckpt, GGUFCheckpoint) and fmt.kind != "stored" else "loading"
         with progress.bar(len(groups), f"{what} layers {start}:{end}", "part") as shown:
             for group in groups.values():
-                tensors.update(ckpt.read(group, dtype))
+                tensors.update(read_tensors(ckpt, group, fmt))
                 shown.update(1)
-        return StageModel(config, start, end, tensors, dtype, device)
+        return StageModel(config, start, end, tensors, fmt.dtype, device)
     finally:
         if checkpoint is None:
             ckpt.close()
+
+
+def read_tensors(ckpt: Checkpoint, names: list[str], fmt: WeightFormat) -> dict[str, torch.Tensor | QTensor]:
+    """HF-named tensors in the form `fmt` asks for (see `layerline.quant`): float tensors of its dtype, or, for
+    the quantized forms, matmul weights as `QTensor`s (a GGUF file's own blocks for "stored"; Q8_0 / Q4_1 made
+    from float weights for "int8" / "int4"; a fetched folder's as it holds them). Norms and biases stay float."""
+    if fmt.kind == "float" or isinstance(ckpt, HFCheckpoint):
+        part = ckpt.read(names, fmt.dtype)
+    elif isinstance(ckpt, FetchedCheckpoint):
+        part = ckpt.read(names, fmt.dtype, quantized=True)  # its folder holds this very format
+    else:
+        part = ckpt.read(names, fmt.dtype, quantized=fmt.kind == "stored")
+    if fmt.quantizes:  # one float tensor at a time, replaced by its blocks at once
+        part = {n: quantize_weight(t, quantized_type(fmt.kind, n)) if _is_matrix(t) else t for n, t in part.items()}
+    return part
+
+
+def _is_matrix(t: torch.Tensor | QTensor) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 2
+
+
+def kernels_missing(stored_bytes: int, float_bytes: int) -> bool:
+    """True (with a warning naming the memory it costs) when the quantized kernels cannot run here, so the stage
+    must hold float32 weights instead."""
+    why = kernels_available()
+    if not why:
+        return False
+    logger.warning(
+        "%s; loading float32 weights instead of quantized ones: %.0f MiB for these layers instead of %.0f MiB",
+        why,
+        float_bytes / (1 << 20),
+        stored_bytes / (1 << 20),
+    )
+    return True

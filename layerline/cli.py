@@ -97,10 +97,36 @@ def _add_split_args(p: argparse.ArgumentParser, default_stages: int, threads_hel
         "--stages", type=_positive, default=None, help=f"number of near-equal stages (default {default_stages})"
     )
     split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
-    p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="compute dtype (float32)"
-    )
+    _add_weight_args(p)
     p.add_argument("--threads", type=_positive, default=None, help=threads_help)
+
+
+def _add_weight_args(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize: how a stage holds its weights (layerline.quant.resolve)."""
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="exact mode: every weight dequantized to this dtype and computed in it (default: weights as the "
+        "checkpoint stores them, GGUF blocks staying quantized, computed in float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default="",
+        help="quantize float weights at load: int8 = Q8_0 (8 bits + a scale per 32), int4 = Q4_1 (4 bits + scale "
+        "and minimum per 32)",
+    )
+
+
+def _weight_format(args: argparse.Namespace):
+    from layerline.model import FLOAT_DTYPES
+    from layerline.quant import resolve
+
+    try:
+        return resolve(FLOAT_DTYPES[args.dtype] if args.dtype else None, args.quantize)
+    except ValueError as e:
+        raise LayerlineError(str(e)) from None
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -178,8 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(run)
     run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the question (default: a sample one)")
 
-    info = sub.add_parser("info", help="describe a checkpoint", epilog="example: layerline info --model smollm2")
+    info = sub.add_parser(
+        "info",
+        help="describe a checkpoint and the memory each stage of a split needs",
+        epilog="example: layerline info --model model.Q4_K_M.gguf --layers 10,14",
+    )
     _add_model_args(info)
+    split = info.add_mutually_exclusive_group()
+    split.add_argument("--stages", type=_positive, default=1, help="number of near-equal stages (default 1)")
+    split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
 
     stage = sub.add_parser(
         "stage",
@@ -209,9 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     stage.add_argument("--advertise", default="", help="host:port other machines use to reach this stage")
     stage.add_argument("--next", default="", help="host:port of the next stage (sessions may name another)")
-    stage.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="compute dtype (float32)"
-    )
+    _add_weight_args(stage)
     stage.add_argument(
         "--wire-dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -373,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="re-plan at most this often (seconds) from the stages' speed observed under load (30; 0: never)",
     )
+    _add_weight_args(coord)  # the weights' form for stages that fetch them and give none of their own
     _add_metrics_args(coord)
     _add_security_args(coord)
 
@@ -403,7 +435,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from layerline.checkpoint import load_config
-    from layerline.model import FLOAT_DTYPES
     from layerline.model_source import resolve_model
     from layerline.pipeline import LocalPipeline, split_layers
     from layerline.sampling import SamplingParams
@@ -421,7 +452,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise LayerlineError(str(e)) from None
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_path(path)
-    pipe = LocalPipeline.load(path, ranges, FLOAT_DTYPES[args.dtype])
+    pipe = LocalPipeline.load(path, ranges, weights=_weight_format(args))
     logger.info("loaded %s as stages %s in %.1f s", path, ranges, time.perf_counter() - t0)
     if args.raw or not tokenizer.chat_template:
         prompt_ids = tokenizer.encode(args.prompt)
@@ -447,20 +478,46 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from layerline.checkpoint import open_checkpoint
-    from layerline.model import expected_tensors
+    from layerline.coordinator.placement import WeightBytes
+    from layerline.kv_cache import KVCache
     from layerline.model_source import resolve_model
+    from layerline.pipeline import split_layers
+    from layerline.quant import from_name
+    from layerline.quant.layout import model_bytes
 
     path = resolve_model(args.model)
     ckpt = open_checkpoint(path)
     try:
-        c = ckpt.config
-        layer_bytes = ckpt.stored_bytes(list(expected_tensors(c, 0, 1)))
-        print(f"model: {path}")
-        for k, v in vars(c).items():
-            print(f"  {k}: {v}")
-        print(f"  stored bytes of one layer (+ embedding, first stage): {layer_bytes}")
+        c, stored = ckpt.config, ckpt.stored_types()
+        total = ckpt.total_bytes() if hasattr(ckpt, "total_bytes") else 0
     finally:
         ckpt.close()
+    try:
+        ranges = split_layers(c.num_layers, None if args.layers else args.stages, args.layers)
+    except ValueError as e:
+        raise LayerlineError(str(e)) from None
+    print(f"model: {path}" + (f" ({total / 2**20:.1f} MiB)" if total else ""))
+    for k, v in vars(c).items():
+        print(f"  {k}: {v}")
+    if stored:
+        counts: dict[str, int] = {}
+        for t in stored.values():
+            counts[t] = counts.get(t, 0) + 1
+        print("  tensor types: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    formats = ["stored", "float32", "bfloat16", "int8", "int4"]
+    sizes = {f: WeightBytes(*model_bytes(c, from_name(f), stored)) for f in formats}
+    kv = KVCache.bytes_needed(1, 1, c.num_kv_heads, c.head_dim, 1, 4)
+    print(
+        "weight memory per stage, MiB (stored = as the checkpoint holds them, the default; float32 = --dtype "
+        "float32, the exact mode; int8 / int4 = --quantize); KV cache in float32: "
+        f"{kv / 1024:.1f} KiB per layer per token"
+    )
+    print("  " + "stage".ljust(8) + "layers".ljust(10) + "".join(f.rjust(10) for f in formats))
+    for i, (a, b) in enumerate(ranges):
+        cells = [
+            f"{sizes[f].for_range(a, b, c.num_layers, c.tie_word_embeddings) / 2**20:.1f}".rjust(10) for f in formats
+        ]
+        print("  " + str(i).ljust(8) + f"{a}:{b}".ljust(10) + "".join(cells))
     return 0
 
 
@@ -494,7 +551,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             port=args.port,
             advertise=args.advertise,
             next_address=args.next,
-            dtype=FLOAT_DTYPES[args.dtype],
+            dtype=FLOAT_DTYPES[args.dtype] if args.dtype else None,
+            quantize=args.quantize,
             wire_dtype=FLOAT_DTYPES[args.wire_dtype],
             # with --max-memory, the KV budget defaults to a quarter of it (it is part of what the stage gives)
             kv_cache_bytes=args.kv_cache_bytes or args.max_memory // 4,
@@ -662,7 +720,9 @@ def cmd_local(args: argparse.Namespace) -> int:
             ranges = split_layers(config.num_layers, None, args.layers)
         except ValueError as e:
             raise LayerlineError(str(e)) from None
-        with LocalCluster(path, ranges, dtype=args.dtype, threads=args.threads, pin=args.pin) as cluster:
+        with LocalCluster(
+            path, ranges, dtype=args.dtype, quantize=args.quantize, threads=args.threads, pin=args.pin
+        ) as cluster:
             logger.info("stages %s at %s", ranges, cluster.route)
             return _stream_answer(cluster.route, args)
     stages = args.stages or 3
@@ -674,6 +734,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             [None] * stages,
             coordinator=coordinator.address,
             dtype=args.dtype,
+            quantize=args.quantize,
             threads=args.threads,
             pin=args.pin,
         ):
@@ -724,6 +785,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             security=_security(args),
             metrics_port=args.metrics_port,
             refine_s=args.refine,
+            weights=_weight_format(args),
         )
     )
     return 0
@@ -775,7 +837,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         title=f"model {status.model_name}: {status.num_layers} layers, plan version {status.plan_version}",
         title_justify="left",
     )
-    numbers = {"ms/layer decode", "load", "us/layer/token prefill", "memory", "KV used", "sessions"}
+    numbers = {"ms/layer decode", "load", "us/layer/token prefill", "weights", "memory", "KV used", "sessions"}
     for name in (
         "stage",
         "address",
@@ -785,6 +847,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "ms/layer decode",
         "load",
         "us/layer/token prefill",
+        "weights",
         "memory",
         "KV used",
         "sessions",
@@ -809,7 +872,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{1e3 * r.decode_s_per_layer:.2f}",
             f"x{s.load_factor:.2f}" if s.load_factor else "-",
             f"{1e6 * r.prefill_s_per_layer_token:.1f}",
-            f"{r.memory_bytes / (1 << 30):.2f} GiB",
+            f"{s.weight_bytes / (1 << 20):.1f} MiB {r.weights or r.dtype}" if s.weight_bytes else "-",
+            (f"{s.resident_bytes / (1 << 20):.0f} MiB of " if s.resident_bytes else "")
+            + f"{r.memory_bytes / (1 << 30):.2f} GiB",
             f"{s.kv_bytes_used / (1 << 20):.1f} MiB",
             str(s.open_sessions),
             health,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from layerline.errors import CheckpointError
@@ -34,6 +35,7 @@ class GGUFTensor:
     shape: tuple[int, ...]  # torch order (rows first), i.e. GGUF's ne reversed
     raw: np.ndarray  # the stored bytes (uint8, flat), a read-only view into the memory map
     n_bytes: int
+    offset: int  # where the bytes start in the file
 
 
 class _Parser:
@@ -133,7 +135,21 @@ class GGUFFile:
         if start + n_bytes > p.size:
             raise CheckpointError(f"{self.path}: tensor {name!r} lies beyond the end of the file (truncated download?)")
         raw = np.frombuffer(self._map, dtype=np.uint8, count=n_bytes, offset=start)
-        return GGUFTensor(name, qtype, tuple(reversed(dims)), raw, n_bytes)
+        return GGUFTensor(name, qtype, tuple(reversed(dims)), raw, n_bytes, start)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
+
+    def read_bytes(self, tensor: GGUFTensor) -> torch.Tensor:
+        """A copy of a tensor's stored bytes in memory of its own (uint8, flat), read with pread rather than
+        through the memory map, so that the file's pages never count in this process's memory."""
+        out = torch.empty(tensor.n_bytes, dtype=torch.uint8)
+        view = memoryview(out.numpy()).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < tensor.n_bytes:
+                n = os.preadv(f.fileno(), [view[done:]], tensor.offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: tensor {tensor.name!r} is cut short (truncated file?)")
+                done += n
+        return out

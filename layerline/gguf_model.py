@@ -13,8 +13,9 @@ import torch
 
 from layerline.config import ModelConfig, RopeScaling
 from layerline.errors import CheckpointError, UnsupportedModelError
-from layerline.gguf_dequant import dequantize
+from layerline.gguf_dequant import dequantize, qtype_name
 from layerline.gguf_file import GGUFFile
+from layerline.quant.tensor import QTensor
 
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 # llama.cpp's converter permutes the rows of Q and K for these (so its rotary can use adjacent pairs)
@@ -158,15 +159,30 @@ class GGUFCheckpoint:
     def stored_bytes(self, names: list[str]) -> int:
         return sum(self.file.tensors[self._by_hf[n]].n_bytes for n in names)
 
+    def stored_types(self) -> dict[str, str]:
+        """HF name -> the GGML type it is stored in ("Q4_K", "F32"...)."""
+        return {hf: qtype_name(self.file.tensors[g].qtype) for hf, g in self._by_hf.items()}
+
     def total_bytes(self) -> int:
         return sum(t.n_bytes for t in self.file.tensors.values())
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], dtype: torch.dtype, quantized: bool = False) -> dict[str, torch.Tensor | QTensor]:
+        """HF-named tensors as float tensors of `dtype`; with `quantized`, matmul weights (2-D) as `QTensor`s of
+        their stored blocks instead (norms and biases stay float)."""
         c = self.config
         permute = c.architecture in PERMUTED_ARCHITECTURES
-        out = {}
+        out: dict[str, torch.Tensor | QTensor] = {}
         for hf in names:
             t = self.file.tensors[self._by_hf[hf]]
+            if quantized and len(t.shape) == 2:
+                q = QTensor.from_raw(t.qtype, t.shape, self.file.read_bytes(t), name=t.name)
+                self.bytes_read += t.n_bytes
+                if permute and ".self_attn.q_proj." in hf:
+                    q = q.permute_rows(unpermute_rows(torch.arange(q.shape[0]), c.num_heads))
+                elif permute and ".self_attn.k_proj." in hf:
+                    q = q.permute_rows(unpermute_rows(torch.arange(q.shape[0]), c.num_kv_heads))
+                out[hf] = q
+                continue
             # dequantize in float32, cast after undoing the permutation
             w = dequantize(t.raw, t.qtype, t.shape, torch.float32, name=t.name)
             self.bytes_read += t.n_bytes

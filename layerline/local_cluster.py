@@ -55,7 +55,8 @@ class LocalCluster:
         ranges: Sequence[tuple[int, int] | None],
         *,
         coordinator: str = "",
-        dtype: str = "float32",
+        dtype: str | None = None,  # --dtype of every stage (None: weights as the checkpoint stores them)
+        quantize: str = "",  # --quantize of every stage
         threads: int | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 180.0,
@@ -63,7 +64,7 @@ class LocalCluster:
         prefixes: Sequence[Sequence[str] | None] = (),
         pin: bool = False,
     ) -> None:
-        self.model, self.ranges, self.dtype = model, list(ranges), dtype
+        self.model, self.ranges, self.dtype, self.quantize = model, list(ranges), dtype, quantize
         # one core per stage (`layerline stage --cpus`) when there are enough: co-located stages then do not evict
         # each other's caches or migrate between cores
         self.cores = pinned_cores(len(self.ranges)) if pin else [None] * len(self.ranges)
@@ -101,8 +102,8 @@ class LocalCluster:
             "127.0.0.1",
             "--port",
             "0",
-            "--dtype",
-            self.dtype,
+            *(["--dtype", self.dtype] if self.dtype else []),
+            *(["--quantize", self.quantize] if self.quantize else []),
             "--threads",
             str(self.threads),
             *(["--cpus", str(cpu)] if cpu is not None else []),

@@ -18,6 +18,9 @@ from torch import nn
 from layerline.config import ModelConfig
 from layerline.errors import BadInputError, CheckpointError
 from layerline.kv_cache import ForwardPlan, KVCache, chunk_plan
+from layerline.quant.attention import DecodeSlots, attend_decode
+from layerline.quant.linear import QuantEmbedding, QuantLinear
+from layerline.quant.tensor import QTensor, stack_rows
 from layerline.rope import RotaryTable, apply_rotary
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -187,7 +190,8 @@ class Attention(nn.Module):
         plan: ForwardPlan,
     ) -> torch.Tensor:
         qkv = linear_t(x, self.wqkv_t, self.bqkv, self.wqkv_p)  # [B, T, (H + 2 Hkv) * D]
-        return linear_t(self.attend(qkv, cos, sin, mask, cache, layer, plan), self.wo_t, self.bo, self.wo_p)
+        out = attend(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin, mask, cache, layer, plan)
+        return linear_t(out, self.wo_t, self.bo, self.wo_p)
 
     def forward_many(
         self,
@@ -202,37 +206,41 @@ class Attention(nn.Module):
         """Several sessions' rows stacked in `x` (`sizes` rows each): the projections run once over all of them,
         attention per session against its own cache."""
         qkv = linear_t(x, self.wqkv_t, self.bqkv, self.wqkv_p)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         outs = [
-            self.attend(part, cs[0], cs[1], mask, cache, layer, plan)
+            attend(part, H, Hkv, D, cs[0], cs[1], mask, cache, layer, plan)
             for part, cs, mask, cache, plan in zip(qkv.split(sizes), rotary, masks, caches, plans, strict=True)
         ]
         return linear_t(torch.cat(outs), self.wo_t, self.bo, self.wo_p)
 
-    def attend(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer: int,
-        plan: ForwardPlan,
-    ) -> torch.Tensor:
-        """Projected q, k, v [B, T, (H + 2 Hkv) * D] -> attention output [B, T, H * D] (rotary, cache, SDPA)."""
-        B, T, _ = qkv.shape
-        H, Hkv, D, G = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
-        # rotary once over q and k together: [B, H + Hkv, T, D]
-        qk = apply_rotary(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)
-        q, k = qk[:, :H], qk[:, H:]  # [B, H, T, D], [B, Hkv, T, D]
-        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-        if cache is not None:
-            k, v = cache.update(layer, k, v, plan)  # [B, Hkv, S, D]
-        # grouped-query attention without repeating K/V: the G query heads of one KV head become G*T query rows
-        q = q.reshape(B, Hkv, G * T, D)  # q heads are ordered kv_head * G + g
-        if mask is not None and G > 1:
-            mask = mask.repeat(1, 1, G, 1)  # [B|1, 1, G*T, S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
-        return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+
+def attend(
+    qkv: torch.Tensor,
+    H: int,
+    Hkv: int,
+    D: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: KVCache | None,
+    layer: int,
+    plan: ForwardPlan,
+) -> torch.Tensor:
+    """Projected q, k, v [B, T, (H + 2 Hkv) * D] -> attention output [B, T, H * D] (rotary, cache, SDPA)."""
+    B, T, _ = qkv.shape
+    G = H // Hkv
+    # rotary once over q and k together: [B, H + Hkv, T, D]
+    qk = apply_rotary(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)
+    q, k = qk[:, :H], qk[:, H:]  # [B, H, T, D], [B, Hkv, T, D]
+    v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+    if cache is not None:
+        k, v = cache.update(layer, k, v, plan)  # [B, Hkv, S, D]
+    # grouped-query attention without repeating K/V: the G query heads of one KV head become G*T query rows
+    q = q.reshape(B, Hkv, G * T, D)  # q heads are ordered kv_head * G + g
+    if mask is not None and G > 1:
+        mask = mask.repeat(1, 1, G, 1)  # [B|1, 1, G*T, S]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
+    return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -267,17 +275,95 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
         self.mlp = MLP(config, w, p + "mlp.")
 
+    def step(self, h, cos, sin, mask, cache, layer, plan, slots=None) -> torch.Tensor:
+        # .forward directly: nn.Module.__call__'s hook machinery costs ~3 us a call, 4 calls a layer per token
+        h = h + self.attn.forward(self.attn_norm.forward(h), cos, sin, mask, cache, layer, plan)
+        return h + self.mlp.forward(self.mlp_norm.forward(h))
+
+    def step_many(self, h, sizes, rotary, masks, caches, layer, plans, slots=None) -> torch.Tensor:
+        h = h + self.attn.forward_many(self.attn_norm.forward(h), sizes, rotary, masks, caches, layer, plans)
+        return h + self.mlp.forward(self.mlp_norm.forward(h))
+
+
+def _stacked(parts: list[QTensor]) -> list[QTensor]:
+    """q, k and v (gate and up) as one tensor where they share a type, else as parts of one linear."""
+    return [stack_rows(parts)] if len({(p.qtype, p.shape[1]) for p in parts}) == 1 else parts
+
+
+class QuantBlock(nn.Module):
+    """A layer on quantized weights: the same arithmetic as `Block`, with each matmul's neighbours fused into it
+    (RMSNorm into the q/k/v and gate/up projections, SwiGLU into the down projection, both residual adds into
+    the output projections), so a decode step costs four kernel calls and attention per layer. `step` updates the
+    hidden states in place."""
+
+    def __init__(self, config: ModelConfig, w: dict, index: int) -> None:
+        super().__init__()
+        p = f"model.layers.{index}."
+        a, m = p + "self_attn.", p + "mlp."
+        c = config
+        self.window = c.sliding_window(index)
+        self.eps = c.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.attn_norm = w[p + "input_layernorm.weight"].float().contiguous()
+        self.mlp_norm = w[p + "post_attention_layernorm.weight"].float().contiguous()
+        qkv_bias = torch.cat([w[a + f"{n}_proj.bias"] for n in ("q", "k", "v")]) if c.qkv_bias else None
+        self.qkv = QuantLinear(_stacked([w[a + f"{n}_proj.weight"] for n in ("q", "k", "v")]), qkv_bias)
+        self.o = QuantLinear([w[a + "o_proj.weight"]], w[a + "o_proj.bias"] if c.o_bias else None)
+        self.gate_up = QuantLinear(
+            _stacked([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]),
+            torch.cat([w[m + "gate_proj.bias"], w[m + "up_proj.bias"]]) if c.mlp_bias else None,
+        )
+        self.down = QuantLinear([w[m + "down_proj.weight"]], w[m + "down_proj.bias"] if c.mlp_bias else None)
+
+    @property
+    def nbytes(self) -> int:
+        norms = self.attn_norm.nbytes + self.mlp_norm.nbytes
+        return norms + sum(x.nbytes for x in (self.qkv, self.o, self.gate_up, self.down))
+
+    def _mlp(self, h: torch.Tensor) -> None:
+        gate_up = self.gate_up(h, norm=self.mlp_norm, eps=self.eps)
+        self.down(gate_up, swiglu=True, add_to=h)
+
+    def _attend(self, qkv, cos, sin, mask, cache, layer, plan, slots) -> torch.Tensor:
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if slots is not None:  # a decode step: the kernels' attention (fixed summation order, see attention.py)
+            return attend_decode(qkv, H, Hkv, D, cos, sin, cache, layer, slots, self.window)
+        return attend(qkv, H, Hkv, D, cos, sin, mask, cache, layer, plan)
+
+    def step(self, h, cos, sin, mask, cache, layer, plan, slots=None) -> torch.Tensor:
+        qkv = self.qkv(h, norm=self.attn_norm, eps=self.eps)
+        self.o(self._attend(qkv, cos, sin, mask, cache, layer, plan, slots), add_to=h)
+        self._mlp(h)
+        return h
+
+    def step_many(self, h, sizes, rotary, masks, caches, layer, plans, slots=None) -> torch.Tensor:
+        qkv = self.qkv(h, norm=self.attn_norm, eps=self.eps)
+        slots = slots or [None] * len(sizes)
+        outs = [
+            self._attend(part, cs[0], cs[1], mask, cache, layer, plan, sl)
+            for part, cs, mask, cache, plan, sl in zip(
+                qkv.split(sizes), rotary, masks, caches, plans, slots, strict=True
+            )
+        ]
+        self.o(torch.cat(outs), add_to=h)
+        self._mlp(h)
+        return h
+
 
 class StageModel(nn.Module):
     """Layers [start, end) of a model; see the module docstring. Construction consumes `tensors` (entries are
-    removed as they are turned into the stage's own layout), so a stage never holds two copies of its weights."""
+    removed as they are turned into the stage's own layout), so a stage never holds two copies of its weights.
+
+    Matmul weights given as `QTensor`s (GGUF blocks, or float weights quantized at load) stay quantized: their
+    layers are `QuantBlock`s, the embedding and LM head are looked up and computed from the blocks, and the stage
+    computes in float32 (the kernels' activations)."""
 
     def __init__(
         self,
         config: ModelConfig,
         start: int,
         end: int,
-        tensors: dict[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor | QTensor],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -285,22 +371,36 @@ class StageModel(nn.Module):
         check_range(config, start, end)
         self.config, self.start, self.end = config, start, end
         self.is_first, self.is_last = start == 0, end == config.num_layers
+        self.quantized = any(isinstance(t, QTensor) for t in tensors.values())
+        if self.quantized and (dtype != torch.float32 or torch.device(device).type != "cpu"):
+            raise ValueError("a stage on quantized weights computes in float32 on the CPU")
         self.dtype, self.device = dtype, torch.device(device)
         w = _checked(config, start, end, tensors, dtype, self.device)
         self.layers = nn.ModuleList()
         for i in range(start, end):
-            self.layers.append(Block(config, w, i))
+            quantized = isinstance(w[f"model.layers.{i}.self_attn.q_proj.weight"], QTensor)
+            self.layers.append(QuantBlock(config, w, i) if quantized else Block(config, w, i))
             for name in [n for n in w if n.startswith(f"model.layers.{i}.")]:
                 del w[name]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps) if self.is_last else None
         self.head: nn.Parameter | None = None  # LM head, chunked: [n, hidden, HEAD_CHUNK]
+        self.head_q: QuantLinear | None = None  # or quantized
         if self.is_last:
             head = w["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-            self.head = _param(chunk_head(head))
+            if isinstance(head, QTensor):
+                self.head_q = QuantLinear([head])
+            else:
+                self.head = _param(chunk_head(head))
         self.embed: nn.Parameter | None = None  # [vocab, hidden]
+        self.embed_q: QuantEmbedding | None = None  # or quantized
         self.embed_in_head = self.is_first and self.is_last and config.tie_word_embeddings  # one copy, two roles
-        if self.is_first and not self.embed_in_head:
-            self.embed = _param(w["model.embed_tokens.weight"])
+        if self.is_first:
+            table = w["model.embed_tokens.weight"]
+            if isinstance(table, QTensor):
+                self.embed_q = QuantEmbedding(table)
+                self.embed_in_head = False
+            elif not self.embed_in_head:
+                self.embed = _param(table)
         self.windows = {b.window for b in self.layers}
         self.rotary = RotaryTable(config, self.device)
         self.head_p: list[torch.Tensor] | None = None  # packed head chunks (pack_weights)
@@ -312,6 +412,8 @@ class StageModel(nn.Module):
         matmuls run ~1.5x faster on CPU, for one more copy of the weights in memory (see `pack_weight`). Raises
         ValueError where unavailable."""
         why = packing_unavailable(self.dtype, self.device)
+        if self.quantized:
+            why = "packed weights are for float32 weights; this stage's weights are quantized"
         if why:
             raise ValueError(why)
         if self.packed_bytes:
@@ -329,12 +431,38 @@ class StageModel(nn.Module):
         return self.end - self.start
 
     def weight_bytes(self) -> int:
+        """The bytes of weights this stage holds (quantized blocks as stored, float tensors, packed copies)."""
         seen, total = set(), 0
-        for t in self.parameters():
+        tensors = list(self.parameters())
+        for block in self.layers:
+            if isinstance(block, QuantBlock):
+                tensors += [block.attn_norm, block.mlp_norm]
+                tensors += [t for lin in (block.qkv, block.o, block.gate_up, block.down) for t in _held(lin)]
+        if self.head_q is not None:
+            tensors += _held(self.head_q)
+        if self.embed_q is not None:
+            tensors.append(self.embed_q.table.data)
+        for t in tensors:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.nbytes
         return total + self.packed_bytes
+
+    def weight_summary(self) -> str:
+        """What the matmul weights are held as, by type and bytes, e.g. "quantized: Q4_K 61.2 MiB, Q6_K 20.1 MiB"
+        (or "float32")."""
+        if not self.quantized:
+            return str(self.dtype).removeprefix("torch.")
+        counts: dict[str, int] = {}
+        linears = [lin for b in self.layers if isinstance(b, QuantBlock) for lin in (b.qkv, b.o, b.gate_up, b.down)]
+        parts = [p for lin in linears for p in lin.parts]
+        parts += [] if self.head_q is None else self.head_q.parts
+        if self.embed_q is not None and all(p is not self.embed_q.table for p in parts):
+            parts.append(self.embed_q.table)
+        for p in parts:
+            counts[p.type_name] = counts.get(p.type_name, 0) + p.nbytes
+        ordered = sorted(counts.items(), key=lambda kv: -kv[1])
+        return "quantized: " + ", ".join(f"{k} {v / (1 << 20):.1f} MiB" for k, v in ordered)
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         c = self.config
@@ -370,22 +498,33 @@ class StageModel(nn.Module):
             plan = chunk_plan(positions, self.windows, self.device)
         else:
             plan = cache.plan(positions, rows, self.windows)
-        if self.embed_in_head:
-            h = embed_from_head(x, self.head)
-        else:
-            h = F.embedding(x, self.embed) if self.is_first else x
+        h = self._embed(x)
         cos, sin = self.rotary.lookup(plan.positions, self.dtype, top=plan.top)
+        slots = DecodeSlots.of(plan, cache, self.config.head_dim) if self.quantized else None
         for i, block in enumerate(self.layers):
-            # .forward directly: nn.Module.__call__'s hook machinery costs ~3 us a call, 4 calls a layer per token
-            mask = plan.masks[block.window]
-            h = h + block.attn.forward(block.attn_norm.forward(h), cos, sin, mask, cache, i, plan)
-            h = h + block.mlp.forward(block.mlp_norm.forward(h))
+            h = block.step(h, cos, sin, plan.masks[block.window], cache, i, plan, slots)
         if cache is not None:
             cache.commit(plan)
         if not self.is_last:
             return h
         if last_only:
             h = h[:, -1:]
+        return self._logits(h)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (first stage) or incoming hidden states -> the hidden states the layers work on (a tensor of
+        the stage's own when its layers update it in place)."""
+        if self.embed_q is not None:
+            return self.embed_q(x)
+        if self.embed_in_head:
+            return embed_from_head(x, self.head)
+        if self.is_first:
+            return F.embedding(x, self.embed)
+        return x.clone() if self.quantized else x
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.head_q is not None:
+            return self.head_q(h.contiguous(), norm=self.norm.weight, eps=self.norm.eps)
         return head_logits(self.norm.forward(h), self.head, self.config.vocab_size, self.head_p).float()
 
     @torch.inference_mode()
@@ -417,23 +556,21 @@ class StageModel(nn.Module):
             plans.append(cache.plan(positions, rows, self.windows))
             xs.append(x)
             sizes.append(B)
-        x = torch.cat(xs)
-        if self.embed_in_head:
-            h = embed_from_head(x, self.head)
-        else:
-            h = F.embedding(x, self.embed) if self.is_first else x
+        h = self._embed(torch.cat(xs))
         rotary = [self.rotary.lookup(plan.positions, self.dtype, top=plan.top) for plan in plans]
         caches = [p[2] for p in parts]
+        slots = None
+        if self.quantized:
+            slots = [DecodeSlots.of(plan, c, self.config.head_dim) for plan, c in zip(plans, caches, strict=True)]
         for i, block in enumerate(self.layers):
             masks = [plan.masks[block.window] for plan in plans]
-            h = h + block.attn.forward_many(block.attn_norm.forward(h), sizes, rotary, masks, caches, i, plans)
-            h = h + block.mlp.forward(block.mlp_norm.forward(h))
+            h = block.step_many(h, sizes, rotary, masks, caches, i, plans, slots)
         for cache, plan in zip(caches, plans, strict=True):
             cache.commit(plan)
         if self.is_last:
             if last_only:
                 h = h[:, -1:]
-            h = head_logits(self.norm.forward(h), self.head, self.config.vocab_size, self.head_p).float()
+            h = self._logits(h)
         return list(h.split(sizes))
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -485,8 +622,13 @@ def _checked(
             raise CheckpointError(f"missing tensor {name!r} (needed by layers {start}:{end})")
         if tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-        if not t.is_floating_point():
+        if not isinstance(t, QTensor) and not t.is_floating_point():
             raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, expected a floating point type")
     for name in expected:
-        out[name] = tensors.pop(name).to(device=device, dtype=dtype)
+        t = tensors.pop(name)
+        out[name] = t if isinstance(t, QTensor) else t.to(device=device, dtype=dtype)
     return out
+
+
+def _held(lin: QuantLinear) -> list[torch.Tensor]:
+    return [p.data for p in lin.parts] + ([] if lin.bias is None else [lin.bias])

@@ -16,6 +16,7 @@ from layerline.checkpoint import load_stage, open_checkpoint
 from layerline.config import ModelConfig
 from layerline.kv_cache import KVCache
 from layerline.model import StageModel
+from layerline.quant import WeightFormat, resolve
 from layerline.sampling import SamplingParams, draw_generator, sample
 
 
@@ -52,11 +53,20 @@ class LocalPipeline:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, ranges: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32
+        cls,
+        path: str | os.PathLike,
+        ranges: Sequence[tuple[int, int]],
+        dtype: torch.dtype | None = None,
+        quantize: str = "",
+        *,
+        weights: WeightFormat | None = None,
     ) -> LocalPipeline:
+        """Stages of `ranges` in this process; the weights' form as for `load_stage` (no dtype: a GGUF file's
+        blocks stay quantized; a dtype: the exact mode)."""
         ckpt = open_checkpoint(path)
         try:
-            return cls([load_stage(path, a, b, dtype, checkpoint=ckpt) for a, b in ranges])
+            fmt = weights or resolve(dtype, quantize)
+            return cls([load_stage(path, a, b, checkpoint=ckpt, weights=fmt) for a, b in ranges])
         finally:
             ckpt.close()
 

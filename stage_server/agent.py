@@ -27,7 +27,7 @@ import torch
 import layerline
 from layerline.errors import LayerlineError
 from layerline.security import Security
-from layerline.stage_server.capacity import Capacity, cpu_quota
+from layerline.stage_server.capacity import Capacity, cpu_quota, resident_bytes
 from layerline.stage_server.server import RunningStage, load_layers
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -79,6 +79,7 @@ class CoordinatorAgent:
             # packed weights hold a second copy of (nearly) every weight: each parameter costs twice its size
             bytes_per_param=torch.empty((), dtype=service.config.dtype).element_size()
             * (2 if service.config.pack_weights else 1),
+            weights=service.config.weights.name,
             serving_start=start,
             serving_end=end,
             version=layerline.__version__,
@@ -134,6 +135,8 @@ class CoordinatorAgent:
                 kv_bytes_used=service.sessions.used_bytes,
                 decode_steps=service.decode_steps,
                 decode_seconds=service.decode_seconds,
+                weight_bytes=service.model.weight_bytes() if service.model is not None else 0,
+                resident_bytes=resident_bytes(),
             ),
             timeout=timeout,
         )

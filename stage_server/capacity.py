@@ -1,7 +1,8 @@
 """What a stage can do, measured on its own device, dtype and threads with the model's real layer shapes.
 
-`measure` builds layers of the model's shapes with random weights (the checkpoint is not needed: time depends on
-shapes, not values), and times, each as the mean over a window of repeated runs after a warm-up (a throughput:
+`measure` builds layers of the model's shapes with random weights in the form the stage will hold them (float of
+its dtype, or quantized blocks of the types its checkpoint stores or --quantize makes: `layerline.quant.layout`;
+the checkpoint is not needed: time depends on shapes and types, not values), and times, each as the mean over a window of repeated runs after a warm-up (a throughput:
 CPU quotas show in it):
 - a decode step (batch 1, one token at position `context`) through 2 and through 4 middle layers (1 and 2 for
   layers too big to hold 4 of in a quarter of free memory): the difference is the time per layer, the rest a fixed
@@ -12,7 +13,8 @@ Nothing is looked up in tables of chip names: what is reported is what was timed
 the OS (and the cgroup limit, where there is one) or from the GPU.
 
 `cached_capacity` keeps measurements on disk, keyed by the model (its config fingerprint), device, dtype, torch
-threads and the CPU quota of this process's cgroup, so a restart does not measure again unless asked to.
+weight format and types, threads and the CPU quota of this process's cgroup, so a restart does not measure again
+unless asked to.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ import torch
 
 from layerline.config import ModelConfig
 from layerline.model import StageModel, expected_tensors
+from layerline.quant import WeightFormat
+from layerline.quant.layout import layer_types, model_bytes
+from layerline.quant.tensor import TYPE_BY_NAME, QTensor, random_qtensor
 
-FORMAT = 1  # bump when what is measured changes: older cache entries are then measured again
+FORMAT = 2  # bump when what is measured changes: older cache entries are then measured again
 
 
 @dataclass(frozen=True)
@@ -42,11 +47,13 @@ class Capacity:
     context: int  # positions already in the cache when decode was timed
     chunk: int  # prefill chunk size timed
     device: str
-    dtype: str
+    dtype: str  # compute dtype
     threads: int
     cpu_quota: float | None  # cores this process may use by its cgroup (None: no quota)
     measured_at: float  # unix time
     seconds: float  # how long measuring took
+    weights: str = "float32"  # the weight format timed (`WeightFormat.name`) ...
+    weight_types: str = ""  # ... and the types of its layers' matmul weights, e.g. "Q4_K,Q6_K"
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)
@@ -111,6 +118,15 @@ def free_memory(device: str = "cpu") -> tuple[int, int]:
     return free, total
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _cgroup_memory() -> tuple[int | None, int | None]:
     for limit_file, usage_file in (
         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
@@ -127,12 +143,20 @@ def _cgroup_memory() -> tuple[int | None, int | None]:
     return None, None
 
 
-def _random_stage(config: ModelConfig, start: int, end: int, dtype: torch.dtype, device: str) -> StageModel:
+def _random_stage(
+    config: ModelConfig, start: int, end: int, dtype: torch.dtype, device: str, types: dict[str, str] | None = None
+) -> StageModel:
+    """Random weights of the stage's shapes; with `types` (`layout.layer_types`), matmul weights as random blocks
+    of those types."""
     g = torch.Generator().manual_seed(start * 1000 + end)
-    tensors = {}
+    tensors: dict[str, torch.Tensor | QTensor] = {}
     for name, shape in expected_tensors(config, start, end).items():
         if len(shape) == 1:
             tensors[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.zeros(shape)
+        elif types is not None:
+            role = "embed" if name == "model.embed_tokens.weight" else "head" if name == "lm_head.weight" else None
+            kind = types[role] if role else types[name.split(".", 3)[3]]
+            tensors[name] = random_qtensor(TYPE_BY_NAME[kind], shape, g)
         else:
             tensors[name] = torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5)
     return StageModel(config, start, end, tensors, dtype=dtype, device=device)
@@ -153,29 +177,23 @@ def _mean_time(fn: Callable[[], object], min_time: float, min_runs: int, sync: C
     return (time.perf_counter() - began) / runs
 
 
-def _layer_params(config: ModelConfig) -> int:
-    shapes = expected_tensors(config, 0, 1)
-    total = 0
-    for name, shape in shapes.items():
-        if name.startswith("model.layers."):
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-    return total
-
-
 def measure(
     config: ModelConfig,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | WeightFormat = torch.float32,
     device: str = "cpu",
     *,
+    stored: dict[str, str] | None = None,
     context: int = 128,
     chunk: int = 128,
     min_time: float = 1.0,
 ) -> Capacity:
-    """Time the model's layer shapes here (see the module docstring); takes memory for up to 4 layers and one LM
-    head while it runs."""
+    """Time the model's layer shapes here (see the module docstring) in the weight format given (a dtype: float
+    weights of it); `stored`: the checkpoint's own tensor types (`stored_types()`). Takes memory for up to 4
+    layers and one LM head while it runs."""
+    fmt = dtype if isinstance(dtype, WeightFormat) else WeightFormat("float", dtype)
+    dtype = fmt.dtype
+    quantized = fmt.quantizes or (fmt.kind == "stored" and stored is not None)
+    types = layer_types(config, fmt, stored) if quantized else None
     began = time.perf_counter()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     L = config.num_layers
@@ -185,7 +203,7 @@ def measure(
 
     def middle(k: int) -> StageModel:  # k layers that are neither first nor last when the model allows
         start = 1 if L >= k + 2 else 0
-        return _random_stage(config, start, start + k, dtype, device)
+        return _random_stage(config, start, start + k, dtype, device, types)
 
     def decode_time(stage: StageModel) -> float:
         cache = stage.new_cache(1, context + 1)
@@ -217,14 +235,14 @@ def measure(
     # Two layer counts, both past what a CPU cache holds when the model allows (one layer of a small model stays in
     # cache when run again and again, and would look faster than layers streamed from memory in serving): the
     # difference is the time per layer. Big layers: 1 and 2, to keep the memory this takes small.
-    layer_bytes = _layer_params(config) * torch.empty((), dtype=dtype).element_size()
+    layer_bytes = max(model_bytes(config, fmt, stored)[0], default=0)
     small, big = (2, 4) if 4 * layer_bytes <= free_memory(device)[0] // 4 and L >= 4 else (1, 2)
     a, b = middle(small), middle(big)
     da, db = decode_time(a), decode_time(b)
     pa, pb = prefill_time(a), prefill_time(b)
     per_layer = max((db - da) / (big - small), 1e-9)
     del b
-    last = _random_stage(config, L - small, L, dtype, device)
+    last = _random_stage(config, L - small, L, dtype, device, types)
     head = max(decode_time(last) - da, 0.0)
     return Capacity(
         decode_s_per_layer=per_layer,
@@ -239,6 +257,8 @@ def measure(
         cpu_quota=cpu_quota(),
         measured_at=time.time(),
         seconds=time.perf_counter() - began,
+        weights=fmt.name,
+        weight_types=",".join(sorted({t for n, t in (types or {}).items() if n.endswith("proj.weight")})),
     )
 
 
@@ -247,24 +267,29 @@ def default_cache_dir() -> str:
     return os.path.join(base, "layerline", "capacity")
 
 
-def cache_key(fingerprint: str, device: str, dtype: torch.dtype, threads: int, quota: float | None) -> str:
-    text = json.dumps([FORMAT, fingerprint, device, str(dtype), threads, quota, torch.__version__])
+def cache_key(
+    fingerprint: str, device: str, weights: str, threads: int, quota: float | None, stored: dict | None = None
+) -> str:
+    types = sorted(set((stored or {}).values()))
+    text = json.dumps([FORMAT, fingerprint, device, weights, types, threads, quota, torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def cached_capacity(
     config: ModelConfig,
     fingerprint: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | WeightFormat = torch.float32,
     device: str = "cpu",
     *,
+    stored: dict[str, str] | None = None,
     cache_dir: str | None = None,
     remeasure: bool = False,
     **measure_options: object,
 ) -> tuple[Capacity, bool]:
     """The stage's capacity and whether it came from the on-disk cache (False: measured now, and stored)."""
     folder = cache_dir or default_cache_dir()
-    key = cache_key(fingerprint, device, dtype, torch.get_num_threads(), cpu_quota())
+    fmt = dtype if isinstance(dtype, WeightFormat) else WeightFormat("float", dtype)
+    key = cache_key(fingerprint, device, fmt.name, torch.get_num_threads(), cpu_quota(), stored)
     path = os.path.join(folder, f"{key}.json")
     if not remeasure:
         try:
@@ -274,7 +299,7 @@ def cached_capacity(
                 return found, True
         except OSError:
             pass
-    capacity = measure(config, dtype, device, **measure_options)  # type: ignore[arg-type]
+    capacity = measure(config, fmt, device, stored=stored, **measure_options)  # type: ignore[arg-type]
     try:
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # unique across hosts sharing the folder

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from layerline.model import packing_unavailable
+from layerline.quant import WeightFormat, resolve
 from layerline.security import Security
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -30,7 +31,10 @@ class StageConfig:
     host: str = "127.0.0.1"  # address to bind
     port: int = 0  # 0 = any free port (the ready line says which)
     next_address: str = ""  # default next stage, host:port ("" = sessions name it, or this is the last stage)
-    dtype: torch.dtype = torch.float32  # compute dtype of this stage
+    # --dtype: every weight dequantized to it (the exact mode); None: weights as the checkpoint stores them (GGUF
+    # blocks stay quantized), computed in float32. After construction: the compute dtype (see `weights`).
+    dtype: torch.dtype | None = None
+    quantize: str = ""  # "int8" / "int4": float weights quantized at load (Q8_0 / Q4_1 blocks)
     device: str = "cpu"
     wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to the next stage
     kv_cache_bytes: int = 0  # KV cache budget for all sessions; 0 = default_kv_cache_bytes()
@@ -53,6 +57,8 @@ class StageConfig:
     security: Security = field(default_factory=Security)  # TLS / mutual TLS / token, listening and dialling
 
     def __post_init__(self) -> None:
+        self.weights: WeightFormat = resolve(self.dtype, self.quantize)  # raises ValueError naming the conflict
+        self.dtype = self.weights.dtype
         if self.kv_cache_bytes <= 0:
             self.kv_cache_bytes = default_kv_cache_bytes()
         if not self.inline_compute_s >= 0:
@@ -64,6 +70,8 @@ class StageConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.pack_weights:
             why = packing_unavailable(self.dtype, torch.device(self.device))
+            if self.weights.quantizes:
+                why = f"packed weights are for float32 weights, not for --quantize {self.quantize}"
             if why:
                 raise ValueError(f"--pack-weights: {why}")
         if self.max_queued_results <= self.loop_ahead:

@@ -27,6 +27,8 @@ from layerline.errors import CheckpointError, LayerlineError
 from layerline.local_cluster import READY_PREFIX
 from layerline.metrics import CallCounter, serve_metrics
 from layerline.model import StageModel
+from layerline.quant import resolve
+from layerline.quant.build import available as kernels_available
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import channel_options
 from layerline.stage_server.fetch import WeightFetcher, prepare
@@ -68,6 +70,13 @@ async def start_stage(config: StageConfig) -> RunningStage:
         torch.set_num_threads(config.threads)
     ckpt = await asyncio.to_thread(open_checkpoint, config.model)
     try:
+        stored_types = ckpt.stored_types()
+        quantized = config.weights.quantizes or (config.weights.kind == "stored" and stored_types is not None)
+        if quantized:
+            why = await asyncio.to_thread(kernels_available)
+            if why:  # the stage, its capacity and its reports all hold float32 weights then
+                logger.warning("%s: this stage holds float32 weights instead of quantized ones", why)
+                config.weights = resolve(torch.float32)
         model = None
         if config.end > config.start:  # else: no layers until a coordinator assigns some
             model = await asyncio.to_thread(_load_model, config, config.start, config.end, ckpt)
@@ -84,6 +93,7 @@ async def start_stage(config: StageConfig) -> RunningStage:
         except CheckpointError as e:
             logger.warning("no tokenizer served: %s", e)
     service = StageService(model, config, name, fingerprint, tokenizer_json, model_config)
+    service.stored_types = stored_types
     server = grpc.aio.server(
         options=channel_options(config.max_message_bytes),
         interceptors=[CallCounter(service.metrics, "layerline_stage"), *config.security.interceptors()],
@@ -118,7 +128,19 @@ async def load_layers(stage: RunningStage, start: int, end: int) -> None:
 
 
 def _load_model(config: StageConfig, start: int, end: int, ckpt=None) -> StageModel:
-    model = load_stage(config.model, start, end, config.dtype, config.device, ckpt)
+    model = load_stage(config.model, start, end, device=config.device, checkpoint=ckpt, weights=config.weights)
+    logger.info(
+        "layers %d:%d hold %.1f MiB of weights (%s)",
+        start,
+        end,
+        model.weight_bytes() / (1 << 20),
+        model.weight_summary(),
+    )
+    if config.pack_weights and model.quantized:
+        raise LayerlineError(
+            "--pack-weights is for float weights; this stage's weights are quantized "
+            "(give --dtype float32 for float weights)"
+        )
     if config.pack_weights:
         model.pack_weights()
         logger.info("packed weights: %.0f MiB more", model.packed_bytes / (1 << 20))
@@ -144,8 +166,11 @@ async def serve(
         if not coordinator:
             raise LayerlineError("a stage without a model needs a coordinator to fetch it from")
         root = os.path.join(cache_dir, "weights") if cache_dir else weight_cache.default_root()
-        config.model = await prepare(coordinator, root, config.dtype, connect_timeout, config.security)
-        fetcher = WeightFetcher(coordinator, config.model, config.dtype, security=config.security)
+        # a stage that names no form of its own (no --dtype, no --quantize) takes the coordinator's
+        own = None if config.weights.kind == "stored" else config.weights
+        config.model, config.weights = await prepare(coordinator, root, own, connect_timeout, config.security)
+        config.dtype = config.weights.dtype
+        fetcher = WeightFetcher(coordinator, config.model, config.weights, security=config.security)
         logger.info("model %s comes from the coordinator at %s (cache: %s)", fetcher.fingerprint, coordinator, root)
     stage = await start_stage(config)
     stage.fetcher = fetcher
@@ -177,8 +202,9 @@ async def serve(
                     cached_capacity,
                     stage.service.model_config,
                     stage.service.fingerprint,
-                    config.dtype,
+                    config.weights,
                     config.device,
+                    stored=stage.service.stored_types,
                     remeasure=again,
                     cache_dir=os.path.join(cache_dir, "capacity") if cache_dir else None,
                 )

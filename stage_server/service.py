@@ -47,6 +47,7 @@ from layerline.errors import (
 from layerline.metrics import Snapshot, uptime
 from layerline.model import StageModel
 from layerline.sampling import SamplingParams, draw_generator, sample
+from layerline.stage_server.capacity import resident_bytes
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import Downstream
 from layerline.stage_server.sessions import LoopState, Sampler, Session, SessionTable, owns
@@ -110,6 +111,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         # given another range by its coordinator serves its running sessions to their end on the old one
         self.model: StageModel | None = model
         self.model_config = model.config if model is not None else model_config
+        self.stored_types: dict[str, str] | None = None  # the checkpoint's own tensor types (None: float)
         if self.model_config is None:
             raise ValueError("a stage without layers needs the model's config")
         self.config = config
@@ -241,6 +243,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             tokens_computed=self.tokens_computed,
             tokens_sampled=self.tokens_sampled,
             inline_steps=self.inline_steps,
+            weight_bytes=m.weight_bytes() if m is not None else 0,
+            weights=m.weight_summary() if m is not None else "",
+            resident_bytes=resident_bytes(),
             batched_steps=self.batched_steps,
             queued_steps=self.in_flight,
             peak_queued_steps=self.peak_in_flight,
@@ -452,6 +457,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             {},
         )
         yield ("layerline_stage_kv_bytes_budget", "KV cache budget", "gauge", self.sessions.budget_bytes, {})
+        weights = self.model.weight_bytes() if self.model is not None else 0
+        yield ("layerline_stage_weight_bytes", "bytes of weights held (quantized as stored)", "gauge", weights, {})
+        yield ("layerline_stage_resident_bytes", "the process's resident memory", "gauge", resident_bytes(), {})
         yield ("layerline_stage_layers", "the layer range served, [start, end)", "gauge", start, {"bound": "start"})
         yield ("layerline_stage_layers", "", "gauge", end, {"bound": "end"})
         yield ("layerline_stage_draining", "1 while the stage drains", "gauge", float(self.draining), {})

@@ -9,7 +9,9 @@ import os
 import torch
 
 from layerline.config import ModelConfig
-from layerline.stage_server.capacity import Capacity, cached_capacity, cpu_quota, free_memory, measure
+from layerline.quant import from_name
+from layerline.quant.layout import layer_types
+from layerline.stage_server.capacity import Capacity, _random_stage, cached_capacity, cpu_quota, free_memory, measure
 
 
 def config(hidden: int, intermediate: int, layers: int = 6, vocab: int = 1000) -> ModelConfig:
@@ -78,3 +80,29 @@ def test_os_figures():
     assert 0 < free <= total
     quota = cpu_quota()
     assert quota is None or quota > 0
+
+
+def test_quantized_stages_are_timed_on_blocks_of_their_types(tmp_path):
+    """A stage that will hold a GGUF file's Q4_K / Q6_K blocks (or --quantize's) is timed on layers of those very
+    types, and its measurement is cached apart from the float one."""
+    cfg = config(256, 512, vocab=512)
+    stored = {}
+    for i in range(cfg.num_layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"):
+            stored[f"model.layers.{i}.{name}.weight"] = "Q4_K"
+        stored[f"model.layers.{i}.self_attn.v_proj.weight"] = "Q6_K"
+        stored[f"model.layers.{i}.mlp.down_proj.weight"] = "Q6_K"
+    stored["model.embed_tokens.weight"] = stored["lm_head.weight"] = "Q8_0"
+    c = measure(cfg, from_name("stored"), stored=stored, min_time=0.02)
+    assert (c.weights, c.weight_types, c.dtype) == ("stored", "Q4_K,Q6_K", "float32")
+    assert c.decode_s_per_layer > 0 and c.head_decode_s >= 0
+    assert measure(cfg, from_name("int4"), min_time=0.02).weight_types == "Q4_1"
+    stage = _random_stage(cfg, 1, 3, torch.float32, "cpu", layer_types(cfg, from_name("stored"), stored))
+    summary = stage.weight_summary()
+    assert stage.quantized and summary.startswith("quantized: Q4_K ") and ", Q6_K " in summary
+    _, cached = cached_capacity(cfg, "fp-q", cache_dir=str(tmp_path), min_time=0.02)
+    assert not cached
+    _, cached = cached_capacity(cfg, "fp-q", from_name("stored"), stored=stored, cache_dir=str(tmp_path), min_time=0.02)
+    assert not cached  # another entry than the float one
+    _, cached = cached_capacity(cfg, "fp-q", from_name("stored"), stored=stored, cache_dir=str(tmp_path), min_time=0.02)
+    assert cached

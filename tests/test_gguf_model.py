@@ -56,7 +56,7 @@ def test_gguf_matches_transformers_reading_the_same_file(gguf_pair, spec, qtype)
     with torch.no_grad():
         expected = ref(ids).logits
     for ranges in ([(0, 4)], [(0, 1), (1, 3), (3, 4)]):
-        pipe = LocalPipeline.load(path, ranges)
+        pipe = LocalPipeline.load(path, ranges, torch.float32)  # the exact mode
         assert (pipe.forward(ids) - expected).abs().max().item() <= 1e-4
     prompt = ids[0, :6].tolist()
     assert list(pipe.generate(prompt, 20)) == hf_greedy(ref, prompt, 20)
@@ -73,7 +73,7 @@ def test_permutation_is_undone(gguf_pair):
     saved = gm.PERMUTED_ARCHITECTURES
     gm.PERMUTED_ARCHITECTURES = set()
     try:
-        wrong = LocalPipeline.load(path, [(0, 4)]).forward(ids)
+        wrong = LocalPipeline.load(path, [(0, 4)], torch.float32).forward(ids)
     finally:
         gm.PERMUTED_ARCHITECTURES = saved
     assert (wrong - expected).abs().max().item() > 1e-2

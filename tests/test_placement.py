@@ -13,6 +13,7 @@ from layerline.coordinator.placement import (
     ModelShape,
     PlacementError,
     StageCapacity,
+    WeightBytes,
     assign_replicas,
     fits,
     place,
@@ -44,12 +45,18 @@ def brute_force(model: ModelShape, stages: list[StageCapacity]) -> float | None:
 
 
 def random_case(rng: random.Random) -> tuple[ModelShape, list[StageCapacity]]:
+    layers = rng.randint(1, 7)
+    # a quantized form whose layers differ in size (a Q4_K_M file's Q6_K layers), for stages that report it
+    stored = WeightBytes(
+        tuple(rng.choice([60, 90, 300]) for _ in range(layers)), rng.choice([0, 80]), rng.choice([0, 90])
+    )
     model = ModelShape(
-        num_layers=rng.randint(1, 7),
+        num_layers=layers,
         layer_params=rng.choice([10, 100, 250]),
         embed_params=rng.choice([0, 50, 400]),
         head_params=rng.choice([0, 50, 400]),
         tied=rng.random() < 0.5,
+        quantized={"stored": stored},
     )
     stages = []
     for i in range(rng.randint(1, 4)):
@@ -63,6 +70,7 @@ def random_case(rng: random.Random) -> tuple[ModelShape, list[StageCapacity]]:
                 bytes_per_param=rng.choice([1.0, 2.0, 4.0]),
                 send_s=rng.choice([0.0, 0.0, 0.3, 2.0]),
                 fixed_s=rng.choice([0.0, 0.0, 0.2]),
+                weights=rng.choice(["", "", "stored"]),
             )
         )
     return model, stages
@@ -163,3 +171,26 @@ def test_replicas_copy_spans_that_fit_fewest_copies_first_and_keep_what_they_hol
     for name, (x, y) in assign_replicas(model, plan, [small]).items():
         assert fits(model, small, y - x, x == 0, y == model.num_layers), (name, x, y)
     assert assign_replicas(model, plan, [StageCapacity("none", 1e-3, 0.0, 100)]) == {}
+
+
+def test_quantized_stages_are_counted_by_the_bytes_of_their_blocks():
+    """A stage holding a GGUF file's blocks needs their bytes, not its parameters times 4: the same memory holds
+    all 8 layers quantized and only 2 as float32; a plan reports the exact bytes of each range."""
+    model = ModelShape(
+        8,
+        layer_params=100,
+        embed_params=40,
+        head_params=40,
+        quantized={"stored": WeightBytes((25,) * 7 + (35,), 10, 10)},
+    )
+    floats = StageCapacity("f", decode_s_per_layer=1.0, head_decode_s=0.0, memory_bytes=1000, bytes_per_param=4.0)
+    blocks = StageCapacity(
+        "q", decode_s_per_layer=1.0, head_decode_s=0.0, memory_bytes=1000, bytes_per_param=4.0, weights="stored"
+    )
+    with pytest.raises(PlacementError):
+        place(model, [floats])
+    plan = place(model, [blocks])
+    assert plan.ranges() == [("q", 0, 8)] and plan.assignments[0].weight_bytes == 7 * 25 + 35 + 10 + 10
+    # each layer is counted as the largest (35) when placing: 9 such layers would not fit 320 bytes, 8 do
+    tight = StageCapacity("t", 1.0, 0.0, memory_bytes=35 * 8 + 20, bytes_per_param=4.0, weights="stored")
+    assert fits(model, tight, 8, True, True) and not fits(model, tight, 9, True, True)

@@ -23,7 +23,7 @@ def smol(smollm2_path, smollm2_transformers):
 
 @pytest.fixture(scope="module")
 def three_stages(smol):
-    return LocalPipeline.load(smol[0], split_layers(30, stages=3))
+    return LocalPipeline.load(smol[0], split_layers(30, stages=3), torch.float32)  # the exact mode
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -37,7 +37,7 @@ def test_three_stage_split_gives_transformers_greedy_tokens(smol, three_stages, 
 
 def test_logits_close_to_transformers_on_an_uneven_split(smol):
     path, ref, tok = smol
-    pipe = LocalPipeline.load(path, split_layers(30, counts=[4, 20, 6]))
+    pipe = LocalPipeline.load(path, split_layers(30, counts=[4, 20, 6]), torch.float32)
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": PROMPTS[0]}])])
     with torch.no_grad():
         expected = ref(ids).logits

@@ -32,7 +32,7 @@ def test_tiny_models_over_grpc_match_transformers(tiny_checkpoint, stage_cluster
 
 @pytest.mark.parametrize("counts", [[30], [15, 15], [10, 10, 10], [4, 20, 6]], ids=["1", "2", "3", "4x20x6"])
 def test_smollm2_over_grpc_matches_transformers(stage_cluster, smollm2_path, smollm2_transformers, counts):
-    route = stage_cluster(smollm2_path, split_layers(30, counts=counts))
+    route = stage_cluster(smollm2_path, split_layers(30, counts=counts), "--dtype", "float32")  # the exact mode
     tok = Tokenizer.from_path(smollm2_path)
     ids = tok.encode_chat([{"role": "user", "content": "Name three colours of the rainbow."}])
     with Client(route) as client:

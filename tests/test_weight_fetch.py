@@ -1,11 +1,14 @@
 """Stage hosts without the checkpoint: the model's description and only their own layers' tensors come from the
 coordinator (streamed in chunks, each tensor checked against its SHA-256) and are kept in a disk cache.
 
-In process: a coordinator on 127.0.0.1 port 0 over a tiny HF folder and a tiny Q8_0 GGUF file; fetched tensors are
-bit-identical to the checkpoint's own; a second fetch reads the cache; a corrupted cached group is fetched again;
+In process: a coordinator on 127.0.0.1 port 0 over a tiny HF folder and a tiny Q8_0 GGUF file; fetched tensors, in
+each weight format (float dtypes, the file's own quantized blocks, int4 made by the coordinator), are bit-identical
+to what the stage would read from the checkpoint itself, and the file's blocks cost their share of the file on the
+wire; a second fetch reads the cache; a corrupted cached group is fetched again;
 bad FetchWeights requests get their statuses; a tampered stream is refused. End to end: two `layerline stage
 --coordinator` processes without `--model` (each with a cache of its own) give transformers' tokens and hold only
-their own layers' tensors.
+their own layers' tensors; two stages fetching a GGUF file's blocks give the tokens of the same quantized model in
+one process.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import pytest
 import torch
 
 from layerline import weight_cache
-from layerline.checkpoint import load_config, open_checkpoint
+from layerline.checkpoint import load_config, open_checkpoint, read_tensors
 from layerline.client import Client
 from layerline.coordinator.service import start_coordinator
 from layerline.errors import CheckpointError
 from layerline.local_cluster import LocalCluster, LocalCoordinator
 from layerline.model import expected_tensors
+from layerline.pipeline import LocalPipeline
+from layerline.quant import from_name
+from layerline.quant.tensor import Q4_1, Q8_0, QTensor, random_qtensor
 from layerline.safetensors_io import raw_bytes
 from layerline.stage_server.fetch import TensorReceiver, WeightFetcher, prepare
 from layerline.stage_server.server import model_fingerprint
@@ -50,20 +56,26 @@ def gguf_path(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fetched_tensors_are_the_checkpoints_and_are_cached(tiny_checkpoint, gguf_path, tmp_path, fmt, dtype):
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "stored", "int4"])
+def test_fetched_tensors_are_the_checkpoints_and_are_cached(tiny_checkpoint, gguf_path, tmp_path, fmt, weights):
     model = tiny_checkpoint(SPEC)[0] if fmt == "hf" else gguf_path
     config = load_config(model)
+    form = from_name(weights)
 
     async def go() -> None:
         coordinator = await start_coordinator(model, "127.0.0.1", 0)
         try:
-            folder = await prepare(coordinator.address, str(tmp_path), dtype)
-            fetcher = WeightFetcher(coordinator.address, folder, dtype)
+            folder, got_form = await prepare(coordinator.address, str(tmp_path), form)
+            assert got_form == form
+            assert folder.endswith(os.path.join(model_fingerprint(config), weights))
+            fetcher = WeightFetcher(coordinator.address, folder, form)
             assert fetcher.fingerprint == model_fingerprint(config) and fetcher.config == config
             await fetcher.ensure(1, 3)  # middle layers only: no embedding, no head
             first = fetcher.bytes_fetched
             assert first > 0 and fetcher.tensors_fetched == len(expected_tensors(config, 1, 3))
+            if fmt == "gguf" and weights == "stored":  # the file's own blocks: the bytes are the file's share
+                source = open_checkpoint(model)
+                assert first == source.stored_bytes(list(expected_tensors(config, 1, 3)))
             assert sorted(os.listdir(folder)) == [
                 "layer-00001.safetensors",
                 "layer-00002.safetensors",
@@ -90,12 +102,19 @@ def test_fetched_tensors_are_the_checkpoints_and_are_cached(tiny_checkpoint, ggu
             await coordinator.stop()
         names = list(expected_tensors(config, 0, config.num_layers))
         fetched = weight_cache.FetchedCheckpoint(folder)
-        source = open_checkpoint(model)
-        got = fetched.read([n for n in names if n in fetched], dtype)
-        want = source.read(list(got), dtype)
+        assert fetched.stored_types() == open_checkpoint(model).stored_types()
+        got = read_tensors(fetched, [n for n in names if n in fetched], form)
+        want = read_tensors(open_checkpoint(model), list(got), form)
         assert set(got) == set(expected_tensors(config, 1, 3)) | set(expected_tensors(config, 2, 4))
+        quantized = 0
         for n, t in got.items():
-            assert t.dtype == dtype and torch.equal(t, want[n]), n
+            if isinstance(t, QTensor):
+                quantized += 1
+                assert (t.qtype, t.shape) == (want[n].qtype, want[n].shape) and torch.equal(t.data, want[n].data), n
+            else:
+                assert t.dtype == form.dtype and torch.equal(t, want[n]), n
+        # quantized forms hold the matmul weights as blocks (a float checkpoint's "stored" form is float32)
+        assert (quantized > 0) == (weights == "int4" or (weights == "stored" and fmt == "gguf"))
 
     run(go())
 
@@ -125,7 +144,7 @@ def test_bad_fetch_requests_get_statuses(tiny_checkpoint):
                         "FAILED_PRECONDITION",
                         "fingerprint",
                     ),
-                    (dict(model_fingerprint=fp, names=[good_name], dtype="int8"), "INVALID_ARGUMENT", "dtype"),
+                    (dict(model_fingerprint=fp, names=[good_name], dtype="int3"), "INVALID_ARGUMENT", "dtype"),
                     (dict(model_fingerprint=fp, names=[], dtype="float32"), "INVALID_ARGUMENT", "no tensor"),
                     (
                         dict(model_fingerprint=fp, names=["../../etc/passwd"], dtype="float32"),
@@ -235,9 +254,70 @@ def test_stages_without_the_checkpoint_fetch_only_their_layers(tiny_checkpoint, 
             by_address = {s.report.address: s.assignment for s in st.stages}
             for address, cache in zip(pair.route, caches, strict=True):
                 a = by_address[address]
-                held = set(os.listdir(os.path.join(cache, "layerline", "weights", fp, "float32")))
+                held = set(os.listdir(os.path.join(cache, "layerline", "weights", fp, "stored")))
                 want = {
                     f"{weight_cache.group_of(n)}.safetensors"
                     for n in expected_tensors(load_config(folder), a.start_layer, a.end_layer)
                 }
                 assert held == want | {"model.json", "tokenizer.json"}, (address, a, held)
+
+
+def test_a_quantized_stream_must_fit_its_format():
+    w = random_qtensor(Q8_0, (4, 64))
+    data = w.data.numpy().tobytes()
+
+    def first(dtype: str, shape: list[int], total: int) -> pb.WeightChunk:
+        c = pb.WeightChunk(name="a", offset=0, data=data, dtype=dtype, total_bytes=total)
+        c.shape.extend(shape)
+        c.sha256 = hashlib.sha256(data).hexdigest()
+        return c
+
+    name, got, _ = TensorReceiver(["a"], "stored").take(first("Q8_0", [4, 64], len(data)))
+    assert isinstance(got, QTensor) and torch.equal(got.data, w.data)
+    with pytest.raises(CheckpointError, match="do not fit shape"):
+        TensorReceiver(["a"], "stored").take(first("Q8_0", [4, 96], len(data)))
+    with pytest.raises(CheckpointError, match="of the int4 format"):  # int4 is Q4_1 blocks (Q8_0 embedding, head)
+        TensorReceiver(["a"], "int4").take(first("Q6_K", [4, 64], len(data)))
+    with pytest.raises(CheckpointError, match="of the float32 format"):
+        TensorReceiver(["a"], "float32").take(first("Q8_0", [4, 64], len(data)))
+    with pytest.raises(CheckpointError, match="must be 2-D"):
+        TensorReceiver(["a"], "stored").take(first("Q8_0", [256], len(data)))
+    assert Q4_1 != Q8_0
+
+
+def test_stages_fetching_a_gguf_files_blocks_give_its_quantized_tokens(gguf_path, tmp_path):
+    expected = list(LocalPipeline.load(gguf_path, [(0, SPEC.layers)]).generate(PROMPT, 10))
+    caches = [tmp_path / "a", tmp_path / "b"]
+    prefixes = [["env", f"XDG_CACHE_HOME={c}"] for c in caches]
+    with LocalCoordinator(gguf_path, heartbeat=0.5, settle=30, expect=2) as coordinator:
+        with LocalCluster(None, [None, None], coordinator=coordinator.address, threads=1, prefixes=prefixes):
+            deadline = time.monotonic() + 120
+            while True:
+                with grpc.insecure_channel(coordinator.address) as channel:
+                    st = coordinator_pb2_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
+                if len(st.route.addresses) == 2 and all(s.weight_bytes for s in st.stages):
+                    break
+                assert time.monotonic() < deadline, st
+                time.sleep(0.2)
+            with Client(coordinator=coordinator.address) as client:
+                assert client.generate(PROMPT, max_new_tokens=10, stop_token_ids=[], stream=False).token_ids == expected
+    source = open_checkpoint(gguf_path)
+    config = source.config
+    for s in st.stages:
+        a, b = s.serving_start, s.serving_end
+        assert s.report.weights == "stored"
+        assert s.weight_bytes == source.stored_bytes(list(expected_tensors(config, a, b))), (a, b)
+
+
+def test_a_stage_naming_no_weight_format_takes_the_coordinators(gguf_path, tmp_path):
+    async def go() -> None:
+        coordinator = await start_coordinator(gguf_path, "127.0.0.1", 0, weights=from_name("int8"))
+        try:
+            folder, form = await prepare(coordinator.address, str(tmp_path), None)
+            assert form == from_name("int8") and folder.endswith("int8")
+            _, own = await prepare(coordinator.address, str(tmp_path), from_name("float32"))
+            assert own == from_name("float32")  # a stage's own --dtype / --quantize wins
+        finally:
+            await coordinator.stop()
+
+    run(go())

@@ -91,7 +91,8 @@ function drawTable(data) {
       el("td", { class: "range" }, layers),
       el("td", {}, num(s.ms_per_layer_decode) + (s.load_factor && Math.abs(s.load_factor - 1) > 0.05
         ? ` (×${num(s.load_factor)} under load)` : "")),
-      el("td", {}, s.memory_bytes ? bytes(s.memory_bytes) : "–"),
+      el("td", { title: s.weights || "" }, s.weight_bytes ? bytes(s.weight_bytes) : "–"),
+      el("td", {}, (s.resident_bytes ? bytes(s.resident_bytes) : "–") + (s.memory_bytes ? ` / ${bytes(s.memory_bytes)}` : "")),
       el("td", {}, kv),
       el("td", {}, s.open_sessions === undefined ? "–" : String(s.open_sessions)),
       el("td", {}, num(s.tokens_per_s, 1)),
