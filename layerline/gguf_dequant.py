@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from layerline.errors import CheckpointError, UnsupportedModelError
+from layerline.ggml_types import type_name
 
 __all__ = ["SUPPORTED_QTYPES", "dequantize", "is_supported", "qtype_name"]
 
@@ -70,15 +71,8 @@ _BITS = ((torch.arange(256).view(256, 1) >> torch.arange(8)) & 1).to(torch.uint8
 
 
 def qtype_name(qtype: int) -> str:
-    """The GGML name of a tensor type value ("Q4_K", "IQ2_XS"...), or "type #N" for a value gguf does not know."""
-    if qtype in SUPPORTED_QTYPES:
-        return SUPPORTED_QTYPES[qtype]
-    try:
-        import gguf
-
-        return gguf.GGMLQuantizationType(qtype).name
-    except Exception:  # gguf missing, or a type newer than the installed gguf package
-        return f"type #{qtype}"
+    """The GGML name of a tensor type value ("Q4_K", "IQ2_XS"...), or "type #N" for a value GGML does not know."""
+    return type_name(qtype)
 
 
 def is_supported(qtype: int) -> bool:

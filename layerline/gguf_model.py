@@ -99,9 +99,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     rope_dim = int(key("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise UnsupportedModelError(f"{g.path}: partial rotary ({rope_dim} of {head_dim} dims) is not supported")
-    tokens = g.get("tokenizer.ggml.tokens")
+    tokens = g.array_length("tokenizer.ggml.tokens")
     embd = g.tensors.get("token_embd.weight")
-    vocab = int(key("vocab_size", len(tokens) if tokens else (embd.shape[0] if embd else 0)))
+    vocab = int(key("vocab_size", tokens if tokens else (embd.shape[0] if embd else 0)))
     window = key("attention.sliding_window", None)
     num_layers = int(key("block_count"))
     eos = g.get("tokenizer.ggml.eos_token_id")

@@ -18,9 +18,9 @@ from torch import nn
 from layerline.config import ModelConfig
 from layerline.errors import BadInputError, CheckpointError
 from layerline.kv_cache import ForwardPlan, KVCache, chunk_plan
-from layerline.quant.attention import DecodeSlots, attend_decode
+from layerline.quant.decode import DecodeRows, StageDecoder
 from layerline.quant.linear import QuantEmbedding, QuantLinear
-from layerline.quant.tensor import QTensor, stack_rows
+from layerline.quant.tensor import QTensor
 from layerline.rope import RotaryTable, apply_rotary
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -275,19 +275,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
         self.mlp = MLP(config, w, p + "mlp.")
 
-    def step(self, h, cos, sin, mask, cache, layer, plan, slots=None) -> torch.Tensor:
+    def step(self, h, cos, sin, mask, cache, layer, plan) -> torch.Tensor:
         # .forward directly: nn.Module.__call__'s hook machinery costs ~3 us a call, 4 calls a layer per token
         h = h + self.attn.forward(self.attn_norm.forward(h), cos, sin, mask, cache, layer, plan)
         return h + self.mlp.forward(self.mlp_norm.forward(h))
 
-    def step_many(self, h, sizes, rotary, masks, caches, layer, plans, slots=None) -> torch.Tensor:
+    def step_many(self, h, sizes, rotary, masks, caches, layer, plans) -> torch.Tensor:
         h = h + self.attn.forward_many(self.attn_norm.forward(h), sizes, rotary, masks, caches, layer, plans)
         return h + self.mlp.forward(self.mlp_norm.forward(h))
-
-
-def _stacked(parts: list[QTensor]) -> list[QTensor]:
-    """q, k and v (gate and up) as one tensor where they share a type, else as parts of one linear."""
-    return [stack_rows(parts)] if len({(p.qtype, p.shape[1]) for p in parts}) == 1 else parts
 
 
 class QuantBlock(nn.Module):
@@ -307,10 +302,11 @@ class QuantBlock(nn.Module):
         self.attn_norm = w[p + "input_layernorm.weight"].float().contiguous()
         self.mlp_norm = w[p + "post_attention_layernorm.weight"].float().contiguous()
         qkv_bias = torch.cat([w[a + f"{n}_proj.bias"] for n in ("q", "k", "v")]) if c.qkv_bias else None
-        self.qkv = QuantLinear(_stacked([w[a + f"{n}_proj.weight"] for n in ("q", "k", "v")]), qkv_bias)
+        # q, k and v (gate and up) as parts of one linear: one kernel call, no stacked copy of the weights
+        self.qkv = QuantLinear([w[a + f"{n}_proj.weight"] for n in ("q", "k", "v")], qkv_bias)
         self.o = QuantLinear([w[a + "o_proj.weight"]], w[a + "o_proj.bias"] if c.o_bias else None)
         self.gate_up = QuantLinear(
-            _stacked([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]),
+            [w[m + "gate_proj.weight"], w[m + "up_proj.weight"]],
             torch.cat([w[m + "gate_proj.bias"], w[m + "up_proj.bias"]]) if c.mlp_bias else None,
         )
         self.down = QuantLinear([w[m + "down_proj.weight"]], w[m + "down_proj.bias"] if c.mlp_bias else None)
@@ -324,26 +320,19 @@ class QuantBlock(nn.Module):
         gate_up = self.gate_up(h, norm=self.mlp_norm, eps=self.eps)
         self.down(gate_up, swiglu=True, add_to=h)
 
-    def _attend(self, qkv, cos, sin, mask, cache, layer, plan, slots) -> torch.Tensor:
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if slots is not None:  # a decode step: the kernels' attention (fixed summation order, see attention.py)
-            return attend_decode(qkv, H, Hkv, D, cos, sin, cache, layer, slots, self.window)
-        return attend(qkv, H, Hkv, D, cos, sin, mask, cache, layer, plan)
-
-    def step(self, h, cos, sin, mask, cache, layer, plan, slots=None) -> torch.Tensor:
+    def step(self, h, cos, sin, mask, cache, layer, plan) -> torch.Tensor:
         qkv = self.qkv(h, norm=self.attn_norm, eps=self.eps)
-        self.o(self._attend(qkv, cos, sin, mask, cache, layer, plan, slots), add_to=h)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        self.o(attend(qkv, H, Hkv, D, cos, sin, mask, cache, layer, plan), add_to=h)
         self._mlp(h)
         return h
 
-    def step_many(self, h, sizes, rotary, masks, caches, layer, plans, slots=None) -> torch.Tensor:
+    def step_many(self, h, sizes, rotary, masks, caches, layer, plans) -> torch.Tensor:
         qkv = self.qkv(h, norm=self.attn_norm, eps=self.eps)
-        slots = slots or [None] * len(sizes)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         outs = [
-            self._attend(part, cs[0], cs[1], mask, cache, layer, plan, sl)
-            for part, cs, mask, cache, plan, sl in zip(
-                qkv.split(sizes), rotary, masks, caches, plans, slots, strict=True
-            )
+            attend(part, H, Hkv, D, cs[0], cs[1], mask, cache, layer, plan)
+            for part, cs, mask, cache, plan in zip(qkv.split(sizes), rotary, masks, caches, plans, strict=True)
         ]
         self.o(torch.cat(outs), add_to=h)
         self._mlp(h)
@@ -396,12 +385,20 @@ class StageModel(nn.Module):
         self.embed_in_head = self.is_first and self.is_last and config.tie_word_embeddings  # one copy, two roles
         if self.is_first:
             table = w["model.embed_tokens.weight"]
+            if self.head_q is not None and config.tie_word_embeddings:
+                table = self.head_q.parts[0]  # one table, as the head holds it (interleaved)
             if isinstance(table, QTensor):
                 self.embed_q = QuantEmbedding(table)
                 self.embed_in_head = False
             elif not self.embed_in_head:
                 self.embed = _param(table)
         self.windows = {b.window for b in self.layers}
+        self.decoder: StageDecoder | None = None  # decode steps through every layer in one call
+        if self.layers and all(isinstance(b, QuantBlock) for b in self.layers):
+            c = config
+            self.decoder = StageDecoder(
+                list(self.layers), c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
+            )
         self.rotary = RotaryTable(config, self.device)
         self.head_p: list[torch.Tensor] | None = None  # packed head chunks (pack_weights)
         self.packed_bytes = 0
@@ -500,9 +497,12 @@ class StageModel(nn.Module):
             plan = cache.plan(positions, rows, self.windows)
         h = self._embed(x)
         cos, sin = self.rotary.lookup(plan.positions, self.dtype, top=plan.top)
-        slots = DecodeSlots.of(plan, cache, self.config.head_dim) if self.quantized else None
-        for i, block in enumerate(self.layers):
-            h = block.step(h, cos, sin, plan.masks[block.window], cache, i, plan, slots)
+        rows = DecodeRows.of([plan], [cache], self.config.head_dim) if self.decoder is not None else None
+        if rows is not None:  # a decode step: all layers in one call (quant/decode.py)
+            self.decoder(h, cos, sin, rows)
+        else:
+            for i, block in enumerate(self.layers):
+                h = block.step(h, cos, sin, plan.masks[block.window], cache, i, plan)
         if cache is not None:
             cache.commit(plan)
         if not self.is_last:
@@ -559,12 +559,13 @@ class StageModel(nn.Module):
         h = self._embed(torch.cat(xs))
         rotary = [self.rotary.lookup(plan.positions, self.dtype, top=plan.top) for plan in plans]
         caches = [p[2] for p in parts]
-        slots = None
-        if self.quantized:
-            slots = [DecodeSlots.of(plan, c, self.config.head_dim) for plan, c in zip(plans, caches, strict=True)]
-        for i, block in enumerate(self.layers):
-            masks = [plan.masks[block.window] for plan in plans]
-            h = block.step_many(h, sizes, rotary, masks, caches, i, plans, slots)
+        rows = DecodeRows.of(plans, caches, self.config.head_dim) if self.decoder is not None else None
+        if rows is not None:  # the sessions' decode steps through all layers in one call (quant/decode.py)
+            self.decoder(h, torch.cat([c for c, _ in rotary]), torch.cat([s for _, s in rotary]), rows)
+        else:
+            for i, block in enumerate(self.layers):
+                masks = [plan.masks[block.window] for plan in plans]
+                h = block.step_many(h, sizes, rotary, masks, caches, i, plans)
         for cache, plan in zip(caches, plans, strict=True):
             cache.commit(plan)
         if self.is_last:

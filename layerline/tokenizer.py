@@ -403,3 +403,25 @@ class StreamDecoder:
         settled, text = self._window()
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(settled) :]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m layerline.tokenizer PATH`: print the JSON of PATH's tokenizer (`Tokenizer.to_json`), or its
+    error on stderr with exit status 2. Stage servers build the tokenizer they serve this way, in a process of
+    its own: the vocabulary's transient tens of MiB are then never theirs."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m layerline.tokenizer PATH", file=sys.stderr)
+        return 2
+    try:
+        sys.stdout.write(Tokenizer.from_path(args[0]).to_json())
+    except LayerlineError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

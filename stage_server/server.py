@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from layerline import weight_cache
 from layerline.checkpoint import load_stage, open_checkpoint
 from layerline.config import model_fingerprint
-from layerline.errors import CheckpointError, LayerlineError
+from layerline.errors import LayerlineError
 from layerline.local_cluster import READY_PREFIX
 from layerline.metrics import CallCounter, serve_metrics
 from layerline.model import StageModel
@@ -33,7 +34,6 @@ from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import channel_options
 from layerline.stage_server.fetch import WeightFetcher, prepare
 from layerline.stage_server.service import StageService
-from layerline.tokenizer import Tokenizer
 from layerline.v1 import stage_pb2_grpc
 from layerline.weight_cache import FetchedCheckpoint
 
@@ -84,15 +84,9 @@ async def start_stage(config: StageConfig) -> RunningStage:
         fingerprint = model_fingerprint(model_config)
         fetched = isinstance(ckpt, FetchedCheckpoint)
         name = ckpt.name if fetched else os.path.basename(config.model.rstrip("/"))
-        tokenizer_json = ckpt.tokenizer_json() if fetched else None
     finally:
         ckpt.close()
-    if not fetched:
-        try:
-            tokenizer_json = (await asyncio.to_thread(Tokenizer.from_path, config.model)).to_json()
-        except CheckpointError as e:
-            logger.warning("no tokenizer served: %s", e)
-    service = StageService(model, config, name, fingerprint, tokenizer_json, model_config)
+    service = StageService(model, config, name, fingerprint, _tokenizer_loader(config.model, fetched), model_config)
     service.stored_types = stored_types
     server = grpc.aio.server(
         options=channel_options(config.max_message_bytes),
@@ -115,6 +109,30 @@ async def start_stage(config: StageConfig) -> RunningStage:
     logger.info("stage %s of %s serving on %s", service.label, config.model, address)
     metrics = serve_metrics(service.metrics, config.host, config.metrics_port) if config.metrics_port >= 0 else ""
     return RunningStage(server, service, health, address, listen=f"{config.host}:{port}", metrics=metrics)
+
+
+def _tokenizer_loader(model: str, fetched: bool) -> Callable[[], str | None]:
+    """What gives the tokenizer JSON a stage serves, on the first request for it (clients ask the first stage of
+    their route only). From a checkpoint it is built in a process of its own (`python -m layerline.tokenizer`):
+    turning a GGUF file's vocabulary into a tokenizer takes some 40 MiB for a moment (SmolLM2's 49k tokens),
+    which would stay in the stage's peak memory; the stage keeps only the JSON. None: the checkpoint has none."""
+
+    def load() -> str | None:
+        if fetched:
+            return FetchedCheckpoint(model).tokenizer_json()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "layerline.tokenizer", model], capture_output=True, text=True, timeout=300
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            logger.warning("no tokenizer served: building it failed: %s", e)
+            return None
+        if done.returncode != 0:
+            logger.warning("no tokenizer served: %s", done.stderr.strip().splitlines()[-1] if done.stderr else "")
+            return None
+        return done.stdout
+
+    return load
 
 
 async def load_layers(stage: RunningStage, start: int, end: int) -> None:

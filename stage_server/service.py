@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -104,7 +104,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         config: StageConfig,
         model_name: str,
         fingerprint: str,
-        tokenizer_json: str | None,
+        tokenizer: Callable[[], str | None] | str | None,
         model_config: ModelConfig | None = None,
     ) -> None:
         # the layers new sessions get; a session keeps the model it was opened with (Session.model), so a stage
@@ -115,7 +115,10 @@ class StageService(stage_pb2_grpc.StageServicer):
         if self.model_config is None:
             raise ValueError("a stage without layers needs the model's config")
         self.config = config
-        self.model_name, self.fingerprint, self.tokenizer_json = model_name, fingerprint, tokenizer_json
+        self.model_name, self.fingerprint = model_name, fingerprint
+        # the tokenizer JSON served, or what builds it on the first request (see server._tokenizer_loader)
+        self._tokenizer: Callable[[], str | None] | str | None = tokenizer
+        self._tokenizer_lock = asyncio.Lock()
         self.sessions = SessionTable(
             config.kv_cache_bytes,
             config.session_ttl,
@@ -364,11 +367,14 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def GetTokenizer(
         self, request: stage_pb2.TokenizerRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.TokenizerResponse:
-        if self.tokenizer_json is None:
+        async with self._tokenizer_lock:
+            if callable(self._tokenizer):
+                self._tokenizer = await asyncio.to_thread(self._tokenizer)
+        if self._tokenizer is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{self.model_name} has no tokenizer on this stage"
             )
-        return stage_pb2.TokenizerResponse(tokenizer_json=self.tokenizer_json)
+        return stage_pb2.TokenizerResponse(tokenizer_json=self._tokenizer)
 
     async def Halt(self, request: stage_pb2.HaltRequest, context: grpc.aio.ServicerContext) -> stage_pb2.HaltResponse:
         session = await self._last_stage_session(request.session_id, request.client_key, context)

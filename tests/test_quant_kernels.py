@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-import ctypes
+import threading
 
 import gguf
 import numpy as np
@@ -44,7 +44,6 @@ from layerline.quant.tensor import (
     QTensor,
     quantize,
     random_qtensor,
-    stack_rows,
 )
 
 BLOCK_TYPES = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K]
@@ -93,7 +92,7 @@ def test_random_blocks_decode_and_multiply_as_the_references(qtype):
     g = torch.Generator().manual_seed(qtype)
     w = random_qtensor(qtype, (48, 512), g)
     out = torch.empty(20, 512)
-    kernels().ll_dequant(qtype, w.data.data_ptr(), 8, 20, 512, out.data_ptr())
+    kernels().ll_dequant(qtype, 0, w.data.data_ptr(), 8, 20, 512, out.data_ptr(), 1)
     assert torch.equal(out, dequantize(w.rows()[8:28].reshape(-1).numpy(), qtype, (20, 512), torch.float32))
     x = torch.randn(7, 512, generator=g)
     check_matmul(w, x)
@@ -164,8 +163,6 @@ def test_fusions_and_the_tiled_path_compute_the_same_layer():
         before = acc.clone()
         assert lin(x, add_to=acc) is acc
         assert (acc - (before + y)).abs().max() <= 1e-5 * acc.abs().max()
-    stacked = stack_rows([parts[0], random_qtensor(Q4_K, (16, k), g)])
-    assert stacked.shape == (80, k) and stacked.nbytes == parts[0].nbytes + 16 * parts[0].row_bytes
 
 
 def test_embedding_rows_are_decoded_rows():
@@ -185,15 +182,30 @@ def test_bad_blocks_are_refused_at_load():
         QTensor.from_raw(iq, (4, 256), np.zeros(4 * 74, dtype=np.uint8), name="blk.0.ffn_up.weight")
 
 
-def test_the_kernels_use_torch_threads():
+def test_the_kernels_run_on_torchs_thread_count_from_any_thread():
+    """torch.set_num_threads is what the kernels follow, also on a thread torch never set (a stage computes on a
+    thread of its own, where OpenMP's own default would be every core)."""
     lib = kernels()
     before = torch.get_num_threads()
+    seen: list = []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            return lambda *args: seen.append((name, args[-1])) or fn(*args)
+
+    lin = QuantLinear([random_qtensor(Q4_0, (64, 256))])
+    lin.lib = Spy()
     try:
         torch.set_num_threads(1)
-        assert lib.ll_threads() == 1
+        worker = threading.Thread(target=lambda: seen.append(("team", lib.ll_threads(torch.get_num_threads()))))
+        worker.start()
+        worker.join()
+        lin(torch.randn(2, 256))
+        lin(torch.randn(TILE_MIN_ROWS, 256))
         torch.set_num_threads(2)
-        assert lib.ll_threads() == 2
+        assert lib.ll_threads(torch.get_num_threads()) == 2  # one pool: torch's OpenMP runtime
     finally:
         torch.set_num_threads(before)
+    assert seen == [("team", 1), ("ll_linear", 1), ("ll_dequant", 1)]
     assert simd() in ("avx2", "c")
-    assert isinstance(lib.ll_simd, ctypes._CFuncPtr)

@@ -209,3 +209,24 @@ def test_tokens_do_not_depend_on_the_thread_count(smollm2_path):
         torch.set_num_threads(before)
     assert out[1][0] == out[2][0]
     assert torch.equal(out[1][1], out[2][1])
+
+
+def test_decode_in_one_call_computes_what_the_layers_compute_one_by_one(tiny_gguf):
+    """A stage's decode step runs through all its layers in one kernel call (quant/decode.py); it must compute
+    what the layer-by-layer path does (which attends with torch's SDPA, so: to float rounding), cache included."""
+    path = tiny_gguf(TinySpec("qwen2", layers=4, kv_heads=2), "Q8_0")
+    stage = load_stage(path, 0, 4)
+    assert stage.decoder is not None
+    prompt = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(5))
+    out, caches = [], []
+    for fused in (True, False):
+        decoder, stage.decoder = stage.decoder, stage.decoder if fused else None
+        cache = stage.new_cache(2, 16)
+        stage.forward(prompt, cache=cache)
+        steps = [stage.forward(torch.tensor([[7], [9]]), torch.tensor([[6 + i], [6 + i]]), cache) for i in range(3)]
+        out.append(torch.cat(steps, 1))
+        caches.append(cache)
+        stage.decoder = decoder
+    assert rel(out[0], out[1]) < 1e-5
+    assert rel(caches[0].k, caches[1].k) < 1e-5 and rel(caches[0].v, caches[1].v) < 1e-5
+    assert torch.equal(caches[0].k[0], caches[1].k[0])  # the first layer's keys: the same arithmetic exactly

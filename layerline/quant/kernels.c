@@ -13,8 +13,9 @@
    into the output).
 
    Portable C11 with AVX2 paths (selected at compile time: the library is built on the machine that runs it, with
-   -march=native) and plain C for everything else. Threads: OpenMP over output rows; the library is loaded into a
-   process that already holds torch's OpenMP runtime, so torch.set_num_threads governs these loops too.
+   -march=native) and plain C for everything else. Threads: OpenMP over output rows, as many as the caller says
+   (torch's count: OpenMP's own setting is per calling thread, and a stage computes on a thread torch never set);
+   the library is loaded into a process that already holds torch's OpenMP runtime, so both share one pool.
    This file knows nothing of models, files or Python. */
 
 #include <math.h>
@@ -184,12 +185,17 @@ int ll_supported(int t) { return block_values(t) != 0; }
 
 int ll_simd(void) { return LL_AVX2 ? 2 : 0; }
 
-int ll_threads(void) {
+/* The size of the team a parallel region asked for `nthreads` gets (1 without OpenMP). */
+int ll_threads(int nthreads) {
+    int n = 1;
 #ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp master
+        n = omp_get_num_threads();
+    }
 #endif
+    return n;
 }
 
 /* ---------------------------------------------------------------- quantizing activations */
@@ -842,6 +848,177 @@ static inline void dot_rows(int t, const void *w, const char *x, int64_t lx, int
 #endif
 }
 
+/* ---------------------------------------------------------------- interleaved rows (x8 layout)
+
+   For Q4_0, Q4_1, Q5_0 and Q8_0 a matrix can be laid out again at load, with the same bytes, so that 8 output
+   rows are computed at once: for each group of 8 rows and each block of 32 values, the 8 rows' scales (and mins)
+   come first, then the values in steps of 4: one 32-byte vector holds values 4s..4s+3 of each of the 8 rows, so
+   that multiplying it with the 4 matching activations broadcast to every lane leaves each row's sum in a lane of
+   its own (no horizontal sums), and the 8 scales are converted by one instruction. (llama.cpp repacks Q4_0 and
+   Q4_K the same way.) 4- and 5-bit values: steps 2c and 2c + 1 share the low and high nibbles of 32 bytes;
+   Q5_0's fifth bits are one 32-bit word per step. A group-block takes 8 x the bytes of a block. */
+
+static int x8_type(int t) { return t == T_Q4_0 || t == T_Q4_1 || t == T_Q5_0 || t == T_Q8_0; }
+
+static int64_t x8_quants_offset(int t) {
+    switch (t) {
+        case T_Q4_1: return 32; /* d[8], m[8] */
+        case T_Q5_0: return 48; /* d[8], qh[8 x 32 bits] */
+        default: return 16;     /* d[8] */
+    }
+}
+
+/* value j (0..31) of a source block: the low 4 bits for 4/5-bit types, the whole signed byte for Q8_0 */
+static inline int block_value(int t, const uint8_t *blk, int j) {
+    if (t == T_Q8_0) return ((const blk_q8_0 *)blk)->qs[j];
+    const uint8_t *qs = t == T_Q4_0 ? ((const blk_q4_0 *)blk)->qs
+                      : t == T_Q4_1 ? ((const blk_q4_1 *)blk)->qs
+                                    : ((const blk_q5_0 *)blk)->qs;
+    return (qs[j & 15] >> (j >= 16 ? 4 : 0)) & 0xF;
+}
+
+int ll_x8_supported(int t) { return LL_AVX2 && x8_type(t); }
+
+/* The x8 layout of an n x k matrix (n a multiple of 8); -1 where it does not apply. */
+int ll_repack_x8(int t, const void *src, int64_t n, int64_t k, void *dst) {
+    if (!ll_x8_supported(t) || n % 8 || k % QK) return -1;
+    const int64_t nb = k / QK, bb = block_bytes(t), gb = 8 * bb, rb = nb * bb;
+    memset(dst, 0, (size_t)(n * rb));
+    for (int64_t g = 0; g < n / 8; g++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *o = (uint8_t *)dst + (g * nb + b) * gb, *q = o + x8_quants_offset(t);
+            for (int l = 0; l < 8; l++) {
+                const uint8_t *blk = (const uint8_t *)src + (8 * g + l) * rb + b * bb;
+                memcpy(o + 2 * l, blk, 2); /* d */
+                if (t == T_Q4_1) memcpy(o + 16 + 2 * l, blk + 2, 2); /* m */
+                uint32_t qh = 0;
+                if (t == T_Q5_0) memcpy(&qh, ((const blk_q5_0 *)blk)->qh, 4);
+                for (int j = 0; j < QK; j++) {
+                    const int s = j / 4, i = j % 4, v = block_value(t, blk, j);
+                    if (t == T_Q8_0) {
+                        q[s * 32 + l * 4 + i] = (uint8_t)v;
+                    } else {
+                        q[(s / 2) * 32 + l * 4 + i] |= (uint8_t)((v & 0xF) << (s % 2 ? 4 : 0));
+                    }
+                    if (t == T_Q5_0 && ((qh >> j) & 1)) {
+                        uint32_t word;
+                        memcpy(&word, o + 16 + 4 * s, 4);
+                        word |= 1u << (l * 4 + i);
+                        memcpy(o + 16 + 4 * s, &word, 4);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* Row `row` of an x8 matrix, as float32. */
+static void dequant_row_x8(int t, const void *w, int64_t row, int64_t k, float *y) {
+    const int64_t nb = k / QK, gb = 8 * block_bytes(t), g = row / 8;
+    const int l = (int)(row % 8);
+    for (int64_t b = 0; b < nb; b++, y += QK) {
+        const uint8_t *o = (const uint8_t *)w + (g * nb + b) * gb, *q = o + x8_quants_offset(t);
+        f16_t dh, mh = 0;
+        memcpy(&dh, o + 2 * l, 2);
+        if (t == T_Q4_1) memcpy(&mh, o + 16 + 2 * l, 2);
+        const float d = f16_to_f32(dh), m = f16_to_f32(mh);
+        for (int j = 0; j < QK; j++) {
+            const int s = j / 4, i = j % 4;
+            int v;
+            if (t == T_Q8_0) {
+                v = (int8_t)q[s * 32 + l * 4 + i];
+            } else {
+                v = (q[(s / 2) * 32 + l * 4 + i] >> (s % 2 ? 4 : 0)) & 0xF;
+                if (t == T_Q5_0) {
+                    uint32_t word;
+                    memcpy(&word, o + 16 + 4 * s, 4);
+                    v |= ((word >> (l * 4 + i)) & 1) << 4;
+                }
+            }
+            y[j] = t == T_Q4_0 ? (v - 8) * d : t == T_Q4_1 ? v * d + m : t == T_Q5_0 ? (v - 16) * d : v * d;
+        }
+    }
+}
+
+#if LL_AVX2
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* The 8 rows of group `g` (its first group-block) against R activation rows: out[r * 8 + l] for row l. */
+LL_INLINE void x8_rows_R(int t, const char *g, int64_t nb, const char *xa, int64_t lx, const int R, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1), h16 = _mm256_set1_epi8(0x10);
+    const int64_t gb = 8 * block_bytes(t), qo = x8_quants_offset(t);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const char *blk = g + b * gb;
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const uint8_t *q = (const uint8_t *)blk + qo;
+        __m256i sumi[4];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
+        if (t == T_Q8_0) {
+            for (int s = 0; s < 8; s++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * s)), aw = _mm256_sign_epi8(w, w);
+                for (int r = 0; r < R; r++) {
+                    const __m256i xv = bcast4(((const act_a8 *)(xa + r * lx))[b].qs + 4 * s);
+                    const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, ones));
+                }
+            }
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (t == T_Q5_0) {
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(bits32((const uint8_t *)blk + 16 + 8 * c), h16));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(bits32((const uint8_t *)blk + 20 + 8 * c), h16));
+                }
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xs = ((const act_a8 *)(xa + r * lx))[b].qs + 8 * c;
+                    /* two steps' pair sums fit int16: at most 2 x 2 x 31 x 127 */
+                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xs)),
+                                                       _mm256_maddubs_epi16(hi, bcast4(xs + 4)));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        __m256 mv = _mm256_setzero_ps();
+        if (t == T_Q4_1) mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        for (int r = 0; r < R; r++) {
+            const act_a8 *x = (const act_a8 *)(xa + r * lx) + b;
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dv, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            if (t == T_Q4_1) acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x->s), acc[r]);
+            else if (t == T_Q4_0) acc[r] = _mm256_fmadd_ps(dv, _mm256_set1_ps(-8.f * x->s), acc[r]);
+            else if (t == T_Q5_0) acc[r] = _mm256_fmadd_ps(dv, _mm256_set1_ps(-16.f * x->s), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, acc[r]);
+}
+
+LL_INLINE void x8_rows_t(int t, const char *g, int64_t nb, const char *xa, int64_t lx, int R, float *out) {
+    switch (R) {
+        case 1: x8_rows_R(t, g, nb, xa, lx, 1, out); return;
+        case 2: x8_rows_R(t, g, nb, xa, lx, 2, out); return;
+        case 3: x8_rows_R(t, g, nb, xa, lx, 3, out); return;
+        default: x8_rows_R(t, g, nb, xa, lx, 4, out); return;
+    }
+}
+
+/* out[r * 8 + l] = dot(row l of group g, activation row r) for r < R (R <= 4) */
+static void x8_rows(int t, const char *g, int64_t nb, const char *xa, int64_t lx, int R, float *out) {
+    switch (t) {
+        case T_Q4_0: x8_rows_t(T_Q4_0, g, nb, xa, lx, R, out); return;
+        case T_Q4_1: x8_rows_t(T_Q4_1, g, nb, xa, lx, R, out); return;
+        case T_Q5_0: x8_rows_t(T_Q5_0, g, nb, xa, lx, R, out); return;
+        default: x8_rows_t(T_Q8_0, g, nb, xa, lx, R, out); return;
+    }
+}
+#endif
+
 /* ---------------------------------------------------------------- the linear layer */
 
 #define LL_MAX_PARTS 4
@@ -850,7 +1027,7 @@ static inline void dot_rows(int t, const void *w, const char *x, int64_t lx, int
    its own type, all with k columns. Output columns of part p start at the sum of the earlier parts' n. */
 typedef struct {
     int32_t type;
-    int32_t pad;
+    int32_t layout; /* 0: rows as GGUF stores them; 8: interleaved in groups of 8 rows (ll_repack_x8) */
     int64_t n;
     const void *w;
 } ll_part;
@@ -877,7 +1054,7 @@ int64_t ll_scratch_bytes(const ll_weight *wt, int64_t m) {
    PRE_SWIGLU: x is [rows, 2k] = [gate | up]; silu(gate) * up is the input.
    accumulate = 1 adds into y instead of storing. y rows are ldy floats apart; x rows ldx floats apart. */
 void ll_linear(const ll_weight *wt, const float *x, int64_t ldx, int64_t rows, float *y, int64_t ldy, int pre,
-               const float *norm_w, float eps, int accumulate, void *scratch) {
+               const float *norm_w, float eps, int accumulate, void *scratch, int nthreads) {
     const int64_t k = wt->k;
     float *xin = (float *)scratch;
     char *qa8 = (char *)(xin + rows * k);
@@ -915,7 +1092,7 @@ void ll_linear(const ll_weight *wt, const float *x, int64_t ldx, int64_t rows, f
     }
     const int64_t ntasks = starts[wt->nparts];
     const int64_t work = col * k * rows;
-#pragma omp parallel for schedule(static) if (work > (1 << 18))
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && work > (1 << 18))
     for (int64_t task = 0; task < ntasks; task++) {
         int p = 0;
         while (task >= starts[p + 1]) p++;
@@ -926,6 +1103,23 @@ void ll_linear(const ll_weight *wt, const float *x, int64_t ldx, int64_t rows, f
         const int64_t rb = ll_row_bytes(part->type, k);
         const int64_t n0 = (task - starts[p]) * ROWS_PER_TASK;
         const int64_t n1 = n0 + ROWS_PER_TASK < part->n ? n0 + ROWS_PER_TASK : part->n;
+#if LL_AVX2
+        if (part->layout == 8) {
+            for (int64_t g = n0 / 8; g < n1 / 8; g++) {
+                const char *gw = (const char *)part->w + g * 8 * rb;
+                for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+                    const int R = rows - r0 < 4 ? (int)(rows - r0) : 4;
+                    float v[32];
+                    x8_rows(part->type, gw, k / QK, xq + r0 * lx, lx, R, v);
+                    for (int r = 0; r < R; r++) {
+                        float *out = y + (r0 + r) * ldy + cols[p] + 8 * g;
+                        for (int l = 0; l < 8; l++) out[l] = accumulate ? out[l] + v[8 * r + l] : v[8 * r + l];
+                    }
+                }
+            }
+            continue;
+        }
+#endif
         for (int64_t n = n0; n < n1; n++) {
             const char *wrow = (const char *)part->w + n * rb;
             for (int64_t r0 = 0; r0 < rows; r0 += 4) {
@@ -941,17 +1135,20 @@ void ll_linear(const ll_weight *wt, const float *x, int64_t ldx, int64_t rows, f
     }
 }
 
-/* Rows [row0, row0 + nrows) of one GGUF tensor with k columns, as float32 (out: nrows x k). */
-void ll_dequant(int t, const void *w, int64_t row0, int64_t nrows, int64_t k, float *out) {
-    const int64_t rb = ll_row_bytes(t, k);
-#pragma omp parallel for schedule(static) if (nrows * k > (1 << 20))
-    for (int64_t r = 0; r < nrows; r++) dequant_row(t, (const char *)w + (row0 + r) * rb, k, out + r * k);
+static inline void dequant_any(int t, int layout, const void *w, int64_t row, int64_t k, float *y) {
+    if (layout == 8) dequant_row_x8(t, w, row, k, y);
+    else dequant_row(t, (const char *)w + row * ll_row_bytes(t, k), k, y);
+}
+
+/* Rows [row0, row0 + nrows) of one tensor with k columns (in `layout`), as float32 (out: nrows x k). */
+void ll_dequant(int t, int layout, const void *w, int64_t row0, int64_t nrows, int64_t k, float *out, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && nrows * k > (1 << 20))
+    for (int64_t r = 0; r < nrows; r++) dequant_any(t, layout, w, row0 + r, k, out + r * k);
 }
 
 /* Rows picked by index (an embedding lookup): out[i] = row ids[i] of w, as float32. */
-void ll_gather(int t, const void *w, int64_t k, const int64_t *ids, int64_t n, float *out) {
-    const int64_t rb = ll_row_bytes(t, k);
-    for (int64_t i = 0; i < n; i++) dequant_row(t, (const char *)w + ids[i] * rb, k, out + i * k);
+void ll_gather(int t, int layout, const void *w, int64_t k, const int64_t *ids, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) dequant_any(t, layout, w, ids[i], k, out + i * k);
 }
 
 /* The dot products of `ll_linear` for one weight tensor against already quantized activations, for the tests:
@@ -987,11 +1184,11 @@ void ll_quantize_act(int t, const float *x, int64_t rows, int64_t k, void *out) 
 
 /* Float32 rows (n x k) into Q8_0 (symmetric, 8 bits, a half scale per 32) or Q4_1 (4 bits, a half scale and a
    half minimum per 32) blocks, as llama.cpp's reference quantizers make them. Other types: returns -1. */
-int ll_quantize_weights(int t, const float *w, int64_t n, int64_t k, void *out) {
+int ll_quantize_weights(int t, const float *w, int64_t n, int64_t k, void *out, int nthreads) {
     if (t != T_Q8_0 && t != T_Q4_1) return -1;
     if (k % QK) return -1;
     const int64_t nb = k / QK;
-#pragma omp parallel for schedule(static) if (n * k > (1 << 20))
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n * k > (1 << 20))
     for (int64_t r = 0; r < n; r++) {
         const float *x = w + r * k;
         for (int64_t b = 0; b < nb; b++, x += QK) {
@@ -1036,58 +1233,136 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* One new position per row (a decode step) through one layer's attention, with the cache in place:
-   qkv:   [rows, (H + 2 Hkv) * D] this step's projections of q, k, v (biases added), rows qkv_ld floats apart
-   cos, sin: [rows, D] the rotary table at each row's position (sin with rotate_half's sign folded in)
-   kc, vc: the layer's cache [R, Hkv, smax, D]; row b writes its k, v at slot pos[b] of cache row crow[b] and
-           attends to slots [lo[b], pos[b]]
-   out:   [rows, H * D]
-   Grouped-query heads: q head j uses kv head j / (H / Hkv). Each (row, kv head) is one task whose sums run in a
-   fixed order, so the result does not depend on the number of threads. */
-void ll_attend_decode(const float *qkv, int64_t qkv_ld, int64_t rows, int64_t H, int64_t Hkv, int64_t D,
-                      const float *cos, const float *sin, float *kc, float *vc, int64_t smax, const int64_t *crow,
-                      const int64_t *pos, const int64_t *lo, float scale, float *out) {
+/* Where one row of a decode step keeps its K/V: its cache row's layer 0 ([Hkv, smax, D] floats each), how far
+   apart layers are, the cache length and the slot (= position) it writes this step. Rows of one step may belong to
+   different caches (several sessions batched). */
+typedef struct {
+    float *k, *v;
+    int64_t layer_stride;
+    int64_t smax;
+    int64_t pos;
+} ll_kvrow;
+
+/* One (row, kv head) of a decode step's attention in layer `layer`: rotary on k (written to the cache at pos)
+   and on the G query heads of this kv head, softmax(q k / sqrt(D)) v over slots [lo, pos] in a fixed order.
+   x: the row's projections [(H + 2 Hkv) * D]; c, s: the rotary table at pos; out: the row's [H * D]. */
+static void attend_head(const float *x, const float *c, const float *s, const ll_kvrow *kv, int64_t layer,
+                        int64_t lo, int64_t H, int64_t Hkv, int64_t D, int64_t h, float scale, float *out) {
     const int64_t G = H / Hkv, half = D / 2;
-#pragma omp parallel for schedule(static) if (rows * Hkv > 1 && rows * Hkv * (pos[0] + 1) * D > (1 << 16))
-    for (int64_t task = 0; task < rows * Hkv; task++) {
-        const int64_t b = task / Hkv, h = task % Hkv;
-        const float *x = qkv + b * qkv_ld, *c = cos + b * D, *s = sin + b * D;
-        float *krow = kc + ((crow[b] * Hkv + h) * smax) * D, *vrow = vc + ((crow[b] * Hkv + h) * smax) * D;
-        const float *kn = x + (H + h) * D, *vn = x + (H + Hkv + h) * D;
-        float *kslot = krow + pos[b] * D, *vslot = vrow + pos[b] * D;
-        for (int64_t d = 0; d < D; d++) {
-            float swapped = d < half ? kn[d + half] : kn[d - half];
-            kslot[d] = kn[d] * c[d] + swapped * s[d];
-            vslot[d] = vn[d];
-        }
-        const int64_t n = pos[b] - lo[b] + 1;
-        float qr[512], p_stack[2048];
-        float *p = n <= 2048 ? p_stack : (float *)malloc((size_t)n * sizeof(float));
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t j = h * G + g;
-            const float *qn = x + j * D;
-            for (int64_t d = 0; d < D; d++) {
-                float swapped = d < half ? qn[d + half] : qn[d - half];
-                qr[d] = qn[d] * c[d] + swapped * s[d];
-            }
-            float m = -INFINITY;
-            for (int64_t t = 0; t < n; t++) {
-                p[t] = dot_f32(qr, krow + (lo[b] + t) * D, D) * scale;
-                m = fmaxf(m, p[t]);
-            }
-            float sum = 0.f;
-            for (int64_t t = 0; t < n; t++) {
-                p[t] = expf(p[t] - m);
-                sum += p[t];
-            }
-            float *o = out + b * H * D + j * D, inv = 1.f / sum;
-            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-            for (int64_t t = 0; t < n; t++) {
-                const float *vv = vrow + (lo[b] + t) * D;
-                const float w = p[t] * inv;
-                for (int64_t d = 0; d < D; d++) o[d] += w * vv[d];
-            }
-        }
-        if (p != p_stack) free(p);
+    float *krow = kv->k + layer * kv->layer_stride + h * kv->smax * D;
+    float *vrow = kv->v + layer * kv->layer_stride + h * kv->smax * D;
+    const float *kn = x + (H + h) * D, *vn = x + (H + Hkv + h) * D;
+    float *kslot = krow + kv->pos * D, *vslot = vrow + kv->pos * D;
+    for (int64_t d = 0; d < D; d++) {
+        float swapped = d < half ? kn[d + half] : kn[d - half];
+        kslot[d] = kn[d] * c[d] + swapped * s[d];
+        vslot[d] = vn[d];
     }
+    const int64_t n = kv->pos - lo + 1;
+    float qr[512], p_stack[2048];
+    float *p = n <= 2048 ? p_stack : (float *)malloc((size_t)n * sizeof(float));
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t j = h * G + g;
+        const float *qn = x + j * D;
+        for (int64_t d = 0; d < D; d++) {
+            float swapped = d < half ? qn[d + half] : qn[d - half];
+            qr[d] = qn[d] * c[d] + swapped * s[d];
+        }
+        float m = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            p[t] = dot_f32(qr, krow + (lo + t) * D, D) * scale;
+            m = fmaxf(m, p[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            p[t] = expf(p[t] - m);
+            sum += p[t];
+        }
+        float *o = out + j * D, inv = 1.f / sum;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float *vv = vrow + (lo + t) * D;
+            const float w = p[t] * inv;
+            for (int64_t d = 0; d < D; d++) o[d] += w * vv[d];
+        }
+    }
+    if (p != p_stack) free(p);
+}
+
+/* One quantized transformer layer, as `ll_decode_layers` runs it. */
+typedef struct {
+    const ll_weight *qkv, *o, *gate_up, *down;
+    const float *attn_norm, *mlp_norm;
+    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* NULL: none */
+    int64_t window;                                            /* sliding window (0: none) */
+} ll_layer;
+
+static void add_bias(float *y, const float *bias, int64_t rows, int64_t n) {
+    if (!bias) return;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < n; j++) y[r * n + j] += bias[j];
+}
+
+/* Bytes of scratch `ll_decode_layers` needs for `rows` rows. */
+int64_t ll_decode_scratch_bytes(const ll_layer *L, int64_t nlayers, int64_t rows, int64_t H, int64_t Hkv, int64_t D,
+                                int64_t inter) {
+    int64_t lin = 0;
+    for (int64_t i = 0; i < nlayers; i++) {
+        const ll_weight *w[4] = {L[i].qkv, L[i].o, L[i].gate_up, L[i].down};
+        for (int j = 0; j < 4; j++) {
+            int64_t b = ll_scratch_bytes(w[j], rows);
+            lin = b > lin ? b : lin;
+        }
+    }
+    return 4 * rows * ((H + 2 * Hkv) * D + H * D + 2 * inter) + lin + 256;
+}
+
+/* A decode step (one new position per row) through `nlayers` quantized layers, in place on h [rows, hidden]:
+   per layer h += o(attention(rotary(qkv(rmsnorm(h))))) and h += down(swiglu(gate_up(rmsnorm(h)))), the same calls
+   in the same order as the layer-by-layer path, so the numbers are the same; cos, sin: [rows, D] at each row's
+   position; kv: where each row keeps its K/V. One call instead of a few dozen from Python per token. */
+void ll_decode_layers(const ll_layer *L, int64_t nlayers, float *h, int64_t rows, int64_t hidden, int64_t H,
+                      int64_t Hkv, int64_t D, int64_t inter, float eps, const float *cos, const float *sin,
+                      const ll_kvrow *kv, float scale, void *scratch, int nthreads) {
+    const int64_t nqkv = (H + 2 * Hkv) * D;
+    float *qkv = (float *)scratch, *att = qkv + rows * nqkv, *gu = att + rows * H * D;
+    void *lin = gu + rows * 2 * inter;
+    for (int64_t i = 0; i < nlayers; i++) {
+        const ll_layer *l = &L[i];
+        ll_linear(l->qkv, h, hidden, rows, qkv, nqkv, PRE_RMSNORM, l->attn_norm, eps, 0, lin, nthreads);
+        add_bias(qkv, l->qkv_bias, rows, nqkv);
+        int64_t longest = 0;
+        for (int64_t b = 0; b < rows; b++) longest = kv[b].pos > longest ? kv[b].pos : longest;
+#pragma omp parallel for schedule(static) num_threads(nthreads) \
+    if (nthreads > 1 && rows * Hkv > 1 && rows * Hkv * (longest + 1) * D > (1 << 16))
+        for (int64_t task = 0; task < rows * Hkv; task++) {
+            const int64_t b = task / Hkv, hh = task % Hkv;
+            const int64_t lo = l->window > 0 && kv[b].pos - l->window + 1 > 0 ? kv[b].pos - l->window + 1 : 0;
+            attend_head(qkv + b * nqkv, cos + b * D, sin + b * D, &kv[b], i, lo, H, Hkv, D, hh, scale,
+                        att + b * H * D);
+        }
+        ll_linear(l->o, att, H * D, rows, h, hidden, PRE_NONE, NULL, 0.f, 1, lin, nthreads);
+        add_bias(h, l->o_bias, rows, hidden);
+        ll_linear(l->gate_up, h, hidden, rows, gu, 2 * inter, PRE_RMSNORM, l->mlp_norm, eps, 0, lin, nthreads);
+        add_bias(gu, l->gate_up_bias, rows, 2 * inter);
+        ll_linear(l->down, gu, 2 * inter, rows, h, hidden, PRE_SWIGLU, NULL, 0.f, 1, lin, nthreads);
+        add_bias(h, l->down_bias, rows, hidden);
+    }
+}
+
+/* `ll_gemm` for a matrix in the x8 layout (tests). */
+void ll_gemm_x8(int t, const void *w, int64_t n, int64_t k, const void *xq, int64_t rows, float *y) {
+#if LL_AVX2
+    const int64_t lx = act_row_bytes(act_kind(t), k), rb = ll_row_bytes(t, k);
+    for (int64_t g = 0; g < n / 8; g++)
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+            const int R = rows - r0 < 4 ? (int)(rows - r0) : 4;
+            float v[32];
+            x8_rows(t, (const char *)w + g * 8 * rb, k / QK, (const char *)xq + r0 * lx, lx, R, v);
+            for (int r = 0; r < R; r++)
+                for (int l = 0; l < 8; l++) y[(r0 + r) * n + 8 * g + l] = v[8 * r + l];
+        }
+#else
+    (void)t, (void)w, (void)n, (void)k, (void)xq, (void)rows, (void)y;
+#endif
 }

@@ -31,7 +31,7 @@ TILE_FLOATS = 1 << 18  # floats in one dequantized tile (1 MiB)
 
 
 class _Part(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", ctypes.c_int64), ("w", ctypes.c_void_p)]
+    _fields_ = [("type", ctypes.c_int32), ("layout", ctypes.c_int32), ("n", ctypes.c_int64), ("w", ctypes.c_void_p)]
 
 
 class _Weight(ctypes.Structure):
@@ -64,7 +64,8 @@ class QuantLinear:
         if len({p.shape[1] for p in parts}) != 1:
             raise ValueError("the parts of a quantized linear must have the same number of columns")
         self.lib = kernels()
-        self.parts = parts
+        self.parts = [p.repacked() for p in parts]  # interleaved where the kernels can (same bytes)
+        parts = self.parts
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
@@ -73,12 +74,10 @@ class QuantLinear:
         self._desc = _Weight()
         self._desc.nparts, self._desc.k = len(parts), self.in_features
         for i, p in enumerate(parts):
-            self._desc.parts[i].type, self._desc.parts[i].n, self._desc.parts[i].w = (
-                p.qtype,
-                p.shape[0],
-                p.data.data_ptr(),
-            )
+            d = self._desc.parts[i]
+            d.type, d.layout, d.n, d.w = p.qtype, p.layout, p.shape[0], p.data.data_ptr()
         self._ptr = ctypes.addressof(self._desc)
+        self.ptr = self._ptr  # the kernels' descriptor of this weight (ll_weight *)
         self._scratch_per_row = self.lib.ll_scratch_bytes(self._ptr, 1)
 
     @property
@@ -132,6 +131,7 @@ class QuantLinear:
                 eps,
                 1 if add_to is not None else 0,
                 scratch.data_ptr(),
+                torch.get_num_threads(),
             )
         if self.bias is not None:
             out.add_(self.bias)
@@ -154,7 +154,9 @@ class QuantLinear:
         for p in self.parts:
             for r0 in range(0, p.shape[0], tile_rows):
                 n = min(tile_rows, p.shape[0] - r0)
-                self.lib.ll_dequant(p.qtype, p.data.data_ptr(), r0, n, k, tile.data_ptr())
+                self.lib.ll_dequant(
+                    p.qtype, p.layout, p.data.data_ptr(), r0, n, k, tile.data_ptr(), torch.get_num_threads()
+                )
                 torch.mm(tile[:n], x2.t(), out=y_t[col + r0 : col + r0 + n])
             col += p.shape[0]
         if add:
@@ -178,7 +180,6 @@ class QuantEmbedding:
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         hidden = self.table.shape[1]
         out = torch.empty(flat.numel(), hidden, dtype=torch.float32)
-        self.lib.ll_gather(
-            self.table.qtype, self.table.data.data_ptr(), hidden, flat.data_ptr(), flat.numel(), out.data_ptr()
-        )
+        t = self.table
+        self.lib.ll_gather(t.qtype, t.layout, t.data.data_ptr(), hidden, flat.data_ptr(), flat.numel(), out.data_ptr())
         return out.view(*ids.shape, hidden)

@@ -1,0 +1,131 @@
+"""A decode step through all of a stage's quantized layers in one call to the kernels (`ll_decode_layers`): per
+layer the q/k/v projection with its RMSNorm, rotary, the write into the KV cache, attention, the output projection
+and its residual, the gate/up projection with its RMSNorm, SwiGLU, the down projection and its residual.
+
+Why one call: at batch 1 a small model's layer is a few tens of microseconds of kernels, and driving it from
+Python (five kernel calls, their arguments, the tensors in between) cost about as much again. The calls inside are
+the ones the layer-by-layer path (`QuantBlock.step`) makes, in the same order, so the numbers are the same.
+
+Why its own attention and not torch's scaled_dot_product_attention: that kernel splits the keys of a one-query
+step across threads once there are a few dozen, so its rounding depends on the thread count; on 8-bit activations a
+last-bit difference becomes a different rounding now and then, and a replica with another thread count would
+generate other tokens than the stage it replaces. Here every (row, KV head) is one task summing in a fixed order.
+
+`DecodeRows.of` says where each row of a step keeps its K/V (rows may be different sessions' caches), or None when
+the step is not one this path takes (more than one column, a padding row, an unusual cache), and the stage then
+goes layer by layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from layerline.kv_cache import ForwardPlan, KVCache
+from layerline.quant.build import kernels
+
+MAX_HEAD_DIM = 512  # the kernel keeps one rotated query head on its stack
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("qkv", "o", "gate_up", "down", "attn_norm", "mlp_norm")),
+        *((name, ctypes.c_void_p) for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias")),
+        ("window", ctypes.c_int64),
+    ]
+
+
+class _KVRow(ctypes.Structure):
+    _fields_ = [
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("layer_stride", ctypes.c_int64),
+        ("smax", ctypes.c_int64),
+        ("pos", ctypes.c_int64),
+    ]
+
+
+class DecodeRows:
+    """Where each row of a decode step keeps its K/V, for `StageDecoder`."""
+
+    def __init__(self, rows: list[tuple[KVCache, int, int]]) -> None:  # (cache, cache row, position)
+        self.count = len(rows)
+        self.array = (_KVRow * len(rows))()
+        for slot, (cache, r, pos) in zip(self.array, rows, strict=True):
+            _, R, Hkv, S, D = cache.k.shape
+            offset = r * Hkv * S * D * 4
+            slot.k, slot.v = cache.k.data_ptr() + offset, cache.v.data_ptr() + offset
+            slot.layer_stride, slot.smax, slot.pos = R * Hkv * S * D, S, pos
+
+    @staticmethod
+    def of(plans: Sequence[ForwardPlan], caches: Sequence[KVCache | None], head_dim: int) -> DecodeRows | None:
+        rows = []
+        for plan, cache in zip(plans, caches, strict=True):
+            if cache is None or plan.width != 1 or head_dim > MAX_HEAD_DIM:
+                return None
+            if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or not cache.k.is_contiguous():
+                return None
+            for r, n in zip(plan.cache_rows, plan.new_lengths, strict=True):
+                if cache.lengths[r] != n - 1:
+                    return None  # a padding row (it adds no position)
+                rows.append((cache, r, n - 1))
+        return DecodeRows(rows)
+
+
+_scratch = threading.local()
+
+
+class StageDecoder:
+    """The layers of a quantized stage as the kernels' layer descriptors (built once; the linears, norms and
+    biases they point to stay owned by the blocks)."""
+
+    def __init__(self, blocks: Sequence, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float):
+        self.lib = kernels()
+        self.blocks = list(blocks)  # keeps what the descriptors point to alive
+        self.heads, self.kv_heads, self.head_dim, self.intermediate, self.eps = (
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate,
+            eps,
+        )
+        self.layers = (_Layer * len(self.blocks))()
+        for d, b in zip(self.layers, self.blocks, strict=True):
+            d.qkv, d.o, d.gate_up, d.down = b.qkv.ptr, b.o.ptr, b.gate_up.ptr, b.down.ptr
+            d.attn_norm, d.mlp_norm = b.attn_norm.data_ptr(), b.mlp_norm.data_ptr()
+            for name, lin in (("qkv_bias", b.qkv), ("o_bias", b.o), ("gate_up_bias", b.gate_up), ("down_bias", b.down)):
+                setattr(d, name, None if lin.bias is None else lin.bias.data_ptr())
+            d.window = b.window or 0
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> None:
+        """h [B, 1, hidden] (float32, contiguous, the stage's own: updated in place); cos, sin: [B, ..., D] at each
+        row's position."""
+        B, D = rows.count, self.head_dim
+        cos, sin = cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()
+        need = self.lib.ll_decode_scratch_bytes(
+            self.layers, len(self.blocks), B, self.heads, self.kv_heads, D, self.intermediate
+        )
+        scratch = getattr(_scratch, "buffer", None)
+        if scratch is None or scratch.numel() < need:
+            scratch = _scratch.buffer = torch.empty(need, dtype=torch.uint8)
+        self.lib.ll_decode_layers(
+            self.layers,
+            len(self.blocks),
+            h.data_ptr(),
+            B,
+            h.shape[-1],
+            self.heads,
+            self.kv_heads,
+            D,
+            self.intermediate,
+            self.eps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            rows.array,
+            D**-0.5,
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+        )
