@@ -453,7 +453,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_path(path)
     pipe = LocalPipeline.load(path, ranges, weights=_weight_format(args))
-    logger.info("loaded %s as stages %s in %.1f s", path, ranges, time.perf_counter() - t0)
+    logger.info(
+        "loaded %s as stages %s in %.1f s: %.1f MiB of weights (%s)",
+        path,
+        ranges,
+        time.perf_counter() - t0,
+        sum(s.weight_bytes() for s in pipe.stages) / (1 << 20),
+        pipe.stages[0].weight_summary(),
+    )
     if args.raw or not tokenizer.chat_template:
         prompt_ids = tokenizer.encode(args.prompt)
     else:

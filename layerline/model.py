@@ -385,8 +385,6 @@ class StageModel(nn.Module):
         self.embed_in_head = self.is_first and self.is_last and config.tie_word_embeddings  # one copy, two roles
         if self.is_first:
             table = w["model.embed_tokens.weight"]
-            if self.head_q is not None and config.tie_word_embeddings:
-                table = self.head_q.parts[0]  # one table, as the head holds it (interleaved)
             if isinstance(table, QTensor):
                 self.embed_q = QuantEmbedding(table)
                 self.embed_in_head = False

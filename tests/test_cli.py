@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
+from layerline.checkpoint import open_checkpoint
 from layerline.cli import main
+from layerline.model import expected_tensors
 from layerline.model_source import resolve_model
 from layerline.tokenizer import Tokenizer
 from tiny_models import TinySpec
@@ -89,10 +91,47 @@ def test_stage_refuses_packed_weights_it_cannot_use(tiny_checkpoint):
     assert "Traceback" not in out.stderr
 
 
-def test_info():
-    out = layerline("info", "--model", "smollm2")
+def test_stage_refuses_weight_options_that_do_not_go_together(smollm2_path):
+    out = layerline("stage", "--model", smollm2_path, "--layers", "0:2", "--pack-weights")
+    assert out.returncode == 2, out.stderr  # the file's Q4_1 blocks: nothing to pack
+    assert "--pack-weights is for float weights; this stage's weights are quantized" in out.stderr
+    out = layerline("stage", "--layers", "0:2", "--quantize", "int4", "--dtype", "bfloat16")
+    assert out.returncode == 2, out.stderr
+    assert "quantized weights compute in float32; --dtype bfloat16 cannot go with --quantize int4" in out.stderr
+    out = layerline("stage", "--layers", "0:2", "--quantize", "int3")
+    assert out.returncode == 2 and "invalid choice: 'int3'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_info_prints_each_stages_memory_in_every_form(smollm2_path):
+    out = layerline("info", "--model", "smollm2", "--layers", "12,18")
     assert out.returncode == 0, out.stderr
     assert "num_layers: 30" in out.stdout and "num_kv_heads: 3" in out.stdout
+    assert "tensor types: Q4_1 210, F32 61, Q8_0 1" in out.stdout
+    rows = {
+        line.split()[1]: line.split()[2:]
+        for line in out.stdout.splitlines()
+        if line.startswith("  0 ") or line.startswith("  1 ")
+    }
+    ckpt = open_checkpoint(smollm2_path)
+    for span, (a, b) in (("0:12", (0, 12)), ("12:30", (12, 30))):
+        stored, float32, bf16, int8, int4 = (float(v) for v in rows[span])
+        assert stored == round(ckpt.stored_bytes(list(expected_tensors(ckpt.config, a, b))) / 2**20, 1)
+        assert float32 > 4 * stored and bf16 == pytest.approx(float32 / 2, abs=0.2) and stored < int8
+        assert int4 == stored  # the file's own form: Q4_1 layers, a Q8_0 embedding
+
+
+def test_run_quantizes_a_float_checkpoint_at_load(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(TinySpec("llama", layers=2, hidden=64, intermediate=128))
+    runs = {"float32": (), "Q8_0": ("--quantize", "int8"), "Q4_1": ("--quantize", "int4")}
+    for held, extra in runs.items():
+        out = layerline(
+            "--log-level", "INFO", "run", "--model", folder, "--raw", "--json", "--max-new-tokens", "6", *extra, "hi"
+        )
+        assert out.returncode == 0, out.stderr
+        assert len(json.loads(out.stdout)["token_ids"]) == 6
+        line = next(line for line in out.stderr.splitlines() if "MiB of weights (" in line)
+        assert held in line and ("quantized: " in line) == (held != "float32"), line
 
 
 def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path):

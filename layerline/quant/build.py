@@ -125,7 +125,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ll_dequant": (None, [i32, i32, p, i64, i64, i64, p, i32]),
         "ll_gather": (None, [i32, i32, p, i64, p, i64, p]),
         "ll_x8_supported": (i32, [i32]),
-        "ll_repack_x8": (i32, [i32, p, i64, i64, p]),
+        "ll_repack_x8": (i32, [i32, p, i64, i64]),
         "ll_gemm_x8": (None, [i32, p, i64, i64, p, i64, p]),
         "ll_gemm": (None, [i32, p, i64, i64, p, i64, p]),
         "ll_gemm_ref": (None, [i32, p, i64, i64, p, i64, p]),

@@ -879,16 +879,22 @@ static inline int block_value(int t, const uint8_t *blk, int j) {
 
 int ll_x8_supported(int t) { return LL_AVX2 && x8_type(t); }
 
-/* The x8 layout of an n x k matrix (n a multiple of 8); -1 where it does not apply. */
-int ll_repack_x8(int t, const void *src, int64_t n, int64_t k, void *dst) {
+/* An n x k matrix (n a multiple of 8) turned into the x8 layout in place: a group of 8 rows takes the same bytes
+in both layouts, so each is copied aside and written back interleaved (no second copy of the matrix, even for a
+moment). -1 (and nothing changed) where the layout does not apply. */
+int ll_repack_x8(int t, void *w, int64_t n, int64_t k) {
     if (!ll_x8_supported(t) || n % 8 || k % QK) return -1;
     const int64_t nb = k / QK, bb = block_bytes(t), gb = 8 * bb, rb = nb * bb;
-    memset(dst, 0, (size_t)(n * rb));
+    uint8_t *src = (uint8_t *)malloc((size_t)(8 * rb));
+    if (!src) return -1;
     for (int64_t g = 0; g < n / 8; g++) {
+        uint8_t *group = (uint8_t *)w + g * 8 * rb;
+        memcpy(src, group, (size_t)(8 * rb));
+        memset(group, 0, (size_t)(8 * rb));
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *o = (uint8_t *)dst + (g * nb + b) * gb, *q = o + x8_quants_offset(t);
+            uint8_t *o = group + b * gb, *q = o + x8_quants_offset(t);
             for (int l = 0; l < 8; l++) {
-                const uint8_t *blk = (const uint8_t *)src + (8 * g + l) * rb + b * bb;
+                const uint8_t *blk = src + l * rb + b * bb;
                 memcpy(o + 2 * l, blk, 2); /* d */
                 if (t == T_Q4_1) memcpy(o + 16 + 2 * l, blk + 2, 2); /* m */
                 uint32_t qh = 0;
@@ -910,6 +916,7 @@ int ll_repack_x8(int t, const void *src, int64_t n, int64_t k, void *dst) {
             }
         }
     }
+    free(src);
     return 0;
 }
 

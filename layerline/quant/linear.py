@@ -64,8 +64,7 @@ class QuantLinear:
         if len({p.shape[1] for p in parts}) != 1:
             raise ValueError("the parts of a quantized linear must have the same number of columns")
         self.lib = kernels()
-        self.parts = [p.repacked() for p in parts]  # interleaved where the kernels can (same bytes)
-        parts = self.parts
+        self.parts = [p.repack() for p in parts]  # interleaved in place where the kernels can (same bytes)
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
