@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import socket
@@ -62,7 +63,16 @@ def build_llama_cpp(cache: str) -> dict[str, str]:
     """The binaries in TARGETS, built once into cache/llamacpp."""
     root = os.path.join(cache, "llamacpp")
     binaries = {t: os.path.join(root, "build", "bin", t) for t in TARGETS}
-    if all(os.path.exists(b) for b in binaries.values()):
+    flags = ["-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # -march=native, less AMX: on a CPU that reports AMX, ggml's tile kernels are compiled in and used for
+        # prompt processing without asking whether the OS lets this process use the tile state, and in a VM
+        # that does not they die on their first tileloadd (SIGILL). layerline's kernels use no AMX either.
+        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        flags += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
+    stamp = os.path.join(root, "build", "layerline-flags.txt")
+    built_with = open(stamp).read() if os.path.exists(stamp) else None
+    if all(os.path.exists(b) for b in binaries.values()) and built_with == " ".join(flags):
         return binaries
     src = os.path.join(root, "src")
     vendored = os.path.join(src, f"llama_cpp_python-{LLAMA_CPP_PYTHON}", "vendor", "llama.cpp")
@@ -73,10 +83,11 @@ def build_llama_cpp(cache: str) -> dict[str, str]:
             tar.extractall(src, filter="data")
     build = os.path.join(root, "build")
     print(f"building llama.cpp into {build} (about 15 minutes on 2 cores, once)", file=sys.stderr)
-    flags = ["-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF"]
     subprocess.run(["cmake", "-S", vendored, "-B", build, *flags], check=True, stdout=subprocess.DEVNULL)
     jobs = str(os.cpu_count() or 2)
     subprocess.run(["cmake", "--build", build, "--target", *TARGETS, "-j", jobs], check=True, stdout=subprocess.DEVNULL)
+    with open(stamp, "w") as f:
+        f.write(" ".join(flags))
     return binaries
 
 

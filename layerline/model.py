@@ -443,15 +443,18 @@ class StageModel(nn.Module):
                 total += t.nbytes
         return total + self.packed_bytes
 
+    def quant_linears(self) -> list:
+        """The quantized matmuls of this stage (QuantLinear), layer by layer, then the LM head's."""
+        linears = [lin for b in self.layers if isinstance(b, QuantBlock) for lin in (b.qkv, b.o, b.gate_up, b.down)]
+        return linears + ([] if self.head_q is None else [self.head_q])
+
     def weight_summary(self) -> str:
         """What the matmul weights are held as, by type and bytes, e.g. "quantized: Q4_K 61.2 MiB, Q6_K 20.1 MiB"
         (or "float32")."""
         if not self.quantized:
             return str(self.dtype).removeprefix("torch.")
         counts: dict[str, int] = {}
-        linears = [lin for b in self.layers if isinstance(b, QuantBlock) for lin in (b.qkv, b.o, b.gate_up, b.down)]
-        parts = [p for lin in linears for p in lin.parts]
-        parts += [] if self.head_q is None else self.head_q.parts
+        parts = [p for lin in self.quant_linears() for p in lin.parts]
         if self.embed_q is not None and all(p is not self.embed_q.table for p in parts):
             parts.append(self.embed_q.table)
         for p in parts:

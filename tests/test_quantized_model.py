@@ -73,13 +73,25 @@ def test_a_gguf_file_stays_quantized_and_computes_what_the_exact_mode_does(tiny_
 
 
 def test_many_rows_are_computed_from_decoded_tiles_exactly(tiny_gguf, monkeypatch):
-    path = tiny_gguf(TinySpec("llama", layers=4, kv_heads=2), "Q4_1")
+    path = tiny_gguf(TinySpec("llama", layers=4, kv_heads=2), "Q5_1")  # a type the kernels keep in row layout
     quantized, exact = LocalPipeline.load(path, [(0, 4)]), LocalPipeline.load(path, [(0, 4)], torch.float32)
+    assert not any(lin.interleaved for lin in quantized.stages[0].quant_linears())
     ids = torch.randint(0, 300, (1, qlinear.TILE_MIN_ROWS + 3), generator=torch.Generator().manual_seed(1))
     # float activations times decoded weights: the exact mode's numbers up to summation order
     assert rel(quantized.forward(ids), exact.forward(ids)) < 1e-4
     monkeypatch.setattr(qlinear, "TILE_MIN_ROWS", 1 << 30)  # the same rows through the 8-bit kernels
     assert rel(quantized.forward(ids), exact.forward(ids)) < 0.05
+
+
+def test_interleaved_weights_take_the_kernels_at_every_row_count(tiny_gguf, monkeypatch):
+    path = tiny_gguf(TinySpec("llama", layers=4, kv_heads=2), "Q4_1")
+    quantized, exact = LocalPipeline.load(path, [(0, 4)]), LocalPipeline.load(path, [(0, 4)], torch.float32)
+    assert all(lin.interleaved for lin in quantized.stages[0].quant_linears())
+    ids = torch.randint(0, 300, (1, qlinear.TILE_MIN_ROWS + 3), generator=torch.Generator().manual_seed(1))
+    many = quantized.forward(ids)
+    assert 1e-4 < rel(many, exact.forward(ids)) < 0.05  # 8-bit activations: not the tiles' float numbers
+    monkeypatch.setattr(qlinear, "TILE_MIN_ROWS", 1 << 30)
+    assert torch.equal(quantized.forward(ids), many)
 
 
 def test_batched_sessions_on_quantized_weights_equal_each_session_alone(tiny_gguf):

@@ -67,6 +67,8 @@ def _attempts(cc: str, out: str) -> list[list[str]]:
     # group of rows must give the same bits (batched sessions equal each session alone)
     base = [cc, "-O3", "-std=gnu11", "-ffp-contract=off", "-fPIC", "-shared", "-o", out, SOURCE, "-lm"]
     native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64", "i686") else ["-mcpu=native"]
+    # extra flags after the CPU's own, e.g. "-mno-avx512vnni -mno-avxvnni" to time the plain AVX2 paths
+    native += os.environ.get("LAYERLINE_KERNEL_FLAGS", "").split()
     return [base + native + ["-fopenmp"], base + native, base + ["-fopenmp"], base]
 
 
@@ -164,5 +166,5 @@ def available() -> str:
 
 
 def simd() -> str:
-    """The instruction set the loaded kernels use ("avx2" or "c")."""
-    return {2: "avx2"}.get(kernels().ll_simd(), "c")
+    """The instruction set the loaded kernels use ("avx2+vnni", "avx2" or "c")."""
+    return {3: "avx2+vnni", 2: "avx2"}.get(kernels().ll_simd(), "c")

@@ -34,6 +34,18 @@
 #define LL_AVX2 0
 #endif
 
+/* VNNI (AVX512-VNNI with VL, or AVX-VNNI): one instruction for "unsigned bytes times signed bytes, summed in fours,
+   added to int32 lanes"; the same integers as AVX2's maddubs + madd (no sum here can saturate an int16). */
+#if LL_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LL_VNNI 1
+#define dpbusd(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif LL_AVX2 && defined(__AVXVNNI__)
+#define LL_VNNI 1
+#define dpbusd(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#else
+#define LL_VNNI 0
+#endif
+
 /* GGML type numbers (gguf.GGMLQuantizationType) */
 enum {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
@@ -183,7 +195,7 @@ int64_t ll_row_bytes(int t, int64_t k) {
 
 int ll_supported(int t) { return block_values(t) != 0; }
 
-int ll_simd(void) { return LL_AVX2 ? 2 : 0; }
+int ll_simd(void) { return LL_AVX2 ? (LL_VNNI ? 3 : 2) : 0; }
 
 /* The size of the team a parallel region asked for `nthreads` gets (1 without OpenMP). */
 int ll_threads(int nthreads) {
@@ -641,7 +653,11 @@ static inline __m256i bits32(const uint8_t *p) {
 
 /* unsigned bytes u (< 128) times signed bytes s, summed in fours -> 8 int32 */
 static inline __m256i dot_us(__m256i u, __m256i s) {
+#if LL_VNNI
+    return dpbusd(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 #define LL_INLINE static inline __attribute__((always_inline))
@@ -957,7 +973,10 @@ static inline __m256i bcast4(const int8_t *p) {
 
 /* The 8 rows of group `g` (its first group-block) against R activation rows: out[r * 8 + l] for row l. */
 LL_INLINE void x8_rows_R(int t, const char *g, int64_t nb, const char *xa, int64_t lx, const int R, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1), h16 = _mm256_set1_epi8(0x10);
+    const __m256i m4 = _mm256_set1_epi8(0xF), h16 = _mm256_set1_epi8(0x10);
+#if !LL_VNNI
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
     const int64_t gb = 8 * block_bytes(t), qo = x8_quants_offset(t);
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -972,8 +991,12 @@ LL_INLINE void x8_rows_R(int t, const char *g, int64_t nb, const char *xa, int64
                 const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * s)), aw = _mm256_sign_epi8(w, w);
                 for (int r = 0; r < R; r++) {
                     const __m256i xv = bcast4(((const act_a8 *)(xa + r * lx))[b].qs + 4 * s);
+#if LL_VNNI
+                    sumi[r] = dpbusd(sumi[r], aw, _mm256_sign_epi8(xv, w));
+#else
                     const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w));
                     sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, ones));
+#endif
                 }
             }
         } else {
@@ -986,10 +1009,14 @@ LL_INLINE void x8_rows_R(int t, const char *g, int64_t nb, const char *xa, int64
                 }
                 for (int r = 0; r < R; r++) {
                     const int8_t *xs = ((const act_a8 *)(xa + r * lx))[b].qs + 8 * c;
+#if LL_VNNI
+                    sumi[r] = dpbusd(dpbusd(sumi[r], lo, bcast4(xs)), hi, bcast4(xs + 4));
+#else
                     /* two steps' pair sums fit int16: at most 2 x 2 x 31 x 127 */
                     const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xs)),
                                                        _mm256_maddubs_epi16(hi, bcast4(xs + 4)));
                     sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, ones));
+#endif
                 }
             }
         }

@@ -25,7 +25,9 @@ from layerline.quant.tensor import QTensor
 
 MAX_PARTS = 4
 PRE_NONE, PRE_RMSNORM, PRE_SWIGLU = 0, 1, 2
-# From this many rows on, a matmul dequantizes W in tiles and runs torch's float32 GEMM (bench/quant_kernels.py)
+# From this many rows on, a matmul on a weight in the file's row layout (the k-quants, Q5_1, F16...) dequantizes
+# it in tiles and runs torch's float32 GEMM; a weight interleaved by 8 rows (Q4_0, Q4_1, Q5_0, Q8_0) always goes
+# through the kernels, which beat the tiles at every row count measured (bench/quant_kernels.py)
 TILE_MIN_ROWS = 32
 TILE_FLOATS = 1 << 18  # floats in one dequantized tile (1 MiB)
 
@@ -65,6 +67,7 @@ class QuantLinear:
             raise ValueError("the parts of a quantized linear must have the same number of columns")
         self.lib = kernels()
         self.parts = [p.repack() for p in parts]  # interleaved in place where the kernels can (same bytes)
+        self.interleaved = all(p.layout == 8 for p in self.parts)
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
@@ -113,7 +116,7 @@ class QuantLinear:
                 raise ValueError("add_to must be a contiguous float32 tensor of the output's shape")
         else:
             out = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
-        if rows >= TILE_MIN_ROWS:
+        if rows >= TILE_MIN_ROWS and not self.interleaved:
             self._tiled(x2, out.view(rows, self.out_features), norm, eps, swiglu, add_to is not None)
         else:
             pre = PRE_RMSNORM if norm is not None else (PRE_SWIGLU if swiglu else PRE_NONE)
