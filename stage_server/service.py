@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -104,7 +105,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         config: StageConfig,
         model_name: str,
         fingerprint: str,
-        tokenizer: Callable[[], str | None] | str | None,
+        tokenizer: Callable[[], bytes | None] | bytes | None,
         model_config: ModelConfig | None = None,
     ) -> None:
         # the layers new sessions get; a session keeps the model it was opened with (Session.model), so a stage
@@ -116,8 +117,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             raise ValueError("a stage without layers needs the model's config")
         self.config = config
         self.model_name, self.fingerprint = model_name, fingerprint
-        # the tokenizer JSON served, or what builds it on the first request (see server._tokenizer_loader)
-        self._tokenizer: Callable[[], str | None] | str | None = tokenizer
+        # the tokenizer JSON served (zlib-compressed), or what builds it on the first request (server._tokenizer_loader)
+        self._tokenizer: Callable[[], bytes | None] | bytes | None = tokenizer
         self._tokenizer_lock = asyncio.Lock()
         self.sessions = SessionTable(
             config.kv_cache_bytes,
@@ -374,7 +375,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{self.model_name} has no tokenizer on this stage"
             )
-        return stage_pb2.TokenizerResponse(tokenizer_json=self._tokenizer)
+        if request.zlib:
+            return stage_pb2.TokenizerResponse(tokenizer_json_zlib=self._tokenizer)
+        return stage_pb2.TokenizerResponse(tokenizer_json=zlib.decompress(self._tokenizer).decode("utf-8"))
 
     async def Halt(self, request: stage_pb2.HaltRequest, context: grpc.aio.ServicerContext) -> stage_pb2.HaltResponse:
         session = await self._last_stage_session(request.session_id, request.client_key, context)

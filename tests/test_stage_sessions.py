@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 
 import grpc
 import pytest
 import torch
 
+import layerline.client.aio as client_aio
 from layerline.client import AsyncClient, Client, RPCError
 from layerline.pipeline import LocalPipeline
 from layerline.sampling import SamplingParams
+from layerline.tokenizer import Tokenizer
 from layerline.v1 import stage_pb2, stage_pb2_grpc
 from tiny_models import TinySpec, hf_greedy
 
@@ -159,6 +162,31 @@ def test_streamed_text_adds_up_and_stop_strings_cut(tiny, route):
                 p.text for p in client.generate("the capital of", max_new_tokens=20, stop_token_ids=[], stop=[stop])
             )
             assert streamed == cut.text
+
+
+def test_the_tokenizer_is_served_compressed_or_plain(tiny, route):
+    folder, _ = tiny
+    with grpc.insecure_channel(route[0]) as ch:
+        stub = stage_pb2_grpc.StageStub(ch)
+        packed = stub.GetTokenizer(stage_pb2.TokenizerRequest(zlib=True), timeout=30)
+        plain = stub.GetTokenizer(stage_pb2.TokenizerRequest(), timeout=30)
+    assert packed.tokenizer_json_zlib and not packed.tokenizer_json  # the stage keeps it compressed
+    assert plain.tokenizer_json and not plain.tokenizer_json_zlib  # for clients that do not ask for zlib
+    assert zlib.decompress(packed.tokenizer_json_zlib).decode() == plain.tokenizer_json
+    assert Tokenizer.from_json(plain.tokenizer_json).encode("hi") == Tokenizer.from_path(folder).encode("hi")
+
+
+def test_a_tokenizer_that_does_not_decompress_is_a_clear_error(monkeypatch):
+    bad = stage_pb2.TokenizerResponse(tokenizer_json_zlib=b"not zlib at all")
+    with pytest.raises(RPCError, match="stage:1 sent a tokenizer that does not decompress") as e:
+        client_aio._tokenizer_text(bad, "stage:1")
+    assert e.value.code == grpc.StatusCode.DATA_LOSS
+    monkeypatch.setattr(client_aio, "TOKENIZER_MAX_BYTES", 1000)
+    bomb = stage_pb2.TokenizerResponse(tokenizer_json_zlib=zlib.compress(b" " * 5000))
+    with pytest.raises(RPCError, match="more than 1000 bytes"):
+        client_aio._tokenizer_text(bomb, "stage:1")
+    ok = stage_pb2.TokenizerResponse(tokenizer_json_zlib=zlib.compress('{"é": 1}'.encode()))
+    assert client_aio._tokenizer_text(ok, "stage:1") == '{"é": 1}'
 
 
 def test_stop_token_ends_generation(tiny, route):

@@ -258,11 +258,15 @@ class HaltResponse(_message.Message):
     def __init__(self, running: _Optional[bool] = ...) -> None: ...
 
 class TokenizerRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("zlib",)
+    ZLIB_FIELD_NUMBER: _ClassVar[int]
+    zlib: bool
+    def __init__(self, zlib: _Optional[bool] = ...) -> None: ...
 
 class TokenizerResponse(_message.Message):
-    __slots__ = ("tokenizer_json",)
+    __slots__ = ("tokenizer_json", "tokenizer_json_zlib")
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_ZLIB_FIELD_NUMBER: _ClassVar[int]
     tokenizer_json: str
-    def __init__(self, tokenizer_json: _Optional[str] = ...) -> None: ...
+    tokenizer_json_zlib: bytes
+    def __init__(self, tokenizer_json: _Optional[str] = ..., tokenizer_json_zlib: _Optional[bytes] = ...) -> None: ...
