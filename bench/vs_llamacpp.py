@@ -440,7 +440,8 @@ def main() -> None:
     files = {"smollm2": smollm2_file, "qwen-coder": lambda: qwen_file(args.cache)}
     lines = [
         f"Batch 1, greedy, {args.tokens} decode tokens per run, medians of {args.repeats} interleaved repeats; llama.cpp "
-        f"built from the vendored source of llama-cpp-python {LLAMA_CPP_PYTHON} (GGML_RPC on, its default CPU flags).",
+        f"built from the vendored source of llama-cpp-python {LLAMA_CPP_PYTHON} (GGML_RPC on, -march=native less AMX: "
+        "ggml's AMX kernels die with SIGILL on VMs that report AMX; layerline uses none either).",
         f"Machine: {benchlib.machine()}.",
         "",
     ]

@@ -528,6 +528,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fewer_malloc_arenas() -> None:
+    """glibc gives each thread that allocates an arena of its own (up to 8 per core), and the free pages of each
+    stay resident: a stage's gRPC, compute and OpenMP threads allocate little, so two arenas do (some MiB less
+    resident memory per stage, measured). Before any thread starts; a MALLOC_ARENA_MAX the user set stands."""
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -538,6 +552,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from layerline.stage_server.server import print_ready, serve
 
     die_with_parent()
+    _fewer_malloc_arenas()
     if args.cpus is not None:
         try:
             os.sched_setaffinity(0, args.cpus)  # before torch starts any thread: they all inherit it
