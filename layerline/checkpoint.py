@@ -18,6 +18,7 @@ import torch
 
 from layerline import progress
 from layerline.config import ModelConfig
+from layerline.devices import resolve_device, weights_for
 from layerline.errors import CheckpointError
 from layerline.gguf_model import GGUFCheckpoint
 from layerline.model import StageModel, check_range, expected_tensors
@@ -154,7 +155,9 @@ def load_stage(
     The weights' form follows `quant.resolve(dtype, quantize)`: with no dtype, a GGUF file's quantized blocks are
     kept as they are (computed in float32); a dtype asks for every weight dequantized to it (the exact mode);
     `quantize` ("int8" / "int4") quantizes float weights at load. `weights` (a resolved format) overrides both."""
-    fmt = weights or resolve(dtype, quantize)
+    device = resolve_device(device)
+    asked = weights or resolve(dtype, quantize)
+    fmt = weights_for(asked, device)
     ckpt = checkpoint if checkpoint is not None else open_checkpoint(path)
     try:
         config = ckpt.config
@@ -175,6 +178,17 @@ def load_stage(
         if fmt.quantizes or (fmt.kind == "stored" and not isinstance(ckpt, HFCheckpoint)):
             if kernels_missing(ckpt.stored_bytes(names), float_bytes):
                 fmt = resolve(torch.float32)
+        if device.type != "cpu" and asked.kind == "stored" and not isinstance(ckpt, HFCheckpoint):
+            logger.warning(
+                "layers %d:%d on %s: the quantized kernels run on the CPU, so the file's blocks are dequantized to %s "
+                "(%.1f MiB instead of %.1f MiB)",
+                start,
+                end,
+                device,
+                str(fmt.dtype).removeprefix("torch."),
+                float_bytes * fmt.dtype.itemsize / 4 / 2**20,
+                ckpt.stored_bytes(names) / 2**20,
+            )
         groups: dict[str, list[str]] = {}
         for n in names:  # a layer's tensors together: the bar moves a layer at a time
             groups.setdefault(".".join(n.split(".")[:3]) if n.startswith("model.layers.") else n, []).append(n)

@@ -98,6 +98,15 @@ def _add_split_args(p: argparse.ArgumentParser, default_stages: int, threads_hel
     )
     split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
     _add_weight_args(p)
+    p.add_argument(
+        "--devices",
+        "--device",
+        dest="devices",
+        default="cpu",
+        help="where the stages compute: auto (a CUDA GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps; one for "
+        "all stages or one per stage, comma-separated (default cpu). Off the CPU, weights are held in the device's "
+        "float dtype (CUDA: bf16, or fp16 without bf16; MPS: fp16) unless --dtype says otherwise",
+    )
     p.add_argument("--threads", type=_positive, default=None, help=threads_help)
 
 
@@ -127,6 +136,13 @@ def _weight_format(args: argparse.Namespace):
         return resolve(FLOAT_DTYPES[args.dtype] if args.dtype else None, args.quantize)
     except ValueError as e:
         raise LayerlineError(str(e)) from None
+
+
+def _devices(spec: str, stages: int) -> list[str]:
+    """--devices / --device checked against what torch sees, one per stage (a DeviceError names the problem)."""
+    from layerline.devices import resolve_devices
+
+    return [str(d) for d in resolve_devices(spec, stages)]
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -243,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--advertise", default="", help="host:port other machines use to reach this stage")
     stage.add_argument("--next", default="", help="host:port of the next stage (sessions may name another)")
     _add_weight_args(stage)
+    stage.add_argument(
+        "--device",
+        default="cpu",
+        help="where this stage computes: auto (a CUDA GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps "
+        "(default cpu); off the CPU, weights are held in the device's float dtype unless --dtype says otherwise",
+    )
     stage.add_argument(
         "--wire-dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -450,9 +472,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     except ValueError as e:
         raise LayerlineError(str(e)) from None
+    devices = _devices(args.devices, len(ranges))
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_path(path)
-    pipe = LocalPipeline.load(path, ranges, weights=_weight_format(args))
+    pipe = LocalPipeline.load(path, ranges, weights=_weight_format(args), device=devices)
     logger.info(
         "loaded %s as stages %s in %.1f s: %.1f MiB of weights (%s)",
         path,
@@ -575,6 +598,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             next_address=args.next,
             dtype=FLOAT_DTYPES[args.dtype] if args.dtype else None,
             quantize=args.quantize,
+            device=args.device,
             wire_dtype=FLOAT_DTYPES[args.wire_dtype],
             # with --max-memory, the KV budget defaults to a quarter of it (it is part of what the stage gives)
             kv_cache_bytes=args.kv_cache_bytes or args.max_memory // 4,
@@ -742,14 +766,16 @@ def cmd_local(args: argparse.Namespace) -> int:
             ranges = split_layers(config.num_layers, None, args.layers)
         except ValueError as e:
             raise LayerlineError(str(e)) from None
+        devices = _devices(args.devices, len(ranges))
         with LocalCluster(
-            path, ranges, dtype=args.dtype, quantize=args.quantize, threads=args.threads, pin=args.pin
+            path, ranges, dtype=args.dtype, quantize=args.quantize, threads=args.threads, pin=args.pin, devices=devices
         ) as cluster:
             logger.info("stages %s at %s", ranges, cluster.route)
             return _stream_answer(cluster.route, args)
     stages = args.stages or 3
     if stages > config.num_layers:
         raise LayerlineError(f"{stages} stages for a model of {config.num_layers} layers: use at most that many")
+    devices = _devices(args.devices, stages)
     with LocalCoordinator(path, heartbeat=1.0, settle=120.0, expect=stages) as coordinator:
         with LocalCluster(
             path,
@@ -759,6 +785,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             threads=args.threads,
             pin=args.pin,
+            devices=devices,
         ):
             route = _wait_for_route(coordinator.address, timeout=300.0)
             logger.info("coordinator %s placed the stages: %s", coordinator.address, route)

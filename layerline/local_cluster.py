@@ -63,8 +63,12 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         prefixes: Sequence[Sequence[str] | None] = (),
         pin: bool = False,
+        devices: Sequence[str] = (),  # --device of each stage (one for all, or one per stage; none: the CPU)
     ) -> None:
         self.model, self.ranges, self.dtype, self.quantize = model, list(ranges), dtype, quantize
+        if len(devices) not in (0, 1, len(self.ranges)):
+            raise LayerlineError(f"{len(devices)} device(s) for {len(self.ranges)} stage(s): give one or one per stage")
+        self.devices = list(devices) * len(self.ranges) if len(devices) == 1 else list(devices)
         # one core per stage (`layerline stage --cpus`) when there are enough: co-located stages then do not evict
         # each other's caches or migrate between cores
         self.cores = pinned_cores(len(self.ranges)) if pin else [None] * len(self.ranges)
@@ -87,7 +91,7 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def command(self, layers: tuple[int, int] | None, cpu: int | None = None) -> list[str]:
+    def command(self, layers: tuple[int, int] | None, cpu: int | None = None, device: str | None = None) -> list[str]:
         if layers is None and not self.coordinator:
             raise LayerlineError("a stage without a layer range needs a coordinator")
         where = ["--layers", f"{layers[0]}:{layers[1]}"] if layers is not None else ["--coordinator", self.coordinator]
@@ -104,6 +108,7 @@ class LocalCluster:
             "0",
             *(["--dtype", self.dtype] if self.dtype else []),
             *(["--quantize", self.quantize] if self.quantize else []),
+            *(["--device", device] if device else []),
             "--threads",
             str(self.threads),
             *(["--cpus", str(cpu)] if cpu is not None else []),
@@ -119,7 +124,7 @@ class LocalCluster:
                 self.logs.append(log)
                 prefix = self.prefixes[i] if i < len(self.prefixes) and self.prefixes[i] else []
                 p = subprocess.Popen(
-                    [*prefix, *self.command(layers, self.cores[i])],
+                    [*prefix, *self.command(layers, self.cores[i], self.devices[i] if self.devices else None)],
                     stdout=subprocess.PIPE,
                     stderr=log,
                     stdin=subprocess.DEVNULL,

@@ -60,13 +60,23 @@ class LocalPipeline:
         quantize: str = "",
         *,
         weights: WeightFormat | None = None,
+        device: str | torch.device | Sequence[str | torch.device] = "cpu",
     ) -> LocalPipeline:
         """Stages of `ranges` in this process; the weights' form as for `load_stage` (no dtype: a GGUF file's
-        blocks stay quantized; a dtype: the exact mode)."""
+        blocks stay quantized; a dtype: the exact mode). `device`: one for every stage ("auto", "cpu", "cuda:1",
+        "mps"), or one per stage."""
+        devices = [device] * len(ranges) if isinstance(device, (str, torch.device)) else list(device)
+        if len(devices) != len(ranges):
+            raise ValueError(f"{len(devices)} device(s) for {len(ranges)} stage(s)")
         ckpt = open_checkpoint(path)
         try:
             fmt = weights or resolve(dtype, quantize)
-            return cls([load_stage(path, a, b, checkpoint=ckpt, weights=fmt) for a, b in ranges])
+            return cls(
+                [
+                    load_stage(path, a, b, device=d, checkpoint=ckpt, weights=fmt)
+                    for (a, b), d in zip(ranges, devices, strict=True)
+                ]
+            )
         finally:
             ckpt.close()
 

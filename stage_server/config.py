@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layerline.devices import resolve_device, weights_for
 from layerline.model import packing_unavailable
 from layerline.quant import WeightFormat, resolve
 from layerline.security import Security
@@ -35,7 +36,7 @@ class StageConfig:
     # blocks stay quantized), computed in float32. After construction: the compute dtype (see `weights`).
     dtype: torch.dtype | None = None
     quantize: str = ""  # "int8" / "int4": float weights quantized at load (Q8_0 / Q4_1 blocks)
-    device: str = "cpu"
+    device: str = "cpu"  # auto, cpu, cuda, cuda:N or mps (layerline.devices); after construction: the one chosen
     wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to the next stage
     kv_cache_bytes: int = 0  # KV cache budget for all sessions; 0 = default_kv_cache_bytes()
     session_ttl: float = 600.0  # seconds without use after which a session is closed
@@ -58,6 +59,9 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         self.weights: WeightFormat = resolve(self.dtype, self.quantize)  # raises ValueError naming the conflict
+        device = resolve_device(self.device)  # DeviceError naming what torch sees
+        self.device = str(device)
+        self.weights = weights_for(self.weights, device)  # float weights in the device's dtype off the CPU
         self.dtype = self.weights.dtype
         if self.kv_cache_bytes <= 0:
             self.kv_cache_bytes = default_kv_cache_bytes()
