@@ -156,8 +156,7 @@ def load_stage(
     kept as they are (computed in float32); a dtype asks for every weight dequantized to it (the exact mode);
     `quantize` ("int8" / "int4") quantizes float weights at load. `weights` (a resolved format) overrides both."""
     device = resolve_device(device)
-    asked = weights or resolve(dtype, quantize)
-    fmt = weights_for(asked, device)
+    fmt = weights_for(weights or resolve(dtype, quantize), device)
     ckpt = checkpoint if checkpoint is not None else open_checkpoint(path)
     try:
         config = ckpt.config
@@ -175,10 +174,12 @@ def load_stage(
             )
         shapes = expected_tensors(config, start, end)
         float_bytes = 4 * sum(math.prod(shape) for shape in shapes.values())
+        stored_bytes = ckpt.stored_bytes(names)
         if fmt.quantizes or (fmt.kind == "stored" and not isinstance(ckpt, HFCheckpoint)):
-            if kernels_missing(ckpt.stored_bytes(names), float_bytes):
+            if kernels_missing(stored_bytes, float_bytes):
                 fmt = resolve(torch.float32)
-        if device.type != "cpu" and asked.kind == "stored" and not isinstance(ckpt, HFCheckpoint):
+        held_bytes = float_bytes * fmt.dtype.itemsize // 4
+        if device.type != "cpu" and not isinstance(ckpt, HFCheckpoint) and stored_bytes < held_bytes:
             logger.warning(
                 "layers %d:%d on %s: the quantized kernels run on the CPU, so the file's blocks are dequantized to %s "
                 "(%.1f MiB instead of %.1f MiB)",
@@ -186,8 +187,8 @@ def load_stage(
                 end,
                 device,
                 str(fmt.dtype).removeprefix("torch."),
-                float_bytes * fmt.dtype.itemsize / 4 / 2**20,
-                ckpt.stored_bytes(names) / 2**20,
+                held_bytes / 2**20,
+                stored_bytes / 2**20,
             )
         groups: dict[str, list[str]] = {}
         for n in names:  # a layer's tensors together: the bar moves a layer at a time

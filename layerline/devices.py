@@ -8,7 +8,9 @@ on machines with and without GPUs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -16,9 +18,10 @@ from layerline.errors import LayerlineError
 from layerline.quant import WeightFormat
 
 CHOICES = "auto, cpu, cuda, cuda:N or mps"
+T = TypeVar("T")
 
 
-class DeviceError(LayerlineError):
+class DeviceError(LayerlineError, ValueError):
     """A device that is not one of CHOICES, or that torch does not see here."""
 
 
@@ -65,13 +68,18 @@ def resolve_device(spec: str | torch.device, visible: Visible | None = None) -> 
     raise DeviceError(f"--device {spec}: not a device layerline knows ({CHOICES})")
 
 
+def one_per_stage(devices: Sequence[T], stages: int, said: str = "") -> list[T]:
+    """`devices` as one per stage: one given stands for all of them. `said` starts the error's message."""
+    if len(devices) == 1:
+        return list(devices) * stages
+    if len(devices) != stages:
+        raise DeviceError(f"{said}{len(devices)} device(s) for {stages} stage(s): give one or one per stage")
+    return list(devices)
+
+
 def resolve_devices(specs: str, stages: int, visible: Visible | None = None) -> list[torch.device]:
     """`--devices cuda:0,cpu,...`: one device per stage (one given for all of them)."""
-    parts = [p for p in (s.strip() for s in specs.split(",")) if p]
-    if len(parts) == 1:
-        parts = parts * stages
-    if len(parts) != stages:
-        raise DeviceError(f"--devices names {len(parts)} device(s) for {stages} stage(s): give one or one per stage")
+    parts = one_per_stage([p for p in (s.strip() for s in specs.split(",")) if p], stages, "--devices names ")
     seen = visible if visible is not None else Visible.here()
     return [resolve_device(p, seen) for p in parts]
 

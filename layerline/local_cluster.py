@@ -66,9 +66,11 @@ class LocalCluster:
         devices: Sequence[str] = (),  # --device of each stage (one for all, or one per stage; none: the CPU)
     ) -> None:
         self.model, self.ranges, self.dtype, self.quantize = model, list(ranges), dtype, quantize
-        if len(devices) not in (0, 1, len(self.ranges)):
-            raise LayerlineError(f"{len(devices)} device(s) for {len(self.ranges)} stage(s): give one or one per stage")
-        self.devices = list(devices) * len(self.ranges) if len(devices) == 1 else list(devices)
+        if devices:
+            from layerline.devices import one_per_stage  # (torch: only when devices are named)
+
+            devices = one_per_stage(devices, len(self.ranges))
+        self.devices = list(devices)
         # one core per stage (`layerline stage --cpus`) when there are enough: co-located stages then do not evict
         # each other's caches or migrate between cores
         self.cores = pinned_cores(len(self.ranges)) if pin else [None] * len(self.ranges)
