@@ -145,6 +145,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 request.decode_seconds,
                 request.weight_bytes,
                 request.resident_bytes,
+                (request.device_memory_used, request.device_memory_total),
             )
         except LayerlineError as e:
             await self._fail(context, e)
@@ -199,6 +200,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     load_factor=s.load_factor,
                     weight_bytes=s.weight_bytes,
                     resident_bytes=s.resident_bytes,
+                    device_memory_used=s.device_memory[0],
+                    device_memory_total=s.device_memory[1],
                 )
             )
         if reg.plan is not None:

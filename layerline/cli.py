@@ -873,6 +873,16 @@ def _json_of(message) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True)
 
 
+def _memory_cell(s) -> str:
+    """What a stage holds on its device of the device's total (a GPU's own memory; the host's for a CPU stage);
+    before its first heartbeat, the memory it offered the model."""
+    if not s.device_memory_total:
+        return (f"{s.resident_bytes / (1 << 20):.0f} MiB of " if s.resident_bytes else "") + (
+            f"{s.report.memory_bytes / (1 << 30):.2f} GiB"
+        )
+    return f"{s.device_memory_used / (1 << 20):.0f} MiB of {s.device_memory_total / (1 << 30):.1f} GiB"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _ask_coordinator(args.coordinator, "Status", _security(args))
     if args.json:
@@ -922,13 +932,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"x{s.load_factor:.2f}" if s.load_factor else "-",
             f"{1e6 * r.prefill_s_per_layer_token:.1f}",
             f"{s.weight_bytes / (1 << 20):.1f} MiB {r.weights or r.dtype}" if s.weight_bytes else "-",
-            (f"{s.resident_bytes / (1 << 20):.0f} MiB of " if s.resident_bytes else "")
-            + f"{r.memory_bytes / (1 << 30):.2f} GiB",
+            _memory_cell(s),
             f"{s.kv_bytes_used / (1 << 20):.1f} MiB",
             str(s.open_sessions),
             health,
         )
     console.print(table)
+    named = [
+        f"{s.stage_id[:8]} {s.report.device}: {s.report.device_name}" for s in status.stages if s.report.device_name
+    ]
+    if named:
+        print("devices: " + "; ".join(named))
     if status.predicted_bottleneck_s:
         print(
             f"predicted bottleneck {1e3 * status.predicted_bottleneck_s:.2f} ms/token, one token through the chain "

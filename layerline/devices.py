@@ -8,6 +8,8 @@ on machines with and without GPUs.
 
 from __future__ import annotations
 
+import functools
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -108,3 +110,115 @@ def weights_for(fmt: WeightFormat, device: torch.device, visible: Visible | None
             f"{str(dtype).removeprefix('torch.')}: drop --quantize or use --device cpu"
         )
     return WeightFormat("float", dtype)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on `device` (CUDA, MPS); nothing to wait for on the CPU. Timings need it."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(torch.device(device))
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+class HostStaging:
+    """The host side of a stage's hops on a device other than the CPU: hidden states cross to the device once
+    per step and back once, through host buffers kept from step to step (pinned on CUDA, so the copies are
+    non-blocking DMA), grown when a step is bigger than any before and never freed on the hot path.
+
+    On the CPU it is a pass-through (nothing is copied), unless `staged` asks for the buffers anyway (tests)."""
+
+    def __init__(self, device: torch.device | str, staged: bool | None = None) -> None:
+        self.device = torch.device(device)
+        self.staged = self.device.type != "cpu" if staged is None else staged
+        self.pinned = self.device.type == "cuda"
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._pending: dict[str, object] = {}  # direction -> the event of the last copy that read/wrote its buffer
+        self.grown = 0  # buffers (re)allocated: a handful at the first steps, then none
+
+    def _buffer(self, way: str, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        n = shape.numel()
+        buf = self._buffers.get((way, dtype))
+        if buf is None or buf.numel() < n:
+            size = max(n, 2 * buf.numel() if buf is not None else 0)
+            buf = torch.empty(size, dtype=dtype, pin_memory=self.pinned)
+            self._buffers[(way, dtype)] = buf
+            self.grown += 1
+        return buf[:n].view(shape)
+
+    def _wait(self, way: str) -> None:
+        event = self._pending.pop(way, None)
+        if event is not None:
+            event.synchronize()  # type: ignore[attr-defined]
+
+    def _record(self, way: str) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._pending[way] = event
+
+    def to_device(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` (a host tensor, e.g. a message's bytes) on the device in `dtype`."""
+        if not self.staged or x.device.type != "cpu":  # (from another device in one process: copied directly)
+            return x.to(self.device, dtype)
+        self._wait("in")  # the buffer's previous copy to the device has been read out
+        host = self._buffer("in", x.dtype, x.shape)
+        host.copy_(x)
+        out = host.to(self.device, dtype, non_blocking=self.pinned)
+        self._record("in")
+        return out
+
+    def to_host(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`t` (on the device) as a host tensor of `dtype`, valid until the next `to_host` (encode it at once)."""
+        if not self.staged:
+            return t if dtype is None else t.to(dtype)
+        host = self._buffer("out", dtype or t.dtype, t.shape)
+        host.copy_(t, non_blocking=self.pinned)
+        if self.pinned:
+            torch.cuda.current_stream(self.device).synchronize()
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+        return host
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """A device's name and memory: what this process holds there (`used`) of its `total`, and what is `free`."""
+
+    name: str
+    used: int
+    total: int
+    free: int
+
+
+@functools.lru_cache(maxsize=16)
+def device_name(device: torch.device | str) -> str:
+    """What a user calls the device: the GPU's name, "Apple MPS", or the CPU's model name."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.get_device_name(d)
+    if d.type == "mps":
+        return "Apple MPS"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU: " + (platform.processor() or platform.machine() or "unknown")
+
+
+def device_memory(device: torch.device | str) -> DeviceMemory:
+    """A GPU's name and memory. CUDA: this process's reserved bytes there, the GPU's total and free from the
+    driver. MPS: the driver's allocation of this process of the recommended working set. (The CPU's figures come
+    from the host: `layerline.stage_server.capacity.device_memory`.)"""
+    d = torch.device(device)
+    if d.type == "cuda":
+        free, total = torch.cuda.mem_get_info(d)
+        return DeviceMemory(device_name(d), int(torch.cuda.memory_reserved(d)), int(total), int(free))
+    if d.type == "mps":
+        total = int(torch.mps.recommended_max_memory())
+        used = int(torch.mps.driver_allocated_memory())
+        return DeviceMemory(device_name(d), used, total, max(0, total - used))
+    raise DeviceError(f"{d}: the CPU's memory is the host's (layerline.stage_server.capacity.device_memory)")

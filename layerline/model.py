@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerline.config import ModelConfig
+from layerline.devices import HostStaging
 from layerline.errors import BadInputError, CheckpointError
 from layerline.kv_cache import ForwardPlan, KVCache, chunk_plan
 from layerline.quant.decode import DecodeRows, StageDecoder
@@ -398,6 +399,7 @@ class StageModel(nn.Module):
                 list(self.layers), c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
             )
         self.rotary = RotaryTable(config, self.device)
+        self.staging = HostStaging(self.device)  # hidden states to and from the device, through reused buffers
         self.head_p: list[torch.Tensor] | None = None  # packed head chunks (pack_weights)
         self.packed_bytes = 0
 
@@ -595,7 +597,7 @@ class StageModel(nn.Module):
                     f"stage {self.start}:{self.end} takes hidden states [batch, tokens, {self.config.hidden_size}] "
                     f"(float), got {x.dtype} {tuple(x.shape)}"
                 )
-            x = x.to(self.device, self.dtype)
+            x = self.staging.to_device(x, self.dtype)
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise BadInputError(f"empty input {tuple(x.shape)}")
         return x

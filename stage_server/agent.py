@@ -25,9 +25,10 @@ import grpc
 import torch
 
 import layerline
+from layerline.devices import device_name
 from layerline.errors import LayerlineError
 from layerline.security import Security
-from layerline.stage_server.capacity import Capacity, cpu_quota, resident_bytes
+from layerline.stage_server.capacity import Capacity, cpu_quota, device_memory, resident_bytes
 from layerline.stage_server.server import RunningStage, load_layers
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -83,6 +84,7 @@ class CoordinatorAgent:
             serving_start=start,
             serving_end=end,
             version=layerline.__version__,
+            device_name=device_name(c.device),
         )
 
     async def run(self) -> None:
@@ -125,6 +127,7 @@ class CoordinatorAgent:
         service = self.stage.service
         start, end = service.serving
         ready = end > start  # what it serves is loaded; an assignment being loaded shows in `serving` once swapped in
+        memory = device_memory(service.config.device)
         resp = await stub.Heartbeat(
             coordinator_pb2.HeartbeatRequest(
                 stage_id=self.stage_id,
@@ -137,6 +140,8 @@ class CoordinatorAgent:
                 decode_seconds=service.decode_seconds,
                 weight_bytes=service.model.weight_bytes() if service.model is not None else 0,
                 resident_bytes=resident_bytes(),
+                device_memory_used=memory.used,
+                device_memory_total=memory.total,
             ),
             timeout=timeout,
         )

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from layerline.config import ModelConfig
+from layerline.devices import DeviceMemory, device_name, synchronize
+from layerline.devices import device_memory as gpu_memory
 from layerline.model import StageModel, expected_tensors
 from layerline.quant import WeightFormat
 from layerline.quant.layout import layer_types, model_bytes
@@ -96,11 +98,25 @@ def cpu_quota() -> float | None:
     return None
 
 
+def device_memory(device: str = "cpu") -> DeviceMemory:
+    """The device's name and memory: on a GPU its own figures (`layerline.devices.device_memory`); on the CPU
+    this process's resident bytes of the host's memory (within the cgroup limit) and what is available."""
+    if torch.device(device).type != "cpu":
+        return gpu_memory(device)
+    free, total = _host_memory()
+    return DeviceMemory(device_name("cpu"), resident_bytes(), total, free)
+
+
 def free_memory(device: str = "cpu") -> tuple[int, int]:
-    """(free, total) bytes: the GPU's for a CUDA device, else available host memory, within the cgroup limit."""
-    if device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free), int(total)
+    """(free, total) bytes: the GPU's for a CUDA device (MPS: of its recommended working set), else available host
+    memory, within the cgroup limit."""
+    if torch.device(device).type != "cpu":
+        m = gpu_memory(device)
+        return m.free, m.total
+    return _host_memory()
+
+
+def _host_memory() -> tuple[int, int]:
     info = {}
     try:
         with open("/proc/meminfo") as f:
@@ -195,7 +211,7 @@ def measure(
     quantized = fmt.quantizes or (fmt.kind == "stored" and stored is not None)
     types = layer_types(config, fmt, stored) if quantized else None
     began = time.perf_counter()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = (lambda: synchronize(device)) if torch.device(device).type != "cpu" else (lambda: None)
     L = config.num_layers
     context = min(context, config.max_position_embeddings // 2)
     chunk = min(chunk, config.max_position_embeddings // 4)

@@ -48,7 +48,7 @@ from layerline.errors import (
 from layerline.metrics import Snapshot, uptime
 from layerline.model import StageModel
 from layerline.sampling import SamplingParams, draw_generator, sample
-from layerline.stage_server.capacity import resident_bytes
+from layerline.stage_server.capacity import device_memory, resident_bytes
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import Downstream
 from layerline.stage_server.sessions import LoopState, Sampler, Session, SessionTable, owns
@@ -223,6 +223,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def Info(self, request: stage_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageInfo:
         m, c, mc = self.model, self.config, self.model_config
         start, end = self.serving
+        memory = device_memory(c.device)
         return stage_pb2.StageInfo(
             model_name=self.model_name,
             model_fingerprint=self.fingerprint,
@@ -250,6 +251,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             weight_bytes=m.weight_bytes() if m is not None else 0,
             weights=m.weight_summary() if m is not None else "",
             resident_bytes=resident_bytes(),
+            device_name=memory.name,
+            device_memory_used=memory.used,
+            device_memory_total=memory.total,
             batched_steps=self.batched_steps,
             queued_steps=self.in_flight,
             peak_queued_steps=self.peak_in_flight,
@@ -469,6 +473,10 @@ class StageService(stage_pb2_grpc.StageServicer):
         weights = self.model.weight_bytes() if self.model is not None else 0
         yield ("layerline_stage_weight_bytes", "bytes of weights held (quantized as stored)", "gauge", weights, {})
         yield ("layerline_stage_resident_bytes", "the process's resident memory", "gauge", resident_bytes(), {})
+        memory = device_memory(self.config.device)
+        on = {"device": memory.name}
+        yield ("layerline_stage_device_memory_bytes", "what the stage holds on its device", "gauge", memory.used, on)
+        yield ("layerline_stage_device_memory_total_bytes", "its device's memory", "gauge", memory.total, on)
         yield ("layerline_stage_layers", "the layer range served, [start, end)", "gauge", start, {"bound": "start"})
         yield ("layerline_stage_layers", "", "gauge", end, {"bound": "end"})
         yield ("layerline_stage_draining", "1 while the stage drains", "gauge", float(self.draining), {})
@@ -906,7 +914,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 session_id=session.next_session_id,
                 seq=step.seq,
                 positions=step.positions,
-                hidden=wire.encode(out, session.wire_dtype),
+                hidden=wire.encode(session.model.staging.to_host(out, session.wire_dtype)),
                 rows=step.rows,
                 sample=step.sample,
                 client_key=step.client_key,

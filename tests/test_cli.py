@@ -167,14 +167,21 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path)
                     decode_s_per_layer=per_layer,
                     memory_bytes=1 << 30,
                     bytes_per_param=4,
+                    device_name="CPU: Test" if port == 7001 else "NVIDIA Test GPU",
                 )
-                stub.Register(pb.RegisterRequest(stage=report), timeout=10)
+                got = stub.Register(pb.RegisterRequest(stage=report), timeout=10)
+            # the second stage says what it holds on its device: status shows it of the device's total
+            beat = pb.HeartbeatRequest(
+                stage_id=got.stage_id, device_memory_used=300 << 20, device_memory_total=24 << 30
+            )
+            stub.Heartbeat(beat, timeout=10)
         assert main(["plan", "--coordinator", address]) == 0
         out = capsys.readouterr().out
         assert "127.0.0.1:7001: layers 0:3 (3)" in out and "127.0.0.1:7002: layers 3:4 (1)" in out
         assert main(["status", "--coordinator", address]) == 0
         out = capsys.readouterr().out
         assert "127.0.0.1:7001" in out and "loading" in out and "predicted bottleneck" in out
+        assert "NVIDIA Test GPU" in out and "300 MiB of 24.0 GiB" in out, out
         assert main(["status", "--coordinator", address, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["num_layers"] == 4
     finally:

@@ -10,7 +10,15 @@ import sys
 import pytest
 import torch
 
-from layerline.devices import DeviceError, Visible, float_dtype, resolve_device, resolve_devices, weights_for
+from layerline.devices import (
+    DeviceError,
+    HostStaging,
+    Visible,
+    float_dtype,
+    resolve_device,
+    resolve_devices,
+    weights_for,
+)
 from layerline.local_cluster import LocalCluster
 from layerline.pipeline import LocalPipeline
 from layerline.quant import resolve
@@ -111,3 +119,47 @@ def test_the_cli_refuses_a_device_it_cannot_use(argv, message):
     out = subprocess.run([sys.executable, "-m", "layerline.cli", *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_host_staging_reuses_its_buffers_from_step_to_step():
+    """Off the CPU, hidden states go through host buffers kept between steps (pinned on CUDA). The mechanism is
+    the same on every device, so it is exercised here with the buffers asked for on the CPU."""
+    staging = HostStaging("cpu", staged=True)
+    first = torch.randn(2, 3, 8)
+    on = staging.to_device(first, torch.float32)
+    assert torch.equal(on, first)
+    back = staging.to_host(on, torch.bfloat16)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, first.to(torch.bfloat16))
+    grown, ptr = staging.grown, back.data_ptr()
+    for rows in (1, 2, 1):  # decode steps no bigger than the first: no new buffer, the same memory
+        x = torch.randn(rows, 3, 8)
+        assert torch.equal(staging.to_device(x, torch.float32), x)
+        out = staging.to_host(x * 2, torch.bfloat16)
+        assert torch.equal(out, (x * 2).to(torch.bfloat16)) and out.data_ptr() == ptr
+    assert staging.grown == grown
+    big = torch.randn(4, 5, 8)  # a bigger step grows the buffer once
+    assert torch.equal(staging.to_host(staging.to_device(big, torch.float32)), big)
+    assert staging.grown > grown
+
+
+def test_on_the_cpu_staging_copies_nothing():
+    staging = HostStaging("cpu")
+    x = torch.randn(1, 2, 4)
+    assert staging.to_device(x, torch.float32) is x and staging.to_host(x) is x
+    assert staging.grown == 0
+
+
+def test_a_stage_says_which_device_it_computes_on_and_its_memory(tiny_checkpoint):
+    import grpc
+
+    from layerline.stage_server.capacity import device_memory
+    from layerline.v1 import stage_pb2, stage_pb2_grpc
+
+    memory = device_memory("cpu")
+    assert memory.name.startswith("CPU") and 0 < memory.used < memory.total and memory.free <= memory.total
+    folder, _ = tiny_checkpoint(TinySpec("llama", layers=2))
+    with LocalCluster(folder, [(0, 2)], devices=["cpu"]) as cluster:
+        with grpc.insecure_channel(cluster.route[0]) as channel:
+            info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
+    assert info.device == "cpu" and info.device_name == memory.name
+    assert 0 < info.device_memory_used < info.device_memory_total == memory.total

@@ -87,12 +87,14 @@ function drawTable(data) {
     tr.append(
       name,
       el("td", {}, s.address),
-      el("td", {}, `${s.device || "?"} / ${s.dtype || "?"}`),
+      el("td", { title: s.device_name || "" }, `${s.device || "?"} / ${s.dtype || "?"}`),
       el("td", { class: "range" }, layers),
       el("td", {}, num(s.ms_per_layer_decode) + (s.load_factor && Math.abs(s.load_factor - 1) > 0.05
         ? ` (×${num(s.load_factor)} under load)` : "")),
       el("td", { title: s.weights || "" }, s.weight_bytes ? bytes(s.weight_bytes) : "–"),
-      el("td", {}, (s.resident_bytes ? bytes(s.resident_bytes) : "–") + (s.memory_bytes ? ` / ${bytes(s.memory_bytes)}` : "")),
+      el("td", { title: s.device_name ? `on ${s.device_name}` : "" }, s.device_memory_total
+        ? `${bytes(s.device_memory_used)} / ${bytes(s.device_memory_total)}`
+        : (s.resident_bytes ? bytes(s.resident_bytes) : "–") + (s.memory_bytes ? ` / ${bytes(s.memory_bytes)}` : "")),
       el("td", {}, kv),
       el("td", {}, s.open_sessions === undefined ? "–" : String(s.open_sessions)),
       el("td", {}, num(s.tokens_per_s, 1)),

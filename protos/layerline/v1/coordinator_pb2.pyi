@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StageReport(_message.Message):
-    __slots__ = ("address", "model_fingerprint", "device", "dtype", "threads", "decode_s_per_layer", "decode_s_fixed", "prefill_s_per_layer_token", "head_decode_s", "memory_bytes", "kv_bytes", "bytes_per_param", "serving_start", "serving_end", "version", "weights")
+    __slots__ = ("address", "model_fingerprint", "device", "dtype", "threads", "decode_s_per_layer", "decode_s_fixed", "prefill_s_per_layer_token", "head_decode_s", "memory_bytes", "kv_bytes", "bytes_per_param", "serving_start", "serving_end", "version", "weights", "device_name")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class StageReport(_message.Message):
     SERVING_END_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_fingerprint: str
     device: str
@@ -40,7 +41,8 @@ class StageReport(_message.Message):
     serving_end: int
     version: str
     weights: str
-    def __init__(self, address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., threads: _Optional[int] = ..., decode_s_per_layer: _Optional[float] = ..., decode_s_fixed: _Optional[float] = ..., prefill_s_per_layer_token: _Optional[float] = ..., head_decode_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., bytes_per_param: _Optional[float] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., version: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
+    device_name: str
+    def __init__(self, address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., threads: _Optional[int] = ..., decode_s_per_layer: _Optional[float] = ..., decode_s_fixed: _Optional[float] = ..., prefill_s_per_layer_token: _Optional[float] = ..., head_decode_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., bytes_per_param: _Optional[float] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., version: _Optional[str] = ..., weights: _Optional[str] = ..., device_name: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("plan_version", "start_layer", "end_layer")
@@ -69,7 +71,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, stage_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("stage_id", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "decode_steps", "decode_seconds", "weight_bytes", "resident_bytes")
+    __slots__ = ("stage_id", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "decode_steps", "decode_seconds", "weight_bytes", "resident_bytes", "device_memory_used", "device_memory_total")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVING_START_FIELD_NUMBER: _ClassVar[int]
     SERVING_END_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,8 @@ class HeartbeatRequest(_message.Message):
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     serving_start: int
     serving_end: int
@@ -90,7 +94,9 @@ class HeartbeatRequest(_message.Message):
     decode_seconds: float
     weight_bytes: int
     resident_bytes: int
-    def __init__(self, stage_id: _Optional[str] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    device_memory_used: int
+    device_memory_total: int
+    def __init__(self, stage_id: _Optional[str] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("assignment",)
@@ -131,7 +137,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage_id", "report", "assignment", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "seconds_since_heartbeat", "predicted_decode_s", "replica", "load_factor", "weight_bytes", "resident_bytes")
+    __slots__ = ("stage_id", "report", "assignment", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "seconds_since_heartbeat", "predicted_decode_s", "replica", "load_factor", "weight_bytes", "resident_bytes", "device_memory_used", "device_memory_total")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +152,8 @@ class StageStatus(_message.Message):
     LOAD_FACTOR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     report: StageReport
     assignment: Assignment
@@ -160,7 +168,9 @@ class StageStatus(_message.Message):
     load_factor: float
     weight_bytes: int
     resident_bytes: int
-    def __init__(self, stage_id: _Optional[str] = ..., report: _Optional[_Union[StageReport, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., predicted_decode_s: _Optional[float] = ..., replica: _Optional[bool] = ..., load_factor: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    device_memory_used: int
+    device_memory_total: int
+    def __init__(self, stage_id: _Optional[str] = ..., report: _Optional[_Union[StageReport, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., predicted_decode_s: _Optional[float] = ..., replica: _Optional[bool] = ..., load_factor: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("model_name", "num_layers", "stages", "plan_version", "predicted_bottleneck_s", "predicted_total_s", "route", "problem")

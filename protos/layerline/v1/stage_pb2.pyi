@@ -12,7 +12,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead", "tokens_computed", "tokens_sampled", "inline_steps", "weight_bytes", "weights", "resident_bytes")
+    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead", "tokens_computed", "tokens_sampled", "inline_steps", "weight_bytes", "weights", "resident_bytes", "device_name", "device_memory_used", "device_memory_total")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,9 @@ class StageInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_fingerprint: str
     start_layer: int
@@ -77,7 +80,10 @@ class StageInfo(_message.Message):
     weight_bytes: int
     weights: str
     resident_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ..., tokens_computed: _Optional[int] = ..., tokens_sampled: _Optional[int] = ..., inline_steps: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights: _Optional[str] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    device_name: str
+    device_memory_used: int
+    device_memory_total: int
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ..., tokens_computed: _Optional[int] = ..., tokens_sampled: _Optional[int] = ..., inline_steps: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "draws")
