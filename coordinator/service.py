@@ -263,6 +263,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             text += f"\n{sid}: replica of layers {a}:{b} (failover and a second chain for routes)"
         for sid, address in addresses.items():
             text = text.replace(f"{sid}:", f"{address}:")
+        if self.model.config.moe_summary():
+            text += "\n" + self.model.config.moe_summary()
         return coordinator_pb2.PlanResponse(
             stage_ids=[a.name for a in plan.assignments],
             addresses=[addresses[a.name] for a in plan.assignments],

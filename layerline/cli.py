@@ -534,6 +534,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         for t in stored.values():
             counts[t] = counts.get(t, 0) + 1
         print("  tensor types: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    if c.moe_summary():
+        print("  " + c.moe_summary())
     formats = ["stored", "float32", "bfloat16", "int8", "int4"]
     sizes = {f: WeightBytes(*model_bytes(c, from_name(f), stored)) for f in formats}
     kv = KVCache.bytes_needed(1, 1, c.num_kv_heads, c.head_dim, 1, 4)

@@ -17,7 +17,7 @@ from torch import nn
 
 from layerline.config import ModelConfig
 from layerline.devices import HostStaging
-from layerline.errors import BadInputError, CheckpointError
+from layerline.errors import BadInputError, CheckpointError, UnsupportedModelError
 from layerline.kv_cache import ForwardPlan, KVCache, chunk_plan
 from layerline.quant.decode import DecodeRows, StageDecoder
 from layerline.quant.linear import QuantEmbedding, QuantLinear
@@ -36,25 +36,68 @@ def expected_tensors(config: ModelConfig, start: int, end: int) -> dict[str, tup
     for i in range(start, end):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = (c.hidden_size,)
-        for name, rows in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
-            out[p + f"self_attn.{name}.weight"] = (rows, c.hidden_size)
-            if c.qkv_bias:
-                out[p + f"self_attn.{name}.bias"] = (rows,)
+        if c.fused_projections:
+            out[p + "self_attn.qkv_proj.weight"] = (c.q_size + 2 * c.kv_size, c.hidden_size)
+        else:
+            for name, rows in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
+                out[p + f"self_attn.{name}.weight"] = (rows, c.hidden_size)
+                if c.qkv_bias:
+                    out[p + f"self_attn.{name}.bias"] = (rows,)
+        if c.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = (c.head_dim,)
+            out[p + "self_attn.k_norm.weight"] = (c.head_dim,)
         out[p + "self_attn.o_proj.weight"] = (c.hidden_size, c.q_size)
         if c.o_bias:
             out[p + "self_attn.o_proj.bias"] = (c.hidden_size,)
         out[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
-        out[p + "mlp.gate_proj.weight"] = (c.intermediate_size, c.hidden_size)
-        out[p + "mlp.up_proj.weight"] = (c.intermediate_size, c.hidden_size)
-        out[p + "mlp.down_proj.weight"] = (c.hidden_size, c.intermediate_size)
-        if c.mlp_bias:
-            out[p + "mlp.gate_proj.bias"] = (c.intermediate_size,)
-            out[p + "mlp.up_proj.bias"] = (c.intermediate_size,)
-            out[p + "mlp.down_proj.bias"] = (c.hidden_size,)
+        if c.sandwich_norms:
+            out[p + "pre_feedforward_layernorm.weight"] = (c.hidden_size,)
+            out[p + "post_feedforward_layernorm.weight"] = (c.hidden_size,)
+        if c.is_moe(i):
+            out.update(expert_tensors(c, p))
+        elif c.fused_projections:
+            out[p + "mlp.gate_up_proj.weight"] = (2 * c.intermediate_size, c.hidden_size)
+            out[p + "mlp.down_proj.weight"] = (c.hidden_size, c.intermediate_size)
+        else:
+            out.update(mlp_tensors(p + "mlp.", c.hidden_size, c.intermediate_size, c.mlp_bias))
     if end == c.num_layers:
         out["model.norm.weight"] = (c.hidden_size,)
         if not c.tie_word_embeddings:
             out["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return out
+
+
+def mlp_tensors(p: str, hidden: int, inner: int, bias: bool = False, names=("gate_proj", "up_proj", "down_proj")):
+    """A SwiGLU MLP's tensors under prefix `p` (gate, up, down named as `names`)."""
+    gate, up, down = names
+    out = {
+        p + f"{gate}.weight": (inner, hidden),
+        p + f"{up}.weight": (inner, hidden),
+        p + f"{down}.weight": (hidden, inner),
+    }
+    if bias:
+        out.update({p + f"{gate}.bias": (inner,), p + f"{up}.bias": (inner,), p + f"{down}.bias": (hidden,)})
+    return out
+
+
+MIXTRAL_EXPERT = ("w1", "w3", "w2")  # gate, up, down as Mixtral's checkpoints name them
+
+
+def moe_prefix(config: ModelConfig, p: str) -> str:
+    return p + ("block_sparse_moe." if config.architecture == "mixtral" else "mlp.")
+
+
+def expert_tensors(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """A MoE layer's MLP tensors: the router, every expert (all are held, whatever the top-k), and qwen2_moe's
+    shared expert with its gate."""
+    c, m = config, moe_prefix(config, p)
+    names = MIXTRAL_EXPERT if c.architecture == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    out: dict[str, tuple[int, ...]] = {m + "gate.weight": (c.num_experts, c.hidden_size)}
+    for e in range(c.num_experts):
+        out.update(mlp_tensors(m + f"experts.{e}.", c.hidden_size, c.expert_intermediate_size, names=names))
+    if c.shared_expert_intermediate_size:
+        out.update(mlp_tensors(m + "shared_expert.", c.hidden_size, c.shared_expert_intermediate_size))
+        out[m + "shared_expert_gate.weight"] = (1, c.hidden_size)
     return out
 
 
@@ -147,15 +190,20 @@ def embed_from_head(ids: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    """`offset`: Gemma's form, scaling by (1 + w) in float32 before rounding to the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: bool = False) -> None:
         super().__init__()
-        self.weight = _param(weight)
+        self.offset = offset
+        self.weight = _param(1.0 + weight.float() if offset else weight)
         self.eps = eps
         self.shape = (weight.shape[0],)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op; bitwise what the reference's float32 formula gives
             return F.rms_norm(x, self.shape, self.weight, self.eps)
+        if self.offset:
+            return F.rms_norm(x.float(), self.shape, self.weight, self.eps).to(x.dtype)
         # the reference normalises in float32, rounds to the compute dtype, then applies the weight
         return self.weight * F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
 
@@ -166,8 +214,13 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.groups = config.num_heads // config.num_kv_heads
         # one matmul for q, k and v: rows [q | k | v]
-        qkv = [w[prefix + f"{n}_proj.weight"] for n in ("q", "k", "v")]
+        if config.fused_projections:
+            qkv = [w[prefix + "qkv_proj.weight"]]
+        else:
+            qkv = [w[prefix + f"{n}_proj.weight"] for n in ("q", "k", "v")]
         self.wqkv_t = _transposed(torch.cat(qkv))  # [hidden, (H + 2 Hkv) * D]
+        self.norms = qk_norms(config, w, prefix)
+        self.scale, self.softcap = config.query_scale, config.attn_softcap
         self.bqkv = (
             _param(torch.cat([w[prefix + f"{n}_proj.bias"] for n in ("q", "k", "v")])) if config.qkv_bias else None
         )
@@ -191,7 +244,8 @@ class Attention(nn.Module):
         plan: ForwardPlan,
     ) -> torch.Tensor:
         qkv = linear_t(x, self.wqkv_t, self.bqkv, self.wqkv_p)  # [B, T, (H + 2 Hkv) * D]
-        out = attend(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin, mask, cache, layer, plan)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        out = attend(qkv, H, Hkv, D, cos, sin, mask, cache, layer, plan, self.norms, self.scale, self.softcap)
         return linear_t(out, self.wo_t, self.bo, self.wo_p)
 
     def forward_many(
@@ -209,10 +263,18 @@ class Attention(nn.Module):
         qkv = linear_t(x, self.wqkv_t, self.bqkv, self.wqkv_p)
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         outs = [
-            attend(part, H, Hkv, D, cs[0], cs[1], mask, cache, layer, plan)
+            attend(part, H, Hkv, D, cs[0], cs[1], mask, cache, layer, plan, self.norms, self.scale, self.softcap)
             for part, cs, mask, cache, plan in zip(qkv.split(sizes), rotary, masks, caches, plans, strict=True)
         ]
         return linear_t(torch.cat(outs), self.wo_t, self.bo, self.wo_p)
+
+
+def qk_norms(config: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> tuple[RMSNorm, RMSNorm] | None:
+    """The per-head RMSNorms of q and k (qwen3), or None."""
+    if not config.qk_norm:
+        return None
+    eps, offset = config.rms_norm_eps, config.norm_offset
+    return RMSNorm(w[prefix + "q_norm.weight"], eps, offset), RMSNorm(w[prefix + "k_norm.weight"], eps, offset)
 
 
 def attend(
@@ -226,12 +288,20 @@ def attend(
     cache: KVCache | None,
     layer: int,
     plan: ForwardPlan,
+    norms: tuple[RMSNorm, RMSNorm] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Projected q, k, v [B, T, (H + 2 Hkv) * D] -> attention output [B, T, H * D] (rotary, cache, SDPA)."""
+    """Projected q, k, v [B, T, (H + 2 Hkv) * D] -> attention output [B, T, H * D] (q/k norms where the model has
+    them, rotary, cache, SDPA). `scale`: the scores' (None: D ** -0.5); `softcap`: scores capped to
+    softcap * tanh(scores / softcap) before the mask and softmax (Gemma 2), computed step by step as SDPA cannot."""
     B, T, _ = qkv.shape
     G = H // Hkv
+    qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
+    if norms is not None:  # each head of q and of k normalised before rotary
+        qk = torch.cat([norms[0].forward(qk[:, :, :H]), norms[1].forward(qk[:, :, H:])], dim=2)
     # rotary once over q and k together: [B, H + Hkv, T, D]
-    qk = apply_rotary(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)
+    qk = apply_rotary(qk.transpose(1, 2), cos, sin)
     q, k = qk[:, :H], qk[:, H:]  # [B, H, T, D], [B, Hkv, T, D]
     v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
     if cache is not None:
@@ -240,20 +310,38 @@ def attend(
     q = q.reshape(B, Hkv, G * T, D)  # q heads are ordered kv_head * G + g
     if mask is not None and G > 1:
         mask = mask.repeat(1, 1, G, 1)  # [B|1, 1, G*T, S]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G*T, D]
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+        scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
     return out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> None:
+    """SwiGLU: down(silu(gate(x)) * up(x)). `names`: how the checkpoint calls gate, up and down; `fused`: gate
+    and up stored as one gate_up_proj (phi3)."""
+
+    def __init__(
+        self,
+        w: dict[str, torch.Tensor],
+        prefix: str,
+        bias: bool = False,
+        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        fused: bool = False,
+        activation: str = "silu",
+    ) -> None:
         super().__init__()
-        gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]])
-        self.w_gate_up_t = _transposed(gate_up)  # [hidden, 2 * intermediate]
-        self.b_gate_up = (
-            _param(torch.cat([w[prefix + "gate_proj.bias"], w[prefix + "up_proj.bias"]])) if config.mlp_bias else None
-        )
-        self.w_down_t = _transposed(w[prefix + "down_proj.weight"])  # [intermediate, hidden]
-        self.b_down = _param(w[prefix + "down_proj.bias"]) if config.mlp_bias else None
+        self.gelu = activation == "gelu_tanh"  # GeGLU (Gemma) instead of SwiGLU
+        gate, up, down = (prefix + n for n in names)
+        parts = [w[prefix + "gate_up_proj.weight"]] if fused else [w[gate + ".weight"], w[up + ".weight"]]
+        self.w_gate_up_t = _transposed(torch.cat(parts))  # [hidden, 2 * intermediate]
+        self.b_gate_up = _param(torch.cat([w[gate + ".bias"], w[up + ".bias"]])) if bias else None
+        self.w_down_t = _transposed(w[down + ".weight"])  # [intermediate, hidden]
+        self.b_down = _param(w[down + ".bias"]) if bias else None
         self.w_gate_up_p: torch.Tensor | None = None  # packed copies (StageModel.pack_weights)
         self.w_down_p: torch.Tensor | None = None
 
@@ -263,27 +351,90 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear_t(x, self.w_gate_up_t, self.b_gate_up, self.w_gate_up_p).chunk(2, dim=-1)
-        return linear_t(F.silu(gate) * up, self.w_down_t, self.b_down, self.w_down_p)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return linear_t(act * up, self.w_down_t, self.b_down, self.w_down_p)
+
+
+class MoE(nn.Module):
+    """A sparse mixture-of-experts MLP: a router picks each token's top-k experts (softmax in float32 over all
+    experts, then the k largest, renormalised when the model says so) and the token's output is the weighted sum
+    of those experts' SwiGLU MLPs, added in expert order. Rows are grouped by expert: one matmul per expert over
+    the rows routed to it, whatever sessions they come from, so a row's result does not depend on its batch.
+    qwen2_moe adds a shared expert every token goes through, scaled by a sigmoid gate."""
+
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], p: str) -> None:
+        super().__init__()
+        c, m = config, moe_prefix(config, p)
+        names = MIXTRAL_EXPERT if c.architecture == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        self.router = _param(w[m + "gate.weight"])  # [experts, hidden], applied as F.linear like the reference
+        self.experts = nn.ModuleList(MLP(w, m + f"experts.{e}.", names=names) for e in range(c.num_experts))
+        self.top_k, self.renormalise = c.experts_per_token, c.norm_topk_prob
+        self.shared = MLP(w, m + "shared_expert.") if c.shared_expert_intermediate_size else None
+        self.shared_gate = _param(w[m + "shared_expert_gate.weight"]) if self.shared is not None else None
+
+    def pack(self) -> int:
+        return 0  # experts see a few rows each: MKL's path for few rows is the fast one
+
+    def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 [N, hidden] -> (weights [N, k] in x's dtype, expert ids [N, k])."""
+        probs = F.softmax(F.linear(x2, self.router), dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x2.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.route(x2)
+        out = torch.zeros_like(x2)
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (row, slot) pairs grouped by expert, rows ascending
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        rows, slot_weights = order // self.top_k, weights.reshape(-1)[order]
+        at = 0
+        for e, n in enumerate(counts):
+            if n:
+                r = rows[at : at + n]
+                out.index_add_(0, r, self.experts[e].forward(x2[r]) * slot_weights[at : at + n, None])
+                at += n
+        if self.shared is not None:
+            out = out + torch.sigmoid(F.linear(x2, self.shared_gate)) * self.shared.forward(x2)
+        return out.view(x.shape)
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], index: int) -> None:
         super().__init__()
         p = f"model.layers.{index}."
-        self.window = config.sliding_window(index)
-        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], config.rms_norm_eps)
-        self.attn = Attention(config, w, p + "self_attn.")
-        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
-        self.mlp = MLP(config, w, p + "mlp.")
+        c = config
+        eps, offset = c.rms_norm_eps, c.norm_offset
+        self.window = c.sliding_window(index)
+        self.local_rope = bool(c.local_rope_theta) and self.window is not None  # gemma3's sliding layers
+        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], eps, offset)
+        self.attn = Attention(c, w, p + "self_attn.")
+        # Gemma's sandwich: post_attention_layernorm normalises the attention output, pre_feedforward_layernorm
+        # the MLP input, post_feedforward_layernorm its output (Llama's post_attention_layernorm is the MLP input's)
+        self.attn_post = RMSNorm(w[p + "post_attention_layernorm.weight"], eps, offset) if c.sandwich_norms else None
+        mlp_in = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
+        self.mlp_norm = RMSNorm(w[p + mlp_in + ".weight"], eps, offset)
+        self.mlp_post = RMSNorm(w[p + "post_feedforward_layernorm.weight"], eps, offset) if c.sandwich_norms else None
+        if c.is_moe(index):
+            self.mlp = MoE(c, w, p)
+        else:
+            self.mlp = MLP(w, p + "mlp.", c.mlp_bias, fused=c.fused_projections, activation=c.activation)
 
     def step(self, h, cos, sin, mask, cache, layer, plan) -> torch.Tensor:
         # .forward directly: nn.Module.__call__'s hook machinery costs ~3 us a call, 4 calls a layer per token
-        h = h + self.attn.forward(self.attn_norm.forward(h), cos, sin, mask, cache, layer, plan)
-        return h + self.mlp.forward(self.mlp_norm.forward(h))
+        a = self.attn.forward(self.attn_norm.forward(h), cos, sin, mask, cache, layer, plan)
+        return self._mlp(h + (a if self.attn_post is None else self.attn_post.forward(a)))
 
     def step_many(self, h, sizes, rotary, masks, caches, layer, plans) -> torch.Tensor:
-        h = h + self.attn.forward_many(self.attn_norm.forward(h), sizes, rotary, masks, caches, layer, plans)
-        return h + self.mlp.forward(self.mlp_norm.forward(h))
+        a = self.attn.forward_many(self.attn_norm.forward(h), sizes, rotary, masks, caches, layer, plans)
+        return self._mlp(h + (a if self.attn_post is None else self.attn_post.forward(a)))
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.mlp.forward(self.mlp_norm.forward(h))
+        return h + (m if self.mlp_post is None else self.mlp_post.forward(m))
 
 
 class QuantBlock(nn.Module):
@@ -304,11 +455,18 @@ class QuantBlock(nn.Module):
         self.mlp_norm = w[p + "post_attention_layernorm.weight"].float().contiguous()
         qkv_bias = torch.cat([w[a + f"{n}_proj.bias"] for n in ("q", "k", "v")]) if c.qkv_bias else None
         # q, k and v (gate and up) as parts of one linear: one kernel call, no stacked copy of the weights
-        self.qkv = QuantLinear([w[a + f"{n}_proj.weight"] for n in ("q", "k", "v")], qkv_bias)
+        if c.fused_projections:
+            self.qkv = QuantLinear([w[a + "qkv_proj.weight"]], None)
+        else:
+            self.qkv = QuantLinear([w[a + f"{n}_proj.weight"] for n in ("q", "k", "v")], qkv_bias)
         self.o = QuantLinear([w[a + "o_proj.weight"]], w[a + "o_proj.bias"] if c.o_bias else None)
+        gate_up = (
+            [w[m + "gate_up_proj.weight"]]
+            if c.fused_projections
+            else [w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]
+        )
         self.gate_up = QuantLinear(
-            [w[m + "gate_proj.weight"], w[m + "up_proj.weight"]],
-            torch.cat([w[m + "gate_proj.bias"], w[m + "up_proj.bias"]]) if c.mlp_bias else None,
+            gate_up, torch.cat([w[m + "gate_proj.bias"], w[m + "up_proj.bias"]]) if c.mlp_bias else None
         )
         self.down = QuantLinear([w[m + "down_proj.weight"]], w[m + "down_proj.bias"] if c.mlp_bias else None)
 
@@ -364,15 +522,21 @@ class StageModel(nn.Module):
         self.quantized = any(isinstance(t, QTensor) for t in tensors.values())
         if self.quantized and (dtype != torch.float32 or torch.device(device).type != "cpu"):
             raise ValueError("a stage on quantized weights computes in float32 on the CPU")
+        if self.quantized and (config.qk_norm or config.num_experts or config.sandwich_norms):
+            what = "mixture-of-experts layers" if config.num_experts else "their layers"
+            raise UnsupportedModelError(
+                f"{config.architecture}: quantized weights for {what} are not built yet; load it with --dtype "
+                "(float32, bfloat16) instead"
+            )
         self.dtype, self.device = dtype, torch.device(device)
         w = _checked(config, start, end, tensors, dtype, self.device)
         self.layers = nn.ModuleList()
         for i in range(start, end):
-            quantized = isinstance(w[f"model.layers.{i}.self_attn.q_proj.weight"], QTensor)
+            quantized = isinstance(w[f"model.layers.{i}.self_attn.o_proj.weight"], QTensor)
             self.layers.append(QuantBlock(config, w, i) if quantized else Block(config, w, i))
             for name in [n for n in w if n.startswith(f"model.layers.{i}.")]:
                 del w[name]
-        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps) if self.is_last else None
+        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, config.norm_offset) if self.is_last else None
         self.head: nn.Parameter | None = None  # LM head, chunked: [n, hidden, HEAD_CHUNK]
         self.head_q: QuantLinear | None = None  # or quantized
         if self.is_last:
@@ -399,6 +563,9 @@ class StageModel(nn.Module):
                 list(self.layers), c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
             )
         self.rotary = RotaryTable(config, self.device)
+        # gemma3: sliding layers rotate with their own base
+        local = any(getattr(b, "local_rope", False) for b in self.layers)
+        self.rotary_local = RotaryTable(config, self.device, local=True) if local else None
         self.staging = HostStaging(self.device)  # hidden states to and from the device, through reused buffers
         self.head_p: list[torch.Tensor] | None = None  # packed head chunks (pack_weights)
         self.packed_bytes = 0
@@ -504,8 +671,12 @@ class StageModel(nn.Module):
         if rows is not None:  # a decode step: all layers in one call (quant/decode.py)
             self.decoder(h, cos, sin, rows)
         else:
+            local = (
+                None if self.rotary_local is None else self.rotary_local.lookup(plan.positions, self.dtype, plan.top)
+            )
             for i, block in enumerate(self.layers):
-                h = block.step(h, cos, sin, plan.masks[block.window], cache, i, plan)
+                c, s = local if local is not None and block.local_rope else (cos, sin)
+                h = block.step(h, c, s, plan.masks[block.window], cache, i, plan)
         if cache is not None:
             cache.commit(plan)
         if not self.is_last:
@@ -517,18 +688,25 @@ class StageModel(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (first stage) or incoming hidden states -> the hidden states the layers work on (a tensor of
         the stage's own when its layers update it in place)."""
+        if not self.is_first:
+            return x.clone() if self.quantized else x
         if self.embed_q is not None:
-            return self.embed_q(x)
-        if self.embed_in_head:
-            return embed_from_head(x, self.head)
-        if self.is_first:
-            return F.embedding(x, self.embed)
-        return x.clone() if self.quantized else x
+            h = self.embed_q(x)
+        elif self.embed_in_head:
+            h = embed_from_head(x, self.head)
+        else:
+            h = F.embedding(x, self.embed)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the compute dtype as the reference does
+            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
+        return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.head_q is not None:
-            return self.head_q(h.contiguous(), norm=self.norm.weight, eps=self.norm.eps)
-        return head_logits(self.norm.forward(h), self.head, self.config.vocab_size, self.head_p).float()
+            logits = self.head_q(h.contiguous(), norm=self.norm.weight, eps=self.norm.eps)
+        else:
+            logits = head_logits(self.norm.forward(h), self.head, self.config.vocab_size, self.head_p).float()
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.inference_mode()
     def forward_many(
@@ -566,9 +744,12 @@ class StageModel(nn.Module):
         if rows is not None:  # the sessions' decode steps through all layers in one call (quant/decode.py)
             self.decoder(h, torch.cat([c for c, _ in rotary]), torch.cat([s for _, s in rotary]), rows)
         else:
+            local = None
+            if self.rotary_local is not None:
+                local = [self.rotary_local.lookup(plan.positions, self.dtype, top=plan.top) for plan in plans]
             for i, block in enumerate(self.layers):
                 masks = [plan.masks[block.window] for plan in plans]
-                h = block.step_many(h, sizes, rotary, masks, caches, i, plans)
+                h = block.step_many(h, sizes, local if local and block.local_rope else rotary, masks, caches, i, plans)
         for cache, plan in zip(caches, plans, strict=True):
             cache.commit(plan)
         if self.is_last:

@@ -14,10 +14,12 @@ import torch
 from layerline.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+def inverse_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """`local`: the sliding layers' own base (gemma3's `local_rope_theta`), never scaled."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = config.rope_scaling
+    theta = config.local_rope_theta if local and config.local_rope_theta else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = None if local else config.rope_scaling
     if s is None:
         return inv_freq
     if s.rope_type == "linear":
@@ -39,8 +41,8 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 class RotaryTable:
     """cos/sin for positions [0, n), in float32 on one device; `lookup` casts to the compute dtype."""
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
-        self.inv_freq = inverse_frequencies(config).to(device)
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", local: bool = False) -> None:
+        self.inv_freq = inverse_frequencies(config, local).to(device)
         self.device = torch.device(device)
         self.cos = torch.empty(0, config.head_dim, device=device)
         self.sin = torch.empty(0, config.head_dim, device=device)

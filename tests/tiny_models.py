@@ -1,5 +1,5 @@
 """Tiny random checkpoints made on the fly for the tests: Hugging Face folders written by transformers'
-`save_pretrained` (llama, mistral, qwen2; tied/untied; sharded), a tiny byte-level tokenizer, and GGUF files
+`save_pretrained` (llama, mistral, qwen2, qwen3, phi3, mixtral, qwen2_moe, qwen3_moe; tied/untied; sharded), a tiny byte-level tokenizer, and GGUF files
 written with the `gguf` package the way llama.cpp's converter writes them (Q/K rows permuted)."""
 
 from __future__ import annotations
@@ -45,7 +45,25 @@ def hf_model(spec: TinySpec, seed: int = 0):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[spec.arch]
+    head_dim = spec.hidden // spec.heads
+    family = {  # sizes a tiny model of the family needs beyond the common ones (each family's defaults are big)
+        "qwen3": dict(head_dim=head_dim),
+        "gemma2": dict(head_dim=head_dim, sliding_window=6),
+        "gemma3": dict(head_dim=head_dim, sliding_window=6),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+        ),
+        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=head_dim),
+    }.get(spec.arch, {})
     config = cls_config(
         vocab_size=spec.vocab,
         hidden_size=spec.hidden,
@@ -58,7 +76,7 @@ def hf_model(spec: TinySpec, seed: int = 0):
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        **dict(spec.extra),
+        **{**family, **dict(spec.extra)},
     )
     torch.manual_seed(seed)
     model = cls_model(config).eval()
