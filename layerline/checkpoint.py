@@ -24,7 +24,7 @@ from layerline.gguf_model import GGUFCheckpoint
 from layerline.model import StageModel, check_range, expected_tensors
 from layerline.quant import WeightFormat, resolve
 from layerline.quant.build import available as kernels_available
-from layerline.quant.tensor import QTensor, quantized_type
+from layerline.quant.tensor import QTensor, quantizable, quantized_type
 from layerline.quant.tensor import quantize as quantize_weight
 from layerline.safetensors_io import SafetensorsFile, TensorEntry
 from layerline.weight_cache import FetchedCheckpoint, is_fetched_folder
@@ -216,12 +216,12 @@ def read_tensors(ckpt: Checkpoint, names: list[str], fmt: WeightFormat) -> dict[
     else:
         part = ckpt.read(names, fmt.dtype, quantized=fmt.kind == "stored")
     if fmt.quantizes:  # one float tensor at a time, replaced by its blocks at once
-        part = {n: quantize_weight(t, quantized_type(fmt.kind, n)) if _is_matrix(t) else t for n, t in part.items()}
+        part = {n: quantize_weight(t, quantized_type(fmt.kind, n)) if _is_matrix(n, t) else t for n, t in part.items()}
     return part
 
 
-def _is_matrix(t: torch.Tensor | QTensor) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 2
+def _is_matrix(name: str, t: torch.Tensor | QTensor) -> bool:
+    return isinstance(t, torch.Tensor) and quantizable(name, tuple(t.shape))
 
 
 def kernels_missing(stored_bytes: int, float_bytes: int) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from layerline.config import ModelConfig
 from layerline.devices import HostStaging
-from layerline.errors import BadInputError, CheckpointError, UnsupportedModelError
+from layerline.errors import BadInputError, CheckpointError
 from layerline.kv_cache import ForwardPlan, KVCache, chunk_plan
 from layerline.quant.decode import DecodeRows, StageDecoder
 from layerline.quant.linear import QuantEmbedding, QuantLinear
@@ -218,16 +218,31 @@ class Attention(nn.Module):
             qkv = [w[prefix + "qkv_proj.weight"]]
         else:
             qkv = [w[prefix + f"{n}_proj.weight"] for n in ("q", "k", "v")]
-        self.wqkv_t = _transposed(torch.cat(qkv))  # [hidden, (H + 2 Hkv) * D]
         self.norms = qk_norms(config, w, prefix)
         self.scale, self.softcap = config.query_scale, config.attn_softcap
-        self.bqkv = (
-            _param(torch.cat([w[prefix + f"{n}_proj.bias"] for n in ("q", "k", "v")])) if config.qkv_bias else None
-        )
-        self.wo_t = _transposed(w[prefix + "o_proj.weight"])  # [H * D, hidden]
-        self.bo = _param(w[prefix + "o_proj.bias"]) if config.o_bias else None
+        bqkv = torch.cat([w[prefix + f"{n}_proj.bias"] for n in ("q", "k", "v")]) if config.qkv_bias else None
+        bo = w[prefix + "o_proj.bias"] if config.o_bias else None
+        self.q_qkv: QuantLinear | None = None  # quantized blocks (where the fused QuantBlock does not serve the family)
+        self.q_o: QuantLinear | None = None
+        if isinstance(qkv[0], QTensor):
+            self.q_qkv, self.q_o = QuantLinear(qkv, bqkv), QuantLinear([w[prefix + "o_proj.weight"]], bo)
+            self.wqkv_t = self.bqkv = self.wo_t = self.bo = None
+        else:
+            self.wqkv_t = _transposed(torch.cat(qkv))  # [hidden, (H + 2 Hkv) * D]
+            self.bqkv = _param(bqkv) if bqkv is not None else None
+            self.wo_t = _transposed(w[prefix + "o_proj.weight"])  # [H * D, hidden]
+            self.bo = _param(bo) if bo is not None else None
         self.wqkv_p: torch.Tensor | None = None  # packed copies (StageModel.pack_weights)
         self.wo_p: torch.Tensor | None = None
+
+    def quant_linears(self) -> list[QuantLinear]:
+        return [] if self.q_qkv is None else [self.q_qkv, self.q_o]
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_qkv(x) if self.q_qkv is not None else linear_t(x, self.wqkv_t, self.bqkv, self.wqkv_p)
+
+    def _o(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_o(x) if self.q_o is not None else linear_t(x, self.wo_t, self.bo, self.wo_p)
 
     def pack(self) -> int:
         self.wqkv_p, self.wo_p = pack_weight(self.wqkv_t), pack_weight(self.wo_t)
@@ -243,10 +258,10 @@ class Attention(nn.Module):
         layer: int,
         plan: ForwardPlan,
     ) -> torch.Tensor:
-        qkv = linear_t(x, self.wqkv_t, self.bqkv, self.wqkv_p)  # [B, T, (H + 2 Hkv) * D]
+        qkv = self._qkv(x)  # [B, T, (H + 2 Hkv) * D]
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         out = attend(qkv, H, Hkv, D, cos, sin, mask, cache, layer, plan, self.norms, self.scale, self.softcap)
-        return linear_t(out, self.wo_t, self.bo, self.wo_p)
+        return self._o(out)
 
     def forward_many(
         self,
@@ -260,13 +275,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Several sessions' rows stacked in `x` (`sizes` rows each): the projections run once over all of them,
         attention per session against its own cache."""
-        qkv = linear_t(x, self.wqkv_t, self.bqkv, self.wqkv_p)
+        qkv = self._qkv(x)
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         outs = [
             attend(part, H, Hkv, D, cs[0], cs[1], mask, cache, layer, plan, self.norms, self.scale, self.softcap)
             for part, cs, mask, cache, plan in zip(qkv.split(sizes), rotary, masks, caches, plans, strict=True)
         ]
-        return linear_t(torch.cat(outs), self.wo_t, self.bo, self.wo_p)
+        return self._o(torch.cat(outs))
 
 
 def qk_norms(config: ModelConfig, w: dict[str, torch.Tensor], prefix: str) -> tuple[RMSNorm, RMSNorm] | None:
@@ -338,18 +353,35 @@ class MLP(nn.Module):
         self.gelu = activation == "gelu_tanh"  # GeGLU (Gemma) instead of SwiGLU
         gate, up, down = (prefix + n for n in names)
         parts = [w[prefix + "gate_up_proj.weight"]] if fused else [w[gate + ".weight"], w[up + ".weight"]]
-        self.w_gate_up_t = _transposed(torch.cat(parts))  # [hidden, 2 * intermediate]
-        self.b_gate_up = _param(torch.cat([w[gate + ".bias"], w[up + ".bias"]])) if bias else None
-        self.w_down_t = _transposed(w[down + ".weight"])  # [intermediate, hidden]
-        self.b_down = _param(w[down + ".bias"]) if bias else None
+        b_gate_up = torch.cat([w[gate + ".bias"], w[up + ".bias"]]) if bias else None
+        b_down = w[down + ".bias"] if bias else None
+        self.q_gate_up: QuantLinear | None = None  # quantized blocks
+        self.q_down: QuantLinear | None = None
+        if isinstance(parts[0], QTensor):
+            self.q_gate_up, self.q_down = QuantLinear(parts, b_gate_up), QuantLinear([w[down + ".weight"]], b_down)
+            self.w_gate_up_t = self.b_gate_up = self.w_down_t = self.b_down = None
+        else:
+            self.w_gate_up_t = _transposed(torch.cat(parts))  # [hidden, 2 * intermediate]
+            self.b_gate_up = _param(b_gate_up) if b_gate_up is not None else None
+            self.w_down_t = _transposed(w[down + ".weight"])  # [intermediate, hidden]
+            self.b_down = _param(b_down) if b_down is not None else None
         self.w_gate_up_p: torch.Tensor | None = None  # packed copies (StageModel.pack_weights)
         self.w_down_p: torch.Tensor | None = None
+
+    def quant_linears(self) -> list[QuantLinear]:
+        return [] if self.q_gate_up is None else [self.q_gate_up, self.q_down]
 
     def pack(self) -> int:
         self.w_gate_up_p, self.w_down_p = pack_weight(self.w_gate_up_t), pack_weight(self.w_down_t)
         return packed_nbytes(self.w_gate_up_p) + packed_nbytes(self.w_down_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_gate_up is not None:
+            gate_up = self.q_gate_up(x)
+            if not self.gelu:  # SwiGLU fused into the down projection's kernel
+                return self.q_down(gate_up, swiglu=True)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.q_down(F.gelu(gate, approximate="tanh") * up)
         gate, up = linear_t(x, self.w_gate_up_t, self.b_gate_up, self.w_gate_up_p).chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return linear_t(act * up, self.w_down_t, self.b_down, self.w_down_p)
@@ -374,6 +406,10 @@ class MoE(nn.Module):
 
     def pack(self) -> int:
         return 0  # experts see a few rows each: MKL's path for few rows is the fast one
+
+    def quant_linears(self) -> list[QuantLinear]:
+        mlps = [*self.experts, *([self.shared] if self.shared is not None else [])]
+        return [lin for m in mlps for lin in m.quant_linears()]
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x2 [N, hidden] -> (weights [N, k] in x's dtype, expert ids [N, k])."""
@@ -431,6 +467,9 @@ class Block(nn.Module):
     def step_many(self, h, sizes, rotary, masks, caches, layer, plans) -> torch.Tensor:
         a = self.attn.forward_many(self.attn_norm.forward(h), sizes, rotary, masks, caches, layer, plans)
         return self._mlp(h + (a if self.attn_post is None else self.attn_post.forward(a)))
+
+    def quant_linears(self) -> list[QuantLinear]:
+        return self.attn.quant_linears() + self.mlp.quant_linears()
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         m = self.mlp.forward(self.mlp_norm.forward(h))
@@ -522,18 +561,15 @@ class StageModel(nn.Module):
         self.quantized = any(isinstance(t, QTensor) for t in tensors.values())
         if self.quantized and (dtype != torch.float32 or torch.device(device).type != "cpu"):
             raise ValueError("a stage on quantized weights computes in float32 on the CPU")
-        if self.quantized and (config.qk_norm or config.num_experts or config.sandwich_norms):
-            what = "mixture-of-experts layers" if config.num_experts else "their layers"
-            raise UnsupportedModelError(
-                f"{config.architecture}: quantized weights for {what} are not built yet; load it with --dtype "
-                "(float32, bfloat16) instead"
-            )
         self.dtype, self.device = dtype, torch.device(device)
         w = _checked(config, start, end, tensors, dtype, self.device)
         self.layers = nn.ModuleList()
+        # the fused QuantBlock serves Llama-shaped layers; the other families' layers compute from the same blocks
+        # through Block, each matmul a QuantLinear and the rest in torch
+        fused = not (config.qk_norm or config.num_experts or config.sandwich_norms or config.activation != "silu")
         for i in range(start, end):
             quantized = isinstance(w[f"model.layers.{i}.self_attn.o_proj.weight"], QTensor)
-            self.layers.append(QuantBlock(config, w, i) if quantized else Block(config, w, i))
+            self.layers.append(QuantBlock(config, w, i) if quantized and fused else Block(config, w, i))
             for name in [n for n in w if n.startswith(f"model.layers.{i}.")]:
                 del w[name]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, config.norm_offset) if self.is_last else None
@@ -601,9 +637,7 @@ class StageModel(nn.Module):
         for block in self.layers:
             if isinstance(block, QuantBlock):
                 tensors += [block.attn_norm, block.mlp_norm]
-                tensors += [t for lin in (block.qkv, block.o, block.gate_up, block.down) for t in _held(lin)]
-        if self.head_q is not None:
-            tensors += _held(self.head_q)
+        tensors += [t for lin in self.quant_linears() for t in _held(lin)]
         if self.embed_q is not None:
             tensors.append(self.embed_q.table.data)
         for t in tensors:
@@ -614,7 +648,11 @@ class StageModel(nn.Module):
 
     def quant_linears(self) -> list:
         """The quantized matmuls of this stage (QuantLinear), layer by layer, then the LM head's."""
-        linears = [lin for b in self.layers if isinstance(b, QuantBlock) for lin in (b.qkv, b.o, b.gate_up, b.down)]
+        linears = [
+            lin
+            for b in self.layers
+            for lin in ((b.qkv, b.o, b.gate_up, b.down) if isinstance(b, QuantBlock) else b.quant_linears())
+        ]
         return linears + ([] if self.head_q is None else [self.head_q])
 
     def weight_summary(self) -> str:

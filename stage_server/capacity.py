@@ -35,7 +35,7 @@ from layerline.devices import device_memory as gpu_memory
 from layerline.model import StageModel, expected_tensors
 from layerline.quant import WeightFormat
 from layerline.quant.layout import layer_types, model_bytes
-from layerline.quant.tensor import TYPE_BY_NAME, QTensor, random_qtensor
+from layerline.quant.tensor import TYPE_BY_NAME, QTensor, quantizable, random_qtensor
 
 FORMAT = 2  # bump when what is measured changes: older cache entries are then measured again
 
@@ -169,7 +169,7 @@ def _random_stage(
     for name, shape in expected_tensors(config, start, end).items():
         if len(shape) == 1:
             tensors[name] = torch.ones(shape) if name.endswith("norm.weight") else torch.zeros(shape)
-        elif types is not None:
+        elif types is not None and quantizable(name, shape):
             role = "embed" if name == "model.embed_tokens.weight" else "head" if name == "lm_head.weight" else None
             kind = types[role] if role else types[name.split(".", 3)[3]]
             tensors[name] = random_qtensor(TYPE_BY_NAME[kind], shape, g)

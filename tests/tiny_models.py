@@ -60,7 +60,7 @@ def hf_model(spec: TinySpec, seed: int = 0):
         "gemma3": dict(head_dim=head_dim, sliding_window=6),
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": dict(
-            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
         ),
         "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=head_dim),
     }.get(spec.arch, {})
@@ -144,12 +144,29 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+GGUF_ARCH = {  # HF model_type -> the architecture llama.cpp's converter writes
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+}
+
+
 def write_gguf(model, path: str, qtype_name: str = "F32") -> None:
-    """Write a transformers llama/qwen2 model as a GGUF file, 2-D weights in `qtype_name` (F32, F16, Q8_0, ...)."""
+    """Write a transformers model of any family layerline serves as a GGUF file in llama.cpp's layout (names,
+    metadata, Q/K rows permuted for llama, experts stacked, Gemma's norms as 1 + w), 2-D weights in `qtype_name`
+    (F32, F16, Q8_0, ...)."""
     import gguf
 
     c = model.config
-    arch = c.model_type if c.model_type != "mistral" else "llama"
+    arch = GGUF_ARCH[c.model_type]
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -157,10 +174,29 @@ def write_gguf(model, path: str, qtype_name: str = "F32") -> None:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        if getattr(c, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+        if arch == "qwen3moe":
+            w.add_expert_weights_norm(bool(c.norm_topk_prob))
+    if arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
     tok = byte_tokenizer()
     vocab = tok.get_vocab()
     tokens = [""] * c.vocab_size
@@ -176,6 +212,7 @@ def write_gguf(model, path: str, qtype_name: str = "F32") -> None:
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     w.add_bos_token_id(1)
+    w.add_pad_token_id(0)
     w.add_eos_token_id(2)
     w.add_chat_template(CHAT_TEMPLATE)
     qtype = gguf.GGMLQuantizationType[qtype_name]
@@ -184,6 +221,7 @@ def write_gguf(model, path: str, qtype_name: str = "F32") -> None:
         "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight",
     }
+    gemma = arch in ("gemma2", "gemma3")
     per_layer = {
         "input_layernorm.weight": "attn_norm.weight",
         "self_attn.q_proj.weight": "attn_q.weight",
@@ -192,30 +230,59 @@ def write_gguf(model, path: str, qtype_name: str = "F32") -> None:
         "self_attn.q_proj.bias": "attn_q.bias",
         "self_attn.k_proj.bias": "attn_k.bias",
         "self_attn.v_proj.bias": "attn_v.bias",
+        "self_attn.qkv_proj.weight": "attn_qkv.weight",
+        "self_attn.q_norm.weight": "attn_q_norm.weight",
+        "self_attn.k_norm.weight": "attn_k_norm.weight",
         "self_attn.o_proj.weight": "attn_output.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "post_attention_layernorm.weight": "post_attention_norm.weight" if gemma else "ffn_norm.weight",
+        "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+        "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
         "mlp.gate_proj.weight": "ffn_gate.weight",
         "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.gate_up_proj.weight": "ffn_up.weight",  # phi3: gate and up fused in ffn_up
         "mlp.down_proj.weight": "ffn_down.weight",
+        "mlp.gate.weight": "ffn_gate_inp.weight",
+        "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     }
+    tensors = []
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
+        a = t.detach().float().numpy()
         if name.startswith("model.layers."):
             idx, rest = name[len("model.layers.") :].split(".", 1)
+            if rest == "mlp.experts.gate_up_proj":  # [experts, 2 x inner, hidden]: stacked as llama.cpp does
+                half = a.shape[1] // 2
+                tensors += [
+                    (f"blk.{idx}.ffn_gate_exps.weight", a[:, :half]),
+                    (f"blk.{idx}.ffn_up_exps.weight", a[:, half:]),
+                ]
+                continue
+            if rest == "mlp.experts.down_proj":
+                tensors.append((f"blk.{idx}.ffn_down_exps.weight", a))
+                continue
             gname = f"blk.{idx}.{per_layer[rest]}"
         else:
             gname = names[name]
-        a = t.detach().float().numpy()
         if arch == "llama" and rest_is(name, "q_proj"):
             a = llama_cpp_permute(a, c.num_attention_heads)
         elif arch == "llama" and rest_is(name, "k_proj"):
             a = llama_cpp_permute(a, c.num_key_value_heads)
-        if a.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            data = gguf.quants.quantize(a, qtype)
-            w.add_tensor(gname, data, raw_dtype=qtype)
+        if gemma and name.endswith("norm.weight"):  # llama.cpp's converter stores Gemma's norms as 1 + w
+            a = a + 1
+        if gname.endswith("ffn_gate_inp_shexp.weight"):  # the shared expert's gate: a vector in llama.cpp's files
+            a = a.reshape(-1)
+        tensors.append((gname, a))
+    for gname, a in tensors:
+        a = np.ascontiguousarray(a)
+        keep = a.ndim == 1 or "ffn_gate_inp" in gname  # norms, biases and routers stay F32, as llama.cpp keeps them
+        if not keep and qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
-            w.add_tensor(gname, np.ascontiguousarray(a))
+            w.add_tensor(gname, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

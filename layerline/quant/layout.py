@@ -16,7 +16,7 @@ from layerline.config import ModelConfig
 from layerline.gguf_dequant import _BLOCK, qtype_name
 from layerline.model import expected_tensors
 from layerline.quant import WeightFormat
-from layerline.quant.tensor import TYPE_BY_NAME, quantized_type
+from layerline.quant.tensor import TYPE_BY_NAME, quantizable, quantized_type
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "F16": 2, "BF16": 2}
 
@@ -30,7 +30,7 @@ def held_types(
     for name, shape in shapes.items():
         if fmt.kind == "float":
             out[name] = str(fmt.dtype).removeprefix("torch.")
-        elif len(shape) != 2:
+        elif not quantizable(name, shape):
             out[name] = "F32"
         elif fmt.quantizes:
             out[name] = qtype_name(quantized_type(fmt.kind, name))

@@ -34,6 +34,15 @@ QUANTIZE_TO = {"int8": Q8_0, "int4": Q4_1}
 EIGHT_BIT_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
+ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight")
+
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """A matmul weight a stage may hold quantized: 2-D, and not a MoE router (routers stay float, so that which
+    experts a token goes to is decided exactly as the reference decides it)."""
+    return len(shape) == 2 and not name.endswith(ROUTERS)
+
+
 def quantized_type(how: str, name: str) -> int:
     """The block type --quantize `how` gives the matmul weight `name`."""
     return Q8_0 if name in EIGHT_BIT_TENSORS else QUANTIZE_TO[how]
