@@ -15,6 +15,7 @@ from layerline.config import ModelConfig, RopeScaling
 from layerline.errors import CheckpointError, UnsupportedModelError
 from layerline.gguf_dequant import dequantize, qtype_name
 from layerline.gguf_file import GGUFFile, GGUFTensor
+from layerline.gguf_tokenizer import end_of_generation
 from layerline.quant.tensor import QTensor, quantizable
 
 GGUF_ARCHITECTURES = {  # GGUF general.architecture -> layerline's (llama files with experts are mixtral)
@@ -144,7 +145,6 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     vocab = int(key("vocab_size", tokens if tokens else (embd.shape[0] if embd else 0)))
     window = key("attention.sliding_window", None)
     num_layers = int(key("block_count"))
-    eos = g.get("tokenizer.ggml.eos_token_id")
     extra: dict = {}
     windows = (int(window),) * num_layers if window else ()
     if ours in ("qwen3", "qwen3_moe"):
@@ -204,7 +204,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         mlp_bias=False,
         sliding_windows=windows,
         bos_token_id=g.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
+        eos_token_ids=tuple(end_of_generation(g)),
         pad_token_id=g.get("tokenizer.ggml.padding_token_id"),
         **extra,
     )

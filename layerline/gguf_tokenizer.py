@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as Backend
 
 from layerline.errors import CheckpointError, UnsupportedModelError
 
-__all__ = ["GGUFTokenizerParts", "backend_from_gguf"]
+__all__ = ["GGUFTokenizerParts", "backend_from_gguf", "end_of_generation"]
 
 # The special tokens a chat template sees, and the GGUF metadata key of each one's id.
 _SPECIAL_KEYS = {
@@ -236,8 +236,7 @@ def backend_from_gguf(metadata: Mapping[str, Any], where: str) -> GGUFTokenizerP
         add_bos_default if add_bos is None else bool(add_bos),
         bool(add_eos) if add_eos is not None else False,
     )
-    # llama.cpp stops on end-of-turn / end-of-message tokens as well as on EOS.
-    eos_ids = [i for i in (eos_id, meta_id("eot_token_id"), meta_id("eom_token_id")) if i is not None]
+    eos_ids = end_of_generation(metadata)
     template = metadata.get("tokenizer.chat_template")
     return GGUFTokenizerParts(
         backend,
@@ -247,6 +246,52 @@ def backend_from_gguf(metadata: Mapping[str, Any], where: str) -> GGUFTokenizerP
         special_tokens=names,
         chat_template=template if isinstance(template, str) else None,
     )
+
+
+# What llama.cpp stops generating on besides EOS (llama-vocab.cpp): the end-of-turn, end-of-message and
+# fill-in-the-middle ids the file names, and any token spelled as one of these markers, which is how a Gemma
+# file's `<end_of_turn>`, a Phi-3 file's `<|end|>` or a Qwen file's `<|im_end|>` and `<|endoftext|>` end a reply
+# although the file's EOS id is another token.
+_END_KEYS = ("eot_token_id", "eom_token_id", "fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id")
+_END_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "</s>",
+        "<eos>",
+    }
+)
+
+
+def end_of_generation(metadata: Mapping[str, Any]) -> list[int]:
+    """The ids a generation from this file stops on: EOS first (`Tokenizer.eos_token_id`), then the others by id."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else []
+
+    def named(key: str) -> int | None:
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and 0 <= value
+            and (not tokens or value < len(tokens))
+        ):
+            return value
+        return None
+
+    eos = named("eos_token_id")
+    ends = {i for i in (named(k) for k in _END_KEYS) if i is not None}
+    ends.update(i for i, text in enumerate(tokens) if text in _END_TEXTS)
+    first = [eos] if eos is not None else []
+    return first + sorted(ends - set(first))
 
 
 def _byte_level_backend(

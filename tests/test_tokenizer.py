@@ -18,6 +18,7 @@ import pytest
 
 from layerline.errors import CheckpointError, LayerlineError, UnsupportedModelError
 from layerline.tokenizer import StreamDecoder, Tokenizer
+from tiny_models import write_spm_gguf
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -113,7 +114,9 @@ def hf_smollm() -> Any:
 @needs_smollm
 def test_gguf_metadata(smollm: Tokenizer) -> None:
     assert smollm.bos_token_id == 1
-    assert smollm.eos_token_ids == [2]
+    # llama.cpp ends generation at EOS and at every end-of-text token of the vocabulary too:
+    # <|endoftext|> (id 0) ends a reply as <|im_end|> does.
+    assert smollm.eos_token_ids == [2, 0]
     assert smollm.eos_token_id == 2
     assert smollm.pad_token_id == 2
     assert smollm.vocab_size == 49152
@@ -249,74 +252,6 @@ def test_gguf_stream_decoder_incomplete_tail(smollm: Tokenizer) -> None:
 # SentencePiece-style ("llama") GGUF, built in tmp_path
 
 
-def _spm_pieces() -> tuple[list[str], list[str]]:
-    from tokenizers import SentencePieceBPETokenizer
-
-    corpus = [
-        "Hello world, this is a test of the tokenizer.",
-        "The quick brown fox jumps over the lazy dog.",
-        "def foo(x):\n    return x * 2\n",
-        "Numbers 12345 and 67890.",
-        "naïve café résumé",
-        "  leading spaces and    runs",
-    ] * 20
-    spm = SentencePieceBPETokenizer()
-    spm.train_from_iterator(corpus, vocab_size=300, min_frequency=2, show_progress=False)
-    model = json.loads(spm.to_str())["model"]
-    merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
-    merged_set = set(merged)
-    base = [t for t in model["vocab"] if t not in merged_set and t != "<unk>"]
-    return merged, base
-
-
-def write_spm_gguf(path: Path, architecture: str = "llama", *, add_bos: bool | None = None) -> None:
-    """A SentencePiece-like vocabulary (specials, 256 byte tokens, scored pieces) as llama.cpp writes it."""
-    import gguf
-
-    merged, base = _spm_pieces()
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256
-    scores = [0.0] * len(tokens)
-    for i, piece in enumerate(merged):
-        tokens.append(piece)
-        types.append(1)
-        scores.append(-float(i))
-    for i, piece in enumerate(base):
-        tokens.append(piece)
-        types.append(1)
-        scores.append(-1000.0 - i)
-    if architecture.startswith("gemma"):
-        # Gemma files spell tokens made of several spaces with real spaces.
-        tokens += ["  ", "   "]
-        types += [1, 1]
-        scores += [-5.0, -6.0]
-    tokens += ["<|user|>", "<|end|>"]
-    types += [4, 3]
-    scores += [0.0, 0.0]
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(1)
-    writer.add_context_length(128)
-    writer.add_embedding_length(16)
-    writer.add_feed_forward_length(32)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    if add_bos is not None:
-        writer.add_add_bos_token(add_bos)
-    writer.add_chat_template("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 SPM_TEXTS = [
     "Hello world",
     " Hello",
@@ -339,7 +274,8 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path: Path, architecture: s
     write_spm_gguf(tmp_path / "spm.gguf", architecture)
     ours = Tokenizer.from_path(tmp_path / "spm.gguf")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
-    assert ours.bos_token_id == 1 and ours.eos_token_ids == [2]
+    # EOS, then what llama.cpp also stops on: the file's `<|end|>` marker.
+    assert ours.bos_token_id == 1 and ours.eos_token_ids == [2, ours.token_to_id("<|end|>")]
     if architecture != "gemma2":  # transformers appends Gemma's <pad>, <mask>... when the vocabulary lacks them
         assert ours.vocab_size == len(hf)
     for text in SPM_TEXTS:

@@ -307,3 +307,84 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
             pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
+
+
+def _spm_pieces() -> tuple[list[str], list[str]]:
+    from tokenizers import SentencePieceBPETokenizer
+
+    corpus = [
+        "Hello world, this is a test of the tokenizer.",
+        "The quick brown fox jumps over the lazy dog.",
+        "def foo(x):\n    return x * 2\n",
+        "Numbers 12345 and 67890.",
+        "naïve café résumé",
+        "  leading spaces and    runs",
+    ] * 20
+    spm = SentencePieceBPETokenizer()
+    spm.train_from_iterator(corpus, vocab_size=300, min_frequency=2, show_progress=False)
+    model = json.loads(spm.to_str())["model"]
+    merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
+    merged_set = set(merged)
+    base = [t for t in model["vocab"] if t not in merged_set and t != "<unk>"]
+    return merged, base
+
+
+SPM_MARKERS = (("<|user|>", 4), ("<|end|>", 3))  # (token, GGUF token type: 4 user-defined, 3 control)
+SPM_TEMPLATE = "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+
+
+def write_spm_gguf(
+    path,
+    architecture: str = "llama",
+    *,
+    add_bos: bool | None = None,
+    specials: tuple[str, str, str] = ("<unk>", "<s>", "</s>"),
+    markers: tuple[tuple[str, int], ...] = SPM_MARKERS,
+    chat_template: str = SPM_TEMPLATE,
+) -> None:
+    """A SentencePiece-like vocabulary as llama.cpp writes it: unk, bos, eos (`specials`, ids 0-2), 256 byte
+    tokens, scored pieces, then the chat `markers`; no tensors (a tokenizer-only file)."""
+    import gguf
+
+    merged, base = _spm_pieces()
+    tokens = list(specials) + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for i, piece in enumerate(merged):
+        tokens.append(piece)
+        types.append(1)
+        scores.append(-float(i))
+    for i, piece in enumerate(base):
+        tokens.append(piece)
+        types.append(1)
+        scores.append(-1000.0 - i)
+    if architecture.startswith("gemma"):
+        # Gemma files spell tokens made of several spaces with real spaces.
+        tokens += ["  ", "   "]
+        types += [1, 1]
+        scores += [-5.0, -6.0]
+    tokens += [t for t, _ in markers]
+    types += [k for _, k in markers]
+    scores += [0.0] * len(markers)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_context_length(128)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.add_chat_template(chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
