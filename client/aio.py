@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from layerline.client.errors import RPCError, code_from_int
+from layerline.grpc_setup import channel_options
 from layerline.security import Security
 from layerline.text_stream import TextStream
 from layerline.tokenizer import Tokenizer
@@ -258,11 +259,7 @@ class AsyncClient:
     def _link(self, address: str) -> _Link:
         link = self._channels.get(address)
         if link is None:
-            opts = [
-                ("grpc.max_send_message_length", self.config.max_message_bytes),
-                ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ]
-            ch = self.config.security.channel(address, opts)
+            ch = self.config.security.channel(address, channel_options(self.config.max_message_bytes))
             link = self._channels[address] = _Link(address, ch, stage_pb2_grpc.StageStub(ch))
         return link
 

@@ -21,9 +21,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from layerline.checkpoint import open_checkpoint
@@ -32,6 +29,7 @@ from layerline.coordinator.placement import PlacementError, StageCapacity, assig
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
 from layerline.coordinator.weights import check_request, stream_tensors
 from layerline.errors import BadInputError, CheckpointError, LayerlineError
+from layerline.grpc_setup import serve_grpc
 from layerline.metrics import CallCounter, Snapshot, serve_metrics, uptime
 from layerline.quant import WeightFormat, from_name, resolve
 from layerline.security import Security
@@ -335,25 +333,17 @@ async def start_coordinator(
     metrics = CollectorRegistry()
     started = time.monotonic()
     metrics.register(Snapshot(lambda: _coordinator_metrics(registry, started)))
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
-        interceptors=[CallCounter(metrics, "layerline_coordinator"), *security.interceptors()],
+    served = await serve_grpc(
+        lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server),
+        SERVICE_NAME,
+        host,
+        port,
+        security=security,
+        interceptors=[CallCounter(metrics, "layerline_coordinator")],
+        max_message_bytes=MAX_MESSAGE_BYTES,
     )
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
-    bound = security.bind(server, f"{host}:{port}")
-    if bound == 0:
-        raise LayerlineError(f"cannot listen on {host}:{port} (port taken or address not available)")
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server, bound = served.server, served.port
+    await served.mark_serving()
 
     async def sweep() -> None:
         while True:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 
 from layerline.errors import LayerlineError
+from layerline.grpc_setup import channel_options
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ class Security:
     # ---- client side ---------------------------------------------------------------------------------------------
 
     def channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
-        """An asyncio channel to `address` with this process's TLS and token."""
+        """An asyncio channel to `address` with this process's TLS and token (options: grpc_setup.channel_options
+        unless given)."""
+        options = options or channel_options()
         interceptors = token_interceptors(self.token) if self.token else None
         if not self.tls_client:
             return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
@@ -115,6 +118,7 @@ class Security:
 
     def sync_channel(self, address: str, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
         """A blocking channel (the CLI's one-off calls); the token goes in `metadata()` of each call."""
+        options = options or channel_options()
         if not self.tls_client:
             return grpc.insecure_channel(address, options=list(options))
         return grpc.secure_channel(address, self._credentials(), options=list(options))

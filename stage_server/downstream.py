@@ -17,20 +17,11 @@ from collections.abc import Callable
 
 import grpc
 
+from layerline.grpc_setup import channel_options
 from layerline.security import Security
 from layerline.v1 import stage_pb2, stage_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
 
 
 class Downstream:

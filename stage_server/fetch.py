@@ -22,6 +22,7 @@ from layerline import progress, weight_cache
 from layerline.config import config_from_json, model_fingerprint
 from layerline.errors import CheckpointError, LayerlineError
 from layerline.gguf_dequant import qtype_name
+from layerline.grpc_setup import channel_options
 from layerline.model import FLOAT_DTYPES, expected_tensors
 from layerline.quant import WeightFormat, from_name
 from layerline.quant.tensor import Q8_0, QUANTIZE_TO, TYPE_BY_NAME, QTensor, row_bytes
@@ -135,7 +136,7 @@ class WeightFetcher:
         done: dict[str, dict[str, torch.Tensor]] = {g: {} for g in groups}
         hashes: dict[str, str] = {}
         receiver = TensorReceiver(ordered, self.weights.name)
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        options = channel_options(MAX_MESSAGE_BYTES)
         shown = progress.bar(len(ordered), f"fetching weights from {self.coordinator}", "tensor")
         async with self.security.channel(self.coordinator, options) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)

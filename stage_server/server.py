@@ -18,21 +18,19 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from layerline import weight_cache
 from layerline.checkpoint import load_stage, open_checkpoint
 from layerline.config import model_fingerprint
 from layerline.errors import LayerlineError
+from layerline.grpc_setup import serve_grpc
 from layerline.local_cluster import READY_PREFIX
 from layerline.metrics import CallCounter, serve_metrics
 from layerline.model import StageModel
 from layerline.quant import resolve
 from layerline.quant.build import available as kernels_available
 from layerline.stage_server.config import StageConfig
-from layerline.stage_server.downstream import channel_options
 from layerline.stage_server.fetch import WeightFetcher, prepare
 from layerline.stage_server.service import StageService
 from layerline.v1 import stage_pb2_grpc
@@ -89,23 +87,18 @@ async def start_stage(config: StageConfig) -> RunningStage:
         ckpt.close()
     service = StageService(model, config, name, fingerprint, _tokenizer_loader(config.model, fetched), model_config)
     service.stored_types = stored_types
-    server = grpc.aio.server(
-        options=channel_options(config.max_message_bytes),
-        interceptors=[CallCounter(service.metrics, "layerline_stage"), *config.security.interceptors()],
+    served = await serve_grpc(
+        lambda server: stage_pb2_grpc.add_StageServicer_to_server(service, server),
+        SERVICE_NAME,
+        config.host,
+        config.port,
+        security=config.security,
+        interceptors=[CallCounter(service.metrics, "layerline_stage")],
+        max_message_bytes=config.max_message_bytes,
     )
-    stage_pb2_grpc.add_StageServicer_to_server(service, server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
-    port = config.security.bind(server, f"{config.host}:{config.port}")
-    if port == 0:
-        raise LayerlineError(f"cannot listen on {config.host}:{config.port} (port taken or address not available)")
-    await server.start()
+    server, health, port = served.server, served.health, served.port
     await service.start()
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await served.mark_serving()
     address = config.advertise or f"{config.host}:{port}"
     logger.info("stage %s of %s serving on %s", service.label, config.model, address)
     metrics = serve_metrics(service.metrics, config.host, config.metrics_port) if config.metrics_port >= 0 else ""
