@@ -202,10 +202,13 @@ def measure(
     context: int = 128,
     chunk: int = 128,
     min_time: float = 1.0,
+    timer: Callable[[Callable[[], object], float, int, Callable[[], None]], float] | None = None,
 ) -> Capacity:
     """Time the model's layer shapes here (see the module docstring) in the weight format given (a dtype: float
     weights of it); `stored`: the checkpoint's own tensor types (`stored_types()`). Takes memory for up to 4
-    layers and one LM head while it runs."""
+    layers and one LM head while it runs. `timer(fn, min_time, min_runs, sync)` gives the seconds one call of
+    `fn` takes (default: timed on this machine, `_mean_time`); tests give a cost model instead."""
+    timer = timer or _mean_time
     fmt = dtype if isinstance(dtype, WeightFormat) else WeightFormat("float", dtype)
     dtype = fmt.dtype
     quantized = fmt.quantizes or (fmt.kind == "stored" and stored is not None)
@@ -234,7 +237,7 @@ def measure(
             cache.truncate(0, context)
             stage(one, pos, cache, last_only=True)
 
-        return _mean_time(step, min_time, 10, sync)
+        return timer(step, min_time, 10, sync)
 
     def prefill_time(stage: StageModel) -> float:
         cache = stage.new_cache(1, chunk)
@@ -246,7 +249,7 @@ def measure(
             cache.truncate(0, 0)
             stage(x, cache=cache, last_only=True)
 
-        return _mean_time(run, min_time, 3, sync)
+        return timer(run, min_time, 3, sync)
 
     # Two layer counts, both past what a CPU cache holds when the model allows (one layer of a small model stays in
     # cache when run again and again, and would look faster than layers streamed from memory in serving): the

@@ -70,9 +70,8 @@ def test_without_a_burst_only_what_waits_now_joins():
     g._inbox.put(waiting)
     feeder = _later(g._inbox, [_item(model)], every=0.2)
     batch, pending = [_item(model)], []
-    began = time.perf_counter()
     StageService._gather(g, batch, pending)
-    assert batch[1:] == [waiting] and time.perf_counter() - began < 0.15
+    assert batch[1:] == [waiting]  # a wait would have taken the step fed 0.2 s later too
     feeder.join(5)
 
 

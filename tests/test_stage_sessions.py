@@ -283,11 +283,12 @@ def test_route_that_does_not_cover_the_model_is_refused(tiny, route):
 def test_a_lone_session_of_a_small_model_is_computed_on_the_event_loop(tiny, stage_cluster):
     """A decode step cheaper than --inline-below-ms, with nothing else queued, runs on the stage's event loop; the
     tokens are the same, with --inline-below-ms 0 nothing runs there, and concurrent sessions are still batched on
-    the compute thread (the test above). The limit is given (100 ms, which any machine's tiny-model step is below):
-    whether a step is that cheap is the machine's business, what the stage does with it is the mechanism tested."""
+    the compute thread (the test above). The limit is given (100 s, which any step is below however busy the
+    machine): whether a step is that cheap is the machine's business, what the stage does with it is the mechanism
+    tested."""
     folder, ref = tiny
     prompt = _prompts(1, seed=5)[0]
-    inline_route = stage_cluster(folder, RANGES, "--inline-below-ms", "100")
+    inline_route = stage_cluster(folder, RANGES, "--inline-below-ms", "100000")
     never = stage_cluster(folder, RANGES, "--inline-below-ms", "0")
     for r, inline in ((inline_route, True), (never, False)):
         with Client(r) as client:
@@ -306,7 +307,7 @@ def test_a_one_stage_loop_computes_its_tokens_on_the_event_loop_too(tiny, stage_
     """A one-stage route's generation loop feeds each token back to the same stage: those steps are computed inline
     as well (they used to take two thread hand-offs each), and give transformers' tokens."""
     folder, ref = tiny
-    alone = stage_cluster(folder, [(0, RANGES[-1][1])], "--inline-below-ms", "100")  # a limit the step is below
+    alone = stage_cluster(folder, [(0, RANGES[-1][1])], "--inline-below-ms", "100000")  # 100 s: any step is below
     prompt = _prompts(1, seed=6)[0]
     with Client(alone) as client:
         for _ in range(2):  # the first generation measures how long a decode step takes
