@@ -28,7 +28,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from layerline.client import AsyncClient, RPCError
+from layerline.errors import LayerlineError
 from layerline.security import Security
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
 
@@ -47,6 +48,7 @@ DASHBOARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard"
 MAX_N = 8
 MAX_STOPS = 4
 MAX_BODY = 8 << 20
+HEALTH_TIMEOUT_S = 5.0  # /health: seconds the route's stages get to answer
 DEFAULT_CHAT_MAX_TOKENS = 512
 UNSUPPORTED = {  # parameter -> the values that mean "not asked for" (anything else is refused)
     "logprobs": (None, False, 0),
@@ -142,6 +144,8 @@ class Api:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
         self.generated_total = 0
+        # why the cluster is not there yet ("" once it is): until then /v1 and /health answer 503 with the reason
+        self.waiting = ""
         self._rates = Rates()  # tokens/s of each stage and of this process, from the dashboard's polls
 
     # ---- the app -------------------------------------------------------------------------------------------------
@@ -171,6 +175,8 @@ class Api:
         try:
             if request.path.startswith("/v1/"):
                 self._check_key(request)
+                if self.waiting:
+                    raise ApiError(503, f"the cluster is not there yet: {self.waiting}", "server_error", code="unavailable")
             response = await handler(request)
         except ApiError as e:
             response = e.response()
@@ -231,11 +237,28 @@ class Api:
             )
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 while every stage of the route answers now (each asked, at most HEALTH_TIMEOUT_S), else 503 with
+        the reason; a route with a stage that does not answer is forgotten, so that the next check or request asks
+        for one again (from the coordinator, when there is one)."""
+
+        async def check() -> list[str]:
+            links = await self.client.links()
+            dead = await self.client.locate_failure(links)
+            if dead:
+                self.client.forget_route()
+                raise RPCError(grpc.StatusCode.UNAVAILABLE, f"stage {', '.join(dead)} of the route does not answer")
+            return [link.address for link in links]
+
+        if self.waiting:
+            return web.json_response({"status": "unavailable", "problem": self.waiting}, status=503)
         try:
-            await self.client.connect()
+            route = await asyncio.wait_for(check(), HEALTH_TIMEOUT_S)
         except RPCError as e:
             return web.json_response({"status": "unavailable", "problem": e.details}, status=503)
-        return web.json_response({"status": "ok", "route": [link.address for link in await self.client.links()]})
+        except TimeoutError:
+            problem = f"the route did not answer within {HEALTH_TIMEOUT_S:g} s"
+            return web.json_response({"status": "unavailable", "problem": problem}, status=503)
+        return web.json_response({"status": "ok", "route": route})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -385,7 +408,7 @@ class Api:
 
         results = await asyncio.gather(*(one(*c) for c in choices))
         completion_tokens = sum(r["tokens"] for r in results)
-        prompt_tokens = sum(len(p) for p in req.prompts) * req.n
+        prompt_tokens = sum(len(p) for p in req.prompts)  # counted once, however many choices (as OpenAI)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -481,7 +504,7 @@ class Api:
                     await response.write(_sse(events.get_nowait()))
                 break
             if req.include_usage:
-                prompt_tokens = sum(len(p) for p in req.prompts) * req.n
+                prompt_tokens = sum(len(p) for p in req.prompts)  # counted once, however many choices (as OpenAI)
                 completion_tokens = sum(counts.values())
                 usage = {
                     "prompt_tokens": prompt_tokens,
@@ -734,11 +757,15 @@ async def serve_api(
     route: list[str] | None = None,
     security: Security | None = None,
     api_key: str = "",
-    on_ready=None,
+    connect_timeout: float = 300.0,
+    on_ready: Callable[[str, int, str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until `stop` is set (or forever)."""
+    """Listen on host:port at once, then wait (up to `connect_timeout` s) for the cluster to have a working route,
+    answering /v1 and /health with 503 and the reason meanwhile; `on_ready(host, port, model name)` once it does.
+    Serve until `stop` is set (or forever). `model_name` "": the name of the checkpoint the stages serve."""
     api = Api(client, model_name, coordinator, route, security, api_key)
+    api.waiting = "connecting to the cluster"
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -746,17 +773,50 @@ async def serve_api(
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        from layerline.errors import LayerlineError
-
+        await client.close()
         raise LayerlineError(
             f"cannot listen on {host}:{port}: {e.strerror or e} (port taken? pick another --port)"
         ) from None
     bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port  # type: ignore[union-attr]
     logger.info("OpenAI-compatible API on http://%s:%d/v1, dashboard on http://%s:%d/", host, bound, host, bound)
-    if on_ready is not None:
-        on_ready(host, bound)
+    stopped = stop or asyncio.Event()
     try:
-        await (stop or asyncio.Event()).wait()
+        waiter = asyncio.ensure_future(_await_cluster(api, connect_timeout))
+        halted = asyncio.ensure_future(stopped.wait())
+        await asyncio.wait([waiter, halted], return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            return
+        halted.cancel()
+        waiter.result()  # the cluster never came: raise its reason
+        if on_ready is not None:
+            on_ready(host, bound, api.model_name)
+        await stopped.wait()
     finally:
         await runner.cleanup()
         await client.close()
+
+
+async def _await_cluster(api: Api, timeout: float) -> None:
+    """Connect the API's client to the cluster, again and again (backing off) while it has no working route (a
+    cluster starting up: stages measuring, loading), keeping the reason in `api.waiting` for the 503 answers;
+    LayerlineError after `timeout` seconds."""
+    deadline, wait, said = time.monotonic() + timeout, 0.5, False
+    while True:
+        try:
+            infos = await api.client.connect()
+            break
+        except RPCError as e:
+            api.waiting = e.details
+            if time.monotonic() + wait > deadline:
+                where = f"the coordinator at {api.coordinator}" if api.coordinator else "the route"
+                raise LayerlineError(f"cannot reach the cluster through {where}: {e.details}") from None
+            if not said:
+                logger.warning("waiting for the cluster (answering 503 until it is there): %s", e.details)
+                said = True
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
+    api.model_name = api.model_name or infos[0].model_name.removesuffix(".gguf")
+    api.waiting = ""

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--connect-timeout",
         type=float,
         default=300.0,
-        help="seconds to wait at start for the cluster to have a working route (300)",
+        help="seconds to wait at start for the cluster to have a working route, answering 503 meanwhile (300)",
     )
 
     drain = sub.add_parser(
@@ -968,7 +968,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     import signal
 
     from layerline.api import serve_api
-    from layerline.client import AsyncClient, ClientConfig, RPCError
+    from layerline.client import AsyncClient, ClientConfig
     from layerline.local_cluster import API_READY, die_with_parent
 
     die_with_parent()
@@ -986,39 +986,24 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         client = AsyncClient(route, coordinator=args.coordinator, config=ClientConfig(security=security))
-        deadline, wait, said = time.monotonic() + args.connect_timeout, 0.5, False
-        while True:  # a cluster starting up has no route for a while (stages measuring, loading): wait for it
-            try:
-                infos = await client.connect()
-                break
-            except RPCError as e:
-                if time.monotonic() + wait > deadline:
-                    await client.close()
-                    where = f"the coordinator at {args.coordinator}" if args.coordinator else "the route"
-                    raise LayerlineError(f"cannot reach the cluster through {where}: {e.details}") from None
-                if not said:
-                    print(f"layerline api: waiting for the cluster ({e.details})", file=sys.stderr, flush=True)
-                    said = True
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 5.0)
-        name = args.model_name or infos[0].model_name.removesuffix(".gguf")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        def ready(host: str, port: int) -> None:
+        def ready(host: str, port: int, name: str) -> None:
             print(f"{API_READY}http://{host}:{port} (model {name!r}; dashboard on /, OpenAI API on /v1)", flush=True)
 
         await serve_api(
             client,
-            name,
+            args.model_name,
             args.host,
             args.port,
             coordinator=args.coordinator,
             route=route,
             security=security,
             api_key=api_key,
+            connect_timeout=args.connect_timeout,
             on_ready=ready,
             stop=stop,
         )

@@ -162,13 +162,17 @@ def test_n_seed_and_stop(client, model, cluster):
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # the same seed, the same choices
     assert len({c.text for c in a.choices}) > 1  # each choice has a seed of its own
-    assert 3 <= a.usage.completion_tokens <= 3 * 12 and a.usage.prompt_tokens == 3 * len(prompt_ids(cluster, "hello"))
+    assert 3 <= a.usage.completion_tokens <= 3 * 12 and a.usage.prompt_tokens == len(prompt_ids(cluster, "hello"))
     streamed = client.completions.create(**sampled, stream=True)
     texts = {0: "", 1: "", 2: ""}
     for chunk in streamed:
         for c in chunk.choices:
             texts[c.index] += c.text
     assert [texts[i] for i in range(3)] == [c.text for c in a.choices]
+    # the prompt counts once however many choices, in chat completions too (as OpenAI counts it)
+    messages = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=1.0, seed=7, n=2)
+    assert len(chat.choices) == 2 and chat.usage.prompt_tokens == len(chat_ids(cluster, messages))
     # a stop string: the text ends before it, finish_reason "stop"
     full, _, _ = oracle(cluster, prompt_ids(cluster, "the capital"), 16)
     cut = full[3:6]
@@ -290,3 +294,46 @@ def test_a_port_taken_or_no_cluster_is_a_clear_error(cluster):
     assert out.returncode == 2 and "cannot reach the cluster through the coordinator at 127.0.0.1:1" in out.stderr
     assert "waiting for the cluster" in out.stderr  # it waited (a cluster starting up has no route for a while)
     assert "Traceback" not in out.stderr
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_without_its_cluster_the_api_listens_at_once_and_answers_503_with_the_reason():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["api", "--coordinator", "127.0.0.1:1", "--port", str(port), "--connect-timeout", "60"]
+    p = subprocess.Popen([sys.executable, "-m", "layerline.cli", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                code, body = _get(f"http://127.0.0.1:{port}/health")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert p.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert code == 503 and body["status"] == "unavailable" and "127.0.0.1:1" in body["problem"], body
+        code, body = _get(f"http://127.0.0.1:{port}/v1/models")
+        assert code == 503 and body["error"]["code"] == "unavailable", body
+        assert "not there yet" in body["error"]["message"] and "127.0.0.1:1" in body["error"]["message"]
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+
+
+def test_health_follows_the_route_within_seconds(cluster):
+    folder = cluster[0]
+    with LocalCluster(folder, [(0, SPEC.layers)], threads=1) as stages, LocalApi(route=stages.route) as api:
+        code, body = _get(api.url + "/health")
+        assert code == 200 and body["route"] == stages.route
+        stages.processes[0].kill()
+        stages.processes[0].wait(10)
+        code, body = _get(api.url + "/health")  # the next check already knows: no cached answer
+        assert code == 503 and stages.route[0] in body["problem"], body
