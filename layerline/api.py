@@ -176,7 +176,9 @@ class Api:
             if request.path.startswith("/v1/"):
                 self._check_key(request)
                 if self.waiting:
-                    raise ApiError(503, f"the cluster is not there yet: {self.waiting}", "server_error", code="unavailable")
+                    raise ApiError(
+                        503, f"the cluster is not there yet: {self.waiting}", "server_error", code="unavailable"
+                    )
             response = await handler(request)
         except ApiError as e:
             response = e.response()
