@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--max-memory", type=_bytes, default=0, help="memory for weights + KV (default: free memory)")
     stage.add_argument("--remeasure", action="store_true", help="measure capacity again instead of using the cache")
     stage.add_argument(
+        "--capacity",
+        default="",
+        metavar="FILE",
+        help="report the figures in FILE (an entry of the capacity cache, e.g. measured on a quiet machine) "
+        "instead of measuring",
+    )
+    stage.add_argument(
         "--connect-timeout", type=float, default=20.0, help="seconds to wait for the coordinator at start (20)"
     )
     stage.add_argument(
@@ -585,6 +592,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise LayerlineError(f"--cpus {sorted(args.cpus)}: {getattr(e, 'strerror', None) or e}") from None
     if args.layers is None and not args.coordinator:
         raise LayerlineError("give --layers A:B, or --coordinator HOST:PORT to be assigned layers")
+    if args.capacity and not args.coordinator:
+        raise LayerlineError("--capacity is what a stage reports to a coordinator: give --coordinator HOST:PORT too")
     start, end = args.layers if args.layers is not None else (0, 0)
     model = args.model
     if model is None and args.layers is not None:
@@ -632,6 +641,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             remeasure=args.remeasure,
             cache_dir=args.cache_dir,
             connect_timeout=args.connect_timeout,
+            capacity_file=args.capacity,
         )
     )
     return 0

@@ -32,6 +32,7 @@ import torch
 from layerline.config import ModelConfig
 from layerline.devices import DeviceMemory, device_name, synchronize
 from layerline.devices import device_memory as gpu_memory
+from layerline.errors import LayerlineError
 from layerline.model import StageModel, expected_tensors
 from layerline.quant import WeightFormat
 from layerline.quant.layout import layer_types, model_bytes
@@ -70,6 +71,24 @@ class Capacity:
             return cls(**data)
         except (ValueError, TypeError):
             return None
+
+
+def read_capacity(path: str) -> Capacity:
+    """Figures a stage reports instead of measuring (`layerline stage --capacity FILE`): a capacity entry as the
+    cache holds it, e.g. one measured on a quiet machine. A missing, damaged or outdated file is refused."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise LayerlineError(f"--capacity {path}: {e.strerror or e}") from None
+    found = Capacity.from_json(text)
+    if found is None:
+        raise LayerlineError(
+            f"--capacity {path}: not a capacity entry of format {FORMAT} (as the capacity cache holds)"
+        )
+    if found.decode_s_per_layer <= 0 or found.prefill_s_per_layer_token <= 0 or found.head_decode_s < 0:
+        raise LayerlineError(f"--capacity {path}: the per-layer times must be positive")
+    return found
 
 
 def cpu_quota() -> float | None:

@@ -30,6 +30,7 @@ from layerline.metrics import CallCounter, serve_metrics
 from layerline.model import StageModel
 from layerline.quant import resolve
 from layerline.quant.build import available as kernels_available
+from layerline.stage_server.capacity import read_capacity
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.fetch import WeightFetcher, prepare
 from layerline.stage_server.service import StageService
@@ -171,12 +172,15 @@ async def serve(
     remeasure: bool = False,
     cache_dir: str = "",
     connect_timeout: float = 20.0,
+    capacity_file: str = "",
 ) -> None:
     """Run a stage until SIGTERM or SIGINT (or the end of a Drain), then shut down gracefully: a stage with a
     coordinator leaves it first, so routes stop naming it at once. With `coordinator`, the stage measures its
     capacity (cached on disk), registers, heartbeats and loads the layers it is assigned (`agent.py`). With a
     coordinator and no model (`config.model` empty), the model's description and the assigned layers' tensors come
-    from the coordinator into the weight cache under `cache_dir` (`fetch.py`)."""
+    from the coordinator into the weight cache under `cache_dir` (`fetch.py`). With `capacity_file`, the stage reports
+    the figures in that file (a capacity entry as the cache holds it) instead of measuring."""
+    pinned = read_capacity(capacity_file) if capacity_file else None  # a bad file fails before anything starts
     fetcher = None
     if not config.model:
         if not coordinator:
@@ -214,6 +218,8 @@ async def serve(
             from layerline.stage_server.capacity import cached_capacity, free_memory
 
             async def measure(again: bool) -> tuple:
+                if pinned is not None:
+                    return pinned, True
                 return await asyncio.to_thread(
                     cached_capacity,
                     stage.service.model_config,
@@ -231,7 +237,7 @@ async def serve(
             capacity, cached = await measure(remeasure)
             logger.info(
                 "capacity (%s): %.3f ms/layer decode, %.1f us/layer/token prefill, %.2f ms LM head",
-                "cached" if cached else "measured",
+                "from " + capacity_file if pinned is not None else "cached" if cached else "measured",
                 1e3 * capacity.decode_s_per_layer,
                 1e6 * capacity.prefill_s_per_layer_token,
                 1e3 * capacity.head_decode_s,

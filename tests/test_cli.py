@@ -103,6 +103,21 @@ def test_stage_refuses_weight_options_that_do_not_go_together(smollm2_path):
     assert "Traceback" not in out.stderr
 
 
+def test_stage_refuses_a_capacity_file_it_cannot_use(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint(TinySpec("llama", layers=2))
+    out = layerline("stage", "--model", folder, "--layers", "0:2", "--capacity", str(tmp_path / "c.json"))
+    assert out.returncode == 2 and "--capacity is what a stage reports to a coordinator" in out.stderr, out.stderr
+    # the file is read before the stage starts: nothing listens, nothing registers (no coordinator runs here)
+    missing = layerline("stage", "--model", folder, "--coordinator", "127.0.0.1:9", "--capacity", str(tmp_path / "c"))
+    assert missing.returncode == 2 and f"--capacity {tmp_path / 'c'}: No such file" in missing.stderr, missing.stderr
+    (tmp_path / "bad.json").write_text('{"format": 1, "decode_s_per_layer": 0.001}')
+    bad = layerline(
+        "stage", "--model", folder, "--coordinator", "127.0.0.1:9", "--capacity", str(tmp_path / "bad.json")
+    )
+    assert bad.returncode == 2 and "not a capacity entry of format" in bad.stderr, bad.stderr
+    assert "Traceback" not in missing.stderr + bad.stderr
+
+
 def test_info_prints_each_stages_memory_in_every_form(smollm2_path):
     out = layerline("info", "--model", "smollm2", "--layers", "12,18")
     assert out.returncode == 0, out.stderr

@@ -12,6 +12,7 @@ import pytest
 
 from layerline.client import Client, RPCError
 from layerline.local_cluster import LocalCluster, LocalCoordinator
+from layerline.stage_server.capacity import Capacity
 from layerline.v1 import coordinator_pb2 as pb
 from layerline.v1 import coordinator_pb2_grpc
 from tiny_models import TinySpec, hf_greedy
@@ -42,7 +43,30 @@ def cache_env(tmp_path):
     return {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # capacity measurements land here, not in ~/.cache
 
 
-def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, cache_env):
+@pytest.fixture
+def equal(tmp_path) -> list[str]:
+    """Stage arguments that make every stage report the same figures: what the coordinator decides then follows
+    from the plan's rules, not from how busy the machine was while each stage measured itself."""
+    figures = Capacity(
+        decode_s_per_layer=4e-4,
+        decode_s_fixed=5e-5,
+        prefill_s_per_layer_token=5e-6,
+        head_decode_s=3e-5,
+        context=128,
+        chunk=64,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+        cpu_quota=None,
+        measured_at=0.0,
+        seconds=0.0,
+    )
+    path = tmp_path / "capacity.json"
+    path.write_text(figures.to_json())
+    return ["--capacity", str(path)]
+
+
+def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, cache_env, equal):
     folder, ref = tiny_checkpoint(SPEC)
     expected = hf_greedy(ref, PROMPT, 12)
     with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
@@ -51,8 +75,11 @@ def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, ca
             with pytest.raises(RPCError) as err:
                 early.connect()
             assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no stages" in err.value.details
-        with LocalCluster(folder, [None, None], coordinator=address, threads=1, env=cache_env) as pair:
+        with LocalCluster(
+            folder, [None, None], coordinator=address, threads=1, env=cache_env, extra_args=equal
+        ) as pair:
             route = wait_for_route(address, 2)
+            assert {s.report.decode_s_per_layer for s in status(address).stages} == {4e-4}  # the pinned figures
             assert route.boundaries[0] == 0 and route.boundaries[-1] == SPEC.layers
             assert sorted(route.addresses) == sorted(pair.route)
             with Client(coordinator=address) as client:
@@ -61,7 +88,9 @@ def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, ca
                     first = s.generate(PROMPT, max_new_tokens=6, stop_token_ids=[], stream=False).token_ids
                     # a third equal stage joins: 6 layers over 3 stages beats 3 over 2, so the coordinator re-plans
                     version = status(address).plan_version
-                    with LocalCluster(folder, [None], coordinator=address, threads=1, env=cache_env) as third:
+                    with LocalCluster(
+                        folder, [None], coordinator=address, threads=1, env=cache_env, extra_args=equal
+                    ) as third:
                         route = wait_for_route(address, 3)
                         assert status(address).plan_version > version
                         assert third.route[0] in route.addresses
@@ -85,13 +114,15 @@ def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, ca
                 assert after.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False).token_ids == expected
 
 
-def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_checkpoint, cache_env):
+def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_checkpoint, cache_env, equal):
     spec = TinySpec("llama", layers=2, kv_heads=2)  # 2 layers: a chain of 2 stages at most, the third is spare
     folder, ref = tiny_checkpoint(spec)
     expected = hf_greedy(ref, PROMPT, 8)
     with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=3) as coordinator:
         address = coordinator.address
-        with LocalCluster(folder, [None, None, None], coordinator=address, threads=1, env=cache_env) as trio:
+        with LocalCluster(
+            folder, [None, None, None], coordinator=address, threads=1, env=cache_env, extra_args=equal
+        ) as trio:
 
             def replica_ready() -> pb.StageStatus | None:
                 st = status(address)
