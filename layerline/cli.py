@@ -581,7 +581,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from layerline.model import FLOAT_DTYPES
     from layerline.model_source import DEFAULT_MODEL, resolve_model
     from layerline.stage_server.config import StageConfig
-    from layerline.stage_server.server import print_ready, serve
+    from layerline.stage_server.server import print_ready, print_serving, serve
 
     die_with_parent()
     _fewer_malloc_arenas()
@@ -642,6 +642,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             connect_timeout=args.connect_timeout,
             capacity_file=args.capacity,
+            on_layers=print_serving,
         )
     )
     return 0

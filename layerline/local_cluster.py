@@ -85,6 +85,7 @@ class LocalCluster:
         self.route: list[str] = []
         self.listen: list[str] = []  # where each stage listens (differs from its route address with --advertise)
         self.metrics: list[str] = []  # host:port of each stage's Prometheus metrics ("" without --metrics-port)
+        self.announced: list[dict] = []  # each stage's ready line, as printed
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -138,6 +139,7 @@ class LocalCluster:
             addresses: list[str | None] = [None] * len(self.ranges)
             listen = [""] * len(self.ranges)
             metrics = [""] * len(self.ranges)
+            announced: list[dict] = [{} for _ in self.ranges]
             deadline = time.monotonic() + self.startup_timeout
             while any(a is None for a in addresses):
                 try:
@@ -150,7 +152,9 @@ class LocalCluster:
                 addresses[i] = info["address"]
                 listen[i] = info.get("listen") or info["address"]
                 metrics[i] = info.get("metrics", "")
+                announced[i] = info
             self.route, self.listen, self.metrics = [a for a in addresses if a is not None], listen, metrics
+            self.announced = announced
             return self.route
         except BaseException:
             self.stop()

@@ -42,6 +42,7 @@ class AgentConfig:
     timeout: float = 10.0  # per call to the coordinator
     max_backoff: float = 10.0
     security: Security = field(default_factory=Security)
+    on_layers: Callable[[int, int], None] | None = None  # called once the stage serves the layers it was assigned
 
 
 class CoordinatorAgent:
@@ -177,6 +178,9 @@ class CoordinatorAgent:
         try:
             await load_layers(self.stage, start, end)
             self.load_error = ""
+            logger.info("serving layers %d:%d as assigned by %s", start, end, self.config.coordinator)
+            if self.config.on_layers is not None:
+                self.config.on_layers(start, end)
         except (LayerlineError, OSError, RuntimeError) as e:
             self.load_error = f"could not load layers {start}:{end}: {e}"
             self.assigned = (0, 0)  # try again on the next heartbeat's assignment

@@ -173,6 +173,7 @@ async def serve(
     cache_dir: str = "",
     connect_timeout: float = 20.0,
     capacity_file: str = "",
+    on_layers: Callable[[RunningStage, str], None] | None = None,
 ) -> None:
     """Run a stage until SIGTERM or SIGINT (or the end of a Drain), then shut down gracefully: a stage with a
     coordinator leaves it first, so routes stop naming it at once. With `coordinator`, the stage measures its
@@ -244,7 +245,15 @@ async def serve(
             )
             memory = max_memory or free_memory(config.device)[0]
             agent = CoordinatorAgent(
-                stage, capacity, AgentConfig(coordinator, memory, security=config.security), measure_again
+                stage,
+                capacity,
+                AgentConfig(
+                    coordinator,
+                    memory,
+                    security=config.security,
+                    on_layers=(lambda *_: on_layers(stage, coordinator)) if on_layers is not None else None,
+                ),
+                measure_again,
             )
             agent_task = asyncio.create_task(agent.run(), name="coordinator agent")
         if on_ready is not None:
@@ -268,10 +277,29 @@ async def serve(
 
 
 def print_ready(stage: RunningStage) -> None:
-    """The line launchers wait for: where the stage listens and what it serves."""
+    """The line launchers wait for: where the stage listens and what it serves (a stage placed by a coordinator
+    serves nothing yet: its start and end are null until `print_serving` says which layers it got)."""
     start, end = stage.service.serving
-    info = {"address": stage.address, "listen": stage.listen, "start": start, "end": end, "pid": os.getpid()}
+    placed = end <= start
+    info = {
+        "address": stage.address,
+        "listen": stage.listen,
+        "start": None if placed else start,
+        "end": None if placed else end,
+        "pid": os.getpid(),
+    }
     if stage.metrics:
         info["metrics"] = stage.metrics
     sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
     sys.stdout.flush()
+
+
+def print_serving(stage: RunningStage, coordinator: str) -> None:
+    """One line on stderr each time a coordinator's plan gives the stage layers and it serves them."""
+    start, end = stage.service.serving
+    layers = stage.service.model_config.num_layers if stage.service.model_config is not None else "?"
+    print(
+        f"layerline stage {stage.address}: serving layers {start}:{end} of {layers} (assigned by {coordinator})",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -80,6 +80,13 @@ def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, ca
         ) as pair:
             route = wait_for_route(address, 2)
             assert {s.report.decode_s_per_layer for s in status(address).stages} == {4e-4}  # the pinned figures
+            # placed stages announce no layers when they start, and say on stderr which ones they serve once they do
+            assert [(a["start"], a["end"]) for a in pair.announced] == [(None, None), (None, None)]
+            spans = {a: route.boundaries[k : k + 2] for k, a in enumerate(route.addresses)}
+            for i, stage in enumerate(pair.route):
+                a, b = spans[stage]
+                line = f"layerline stage {stage}: serving layers {a}:{b} of {SPEC.layers} (assigned by {address})"
+                assert line in pair.log_tail(i), pair.log_tail(i)
             assert route.boundaries[0] == 0 and route.boundaries[-1] == SPEC.layers
             assert sorted(route.addresses) == sorted(pair.route)
             with Client(coordinator=address) as client:
