@@ -29,10 +29,10 @@ def _layer_counts(text: str) -> list[int]:
         counts = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--layers takes comma-separated layer counts like 5,2,4, got {text!r}"
+            f"--split takes comma-separated layer counts like 5,2,4, got {text!r}"
         ) from None
     if not counts or any(c <= 0 for c in counts):
-        raise argparse.ArgumentTypeError(f"--layers counts must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--split counts must be positive, got {text!r}")
     return counts
 
 
@@ -44,6 +44,19 @@ def _positive(text: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
+
+
+def _not_a_range(text: str) -> list[int]:
+    raise argparse.ArgumentTypeError(
+        f"--layers A:B is one stage's range (layerline stage); give the layers of each stage as --split, e.g. "
+        f"--split {text if ',' in text else '10,12,8'}"
+    )
+
+
+def _add_layer_split(group: argparse._MutuallyExclusiveGroup) -> None:
+    """--split: layers per stage. `--layers` belongs to `layerline stage` (a range A:B); here it is refused."""
+    group.add_argument("--split", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
+    group.add_argument("--layers", type=_not_a_range, default=None, help=argparse.SUPPRESS)
 
 
 def _layer_range(text: str) -> tuple[int, int]:
@@ -96,7 +109,7 @@ def _add_split_args(p: argparse.ArgumentParser, default_stages: int, threads_hel
     split.add_argument(
         "--stages", type=_positive, default=None, help=f"number of near-equal stages (default {default_stages})"
     )
-    split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
+    _add_layer_split(split)
     _add_weight_args(p)
     p.add_argument(
         "--devices",
@@ -223,12 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info",
         help="describe a checkpoint and the memory each stage of a split needs",
-        epilog="example: layerline info --model model.Q4_K_M.gguf --layers 10,14",
+        epilog="example: layerline info --model model.Q4_K_M.gguf --split 10,14",
     )
     _add_model_args(info)
     split = info.add_mutually_exclusive_group()
     split.add_argument("--stages", type=_positive, default=1, help="number of near-equal stages (default 1)")
-    split.add_argument("--layers", type=_layer_counts, default=None, help="layers per stage, e.g. 10,12,8")
+    _add_layer_split(split)
 
     stage = sub.add_parser(
         "stage",
@@ -475,7 +488,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     config = load_config(path)
     try:
-        ranges = split_layers(config.num_layers, args.stages or (None if args.layers else 1), args.layers)
+        ranges = split_layers(config.num_layers, args.stages or (None if args.split else 1), args.split)
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     except ValueError as e:
         raise LayerlineError(str(e)) from None
@@ -530,7 +543,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     finally:
         ckpt.close()
     try:
-        ranges = split_layers(c.num_layers, None if args.layers else args.stages, args.layers)
+        ranges = split_layers(c.num_layers, None if args.split else args.stages, args.split)
     except ValueError as e:
         raise LayerlineError(str(e)) from None
     print(f"model: {path}" + (f" ({total / 2**20:.1f} MiB)" if total else ""))
@@ -765,7 +778,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    """`--layers 5,2,4`: exactly that split. Otherwise a coordinator places `--stages N` stages (default 3) by their
+    """`--split 5,2,4`: exactly that split. Otherwise a coordinator places `--stages N` stages (default 3) by their
     measured capacity, as on a real cluster."""
     from layerline.checkpoint import load_config
     from layerline.local_cluster import LocalCluster, LocalCoordinator
@@ -774,9 +787,9 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     path = resolve_model(args.model)
     config = load_config(path)
-    if args.layers:
+    if args.split:
         try:
-            ranges = split_layers(config.num_layers, None, args.layers)
+            ranges = split_layers(config.num_layers, None, args.split)
         except ValueError as e:
             raise LayerlineError(str(e)) from None
         devices = _devices(args.devices, len(ranges))

@@ -30,7 +30,7 @@ def layerline(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
 def test_run_json_on_the_real_model_with_two_splits():
     question = "What is the capital of France?"
     a = layerline("run", "--stages", "3", "--json", "--max-new-tokens", "12", question)
-    b = layerline("run", "--layers", "4,20,6", "--json", "--max-new-tokens", "12", question)
+    b = layerline("run", "--split", "4,20,6", "--json", "--max-new-tokens", "12", question)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     out_a, out_b = json.loads(a.stdout), json.loads(b.stdout)
     assert set(out_a) == {"text", "token_ids", "prompt_token_ids"}
@@ -68,9 +68,16 @@ def test_seeded_sampling_repeats(tiny_checkpoint):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["run", "--layers", "10,10"], "must be positive and sum to the model's 30 layers"),
+        (["run", "--split", "10,10"], "must be positive and sum to the model's 30 layers"),
         (["run", "--stages", "31"], "cannot split 30 layers into 31 stages"),
-        (["run", "--layers", "a,b"], "comma-separated layer counts"),
+        (["run", "--split", "a,b"], "--split takes comma-separated layer counts"),
+        (
+            ["run", "--layers", "10,20"],
+            "--layers A:B is one stage's range (layerline stage); give the layers of each "
+            "stage as --split, e.g. --split 10,20",
+        ),
+        (["local", "--layers", "0:12"], "give the layers of each stage as --split, e.g. --split 10,12,8"),
+        (["stage", "--layers", "10,20"], "--layers takes a range A:B like 0:15"),
         (["run", "--stages", "0"], "expected a positive integer"),
         (["run", "--top-p", "2"], "top_p must be in (0, 1]"),
         (["run", "--model", "no-such-model"], "model not found: 'no-such-model'"),
@@ -119,7 +126,7 @@ def test_stage_refuses_a_capacity_file_it_cannot_use(tiny_checkpoint, tmp_path):
 
 
 def test_info_prints_each_stages_memory_in_every_form(smollm2_path):
-    out = layerline("info", "--model", "smollm2", "--layers", "12,18")
+    out = layerline("info", "--model", "smollm2", "--split", "12,18")
     assert out.returncode == 0, out.stderr
     assert "num_layers: 30" in out.stdout and "num_kv_heads: 3" in out.stdout
     assert "tensor types: Q4_1 210, F32 61, Q8_0 1" in out.stdout

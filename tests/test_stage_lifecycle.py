@@ -107,7 +107,7 @@ def test_port_in_use_is_a_clear_error(folder):
 def test_local_json_equals_the_in_process_pipeline(folder):
     before = set(_stage_pids(folder))  # the module's shared clusters
     out = subprocess.run(
-        [sys.executable, "-m", "layerline.cli", "local", "--model", folder, "--layers", "1,2,1", "--raw", "--json"]
+        [sys.executable, "-m", "layerline.cli", "local", "--model", folder, "--split", "1,2,1", "--raw", "--json"]
         + ["--max-new-tokens", "12", "hello world"],
         capture_output=True,
         text=True,
