@@ -1,1 +1,1 @@
-"""Coordinator: registry and placement of layer ranges over stages (grows in the coordinator issue)."""
+"""Coordinator: registry and placement of layer ranges over stages."""

@@ -1,1 +1,1 @@
-"""Stage server: serves a contiguous range of transformer layers over gRPC (grows in the stage-server issue)."""
+"""Stage server: serves a contiguous range of transformer layers over gRPC."""

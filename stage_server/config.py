@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from layerline.devices import resolve_device, weights_for
+from layerline.grpc_setup import DEFAULT_MAX_MESSAGE_BYTES
 from layerline.model import packing_unavailable
 from layerline.quant import WeightFormat, resolve
 from layerline.security import Security
+from layerline.stage_server.settings import DEFAULTS
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "StageConfig", "default_kv_cache_bytes"]
+
+
+def _default(name: str) -> Any:
+    """The field's default from the settings table (`settings.SETTINGS`), where the CLI's flags also read it."""
+    return DEFAULTS[name]
 
 
 def default_kv_cache_bytes() -> int:
@@ -29,32 +37,33 @@ class StageConfig:
     model: str  # HF folder or GGUF file (already resolved)
     start: int  # serves layers [start, end)
     end: int
-    host: str = "127.0.0.1"  # address to bind
-    port: int = 0  # 0 = any free port (the ready line says which)
-    next_address: str = ""  # default next stage, host:port ("" = sessions name it, or this is the last stage)
+    # fields set from `_default(...)` are the tunable settings: their meaning and flag are in settings.SETTINGS
+    host: str = _default("host")
+    port: int = _default("port")
+    next_address: str = _default("next_address")
     # --dtype: every weight dequantized to it (the exact mode); None: weights as the checkpoint stores them (GGUF
     # blocks stay quantized), computed in float32. After construction: the compute dtype (see `weights`).
     dtype: torch.dtype | None = None
     quantize: str = ""  # "int8" / "int4": float weights quantized at load (Q8_0 / Q4_1 blocks)
-    device: str = "cpu"  # auto, cpu, cuda, cuda:N or mps (layerline.devices); after construction: the one chosen
+    device: str = _default("device")
     wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to the next stage
-    kv_cache_bytes: int = 0  # KV cache budget for all sessions; 0 = default_kv_cache_bytes()
-    session_ttl: float = 600.0  # seconds without use after which a session is closed
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message sent or received
-    max_sessions: int = 1024  # open sessions at most
-    max_sessions_per_client: int = 256  # open sessions one client (client key) may hold at most
-    max_session_tokens: int = 1 << 20  # rows x max_length of one session at most (positions its KV cache holds)
-    max_queued_steps: int = 64  # steps waiting for compute before senders are slowed down (flow control)
-    max_batch: int = 16  # decode steps of different sessions run as one forward pass, up to this many (1: never)
+    kv_cache_bytes: int = _default("kv_cache_bytes")
+    session_ttl: float = _default("session_ttl")
+    max_message_bytes: int = _default("max_message_bytes")
+    max_sessions: int = _default("max_sessions")
+    max_sessions_per_client: int = _default("max_sessions_per_client")
+    max_session_tokens: int = _default("max_session_tokens")
+    max_queued_steps: int = _default("max_queued_steps")
+    max_batch: int = _default("max_batch")
     batch_wait: float = 0.005  # seconds a batch waits at most for the steps its first step announces (Step.burst)
-    inline_compute_s: float = 0.001  # an idle stage computes decode steps faster than this on its event loop (0: never)
-    pack_weights: bool = False  # a second, oneDNN-packed copy of the weights for steps of 4+ rows (model.pack_weight)
+    inline_compute_s: float = _default("inline_compute_s")
+    pack_weights: bool = _default("pack_weights")
     max_queued_results: int = 4096  # results a subscriber may fall behind before its session is dropped
-    loop_ahead: int = 32  # a generation loop pauses while its subscriber is this many results behind (slow reader)
-    threads: int = 0  # torch threads for compute; 0 = torch's default
+    loop_ahead: int = _default("loop_ahead")
+    threads: int = _default("threads")
     grace: float = 5.0  # seconds in-flight work gets to finish on shutdown
-    advertise: str = ""  # address other processes should use; "" = host:port
-    metrics_port: int = -1  # Prometheus metrics on host:metrics_port (0: any free port; -1: off)
+    advertise: str = _default("advertise")
+    metrics_port: int = _default("metrics_port")
     security: Security = field(default_factory=Security)  # TLS / mutual TLS / token, listening and dialling
 
     def __post_init__(self) -> None:

@@ -88,6 +88,28 @@ def test_bad_arguments_exit_2_with_a_message(args, words):
     assert out.returncode == 2
     assert words in out.stderr
     assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line, as every error; usage is under --help
+
+
+def test_stage_flags_and_stage_config_share_their_defaults():
+    from dataclasses import fields
+
+    from layerline.cli import build_parser
+    from layerline.cli.stage import settings_of
+    from layerline.stage_server.config import StageConfig
+    from layerline.stage_server.settings import SETTINGS
+
+    parser = build_parser()
+    defaults = {f.name: f.default for f in fields(StageConfig)}
+    assert settings_of(parser.parse_args(["stage", "--layers", "0:1"])) == {
+        s.field: defaults[s.field] for s in SETTINGS
+    }
+    given = settings_of(
+        parser.parse_args(["stage", "--layers", "0:1", "--inline-below-ms", "2.5", "--kv-cache-bytes", "1GiB"])
+    )
+    assert given["inline_compute_s"] == 0.0025 and given["kv_cache_bytes"] == 1 << 30  # in the fields' units
+    text = layerline("stage", "--help").stdout
+    assert "(default 600)" in text and "(default 64MiB)" in text and "(default 1)" in text, text
 
 
 def test_stage_refuses_packed_weights_it_cannot_use(tiny_checkpoint):
