@@ -40,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from layerline.client import AsyncClient, RPCError
 from layerline.errors import LayerlineError
 from layerline.security import Security
+from layerline.status_view import StageView
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -568,29 +569,7 @@ class Api:
                     route=list(st.route.addresses),
                     problem=st.problem,
                 )
-                for s in st.stages:
-                    r = s.report
-                    stages.append(
-                        {
-                            "id": s.stage_id,
-                            "address": r.address,
-                            "device": r.device,
-                            "dtype": r.dtype,
-                            "start": s.serving_start,
-                            "end": s.serving_end,
-                            "assigned_start": s.assignment.start_layer,
-                            "assigned_end": s.assignment.end_layer,
-                            "replica": s.replica,
-                            "ready": s.ready,
-                            "seen_s_ago": round(s.seconds_since_heartbeat, 2),
-                            "ms_per_layer_decode": 1e3 * r.decode_s_per_layer,
-                            "load_factor": s.load_factor,
-                            "us_per_layer_token_prefill": 1e6 * r.prefill_s_per_layer_token,
-                            "memory_bytes": r.memory_bytes,
-                            "kv_bytes_used": s.kv_bytes_used,
-                            "open_sessions": s.open_sessions,
-                        }
-                    )
+                stages = [StageView.of(s).as_json() for s in st.stages]  # as `layerline status` reads them
         else:
             stages = [{"address": a, "ready": False} for a in self.route]
             out["route"] = list(self.route)

@@ -317,7 +317,8 @@ def test_without_its_cluster_the_api_listens_at_once_and_answers_503_with_the_re
                 code, body = _get(f"http://127.0.0.1:{port}/health")
                 break
             except (urllib.error.URLError, ConnectionError):
-                assert p.poll() is None and time.monotonic() < deadline
+                assert p.poll() is None, p.communicate()[1]
+                assert time.monotonic() < deadline, "the API did not open its port"
                 time.sleep(0.2)
         assert code == 503 and body["status"] == "unavailable" and "127.0.0.1:1" in body["problem"], body
         code, body = _get(f"http://127.0.0.1:{port}/v1/models")

@@ -178,7 +178,7 @@ def test_run_quantizes_a_float_checkpoint_at_load(tiny_checkpoint):
         assert held in line and ("quantized: " in line) == (held != "float32"), line
 
 
-def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path):
+def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path, monkeypatch):
     """`layerline coordinator` in a subprocess; two stages register by hand; `status` and `plan` describe them; a
     coordinator that is not there is a one-line error; SIGTERM stops it cleanly."""
     import grpc
@@ -226,6 +226,19 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path)
         out = capsys.readouterr().out
         assert "127.0.0.1:7001" in out and "loading" in out and "predicted bottleneck" in out
         assert "NVIDIA Test GPU" in out and "300 MiB of 24.0 GiB" in out, out
+        # a terminal of 80 columns: one block of short lines per stage, every figure still there
+        for columns in ("80", "60"):
+            monkeypatch.setenv("COLUMNS", columns)
+            assert main(["status", "--coordinator", address]) == 0
+            narrow = capsys.readouterr().out
+            assert max(len(line) for line in narrow.splitlines()) <= int(columns), narrow
+            assert "127.0.0.1:7001" in narrow and "127.0.0.1:7002" in narrow and "300 MiB of 24.0 GiB" in narrow
+            assert "decode 1.00 ms/layer" in narrow and "decode 3.00 ms/layer" in narrow, narrow
+            assert "predicted bottleneck" in narrow and "ms/layer decode" not in narrow  # blocks, not the table
+        monkeypatch.setenv("COLUMNS", "200")
+        assert main(["status", "--coordinator", address]) == 0
+        assert "ms/layer decode" in capsys.readouterr().out  # wide enough: the table
+        monkeypatch.delenv("COLUMNS")
         assert main(["status", "--coordinator", address, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["num_layers"] == 4
     finally:

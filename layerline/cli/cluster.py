@@ -121,85 +121,37 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory_cell(s) -> str:
-    """What a stage holds on its device of the device's total (a GPU's own memory; the host's for a CPU stage);
-    before its first heartbeat, the memory it offered the model."""
-    if not s.device_memory_total:
-        return (f"{s.resident_bytes / (1 << 20):.0f} MiB of " if s.resident_bytes else "") + (
-            f"{s.report.memory_bytes / (1 << 30):.2f} GiB"
-        )
-    return f"{s.device_memory_used / (1 << 20):.0f} MiB of {s.device_memory_total / (1 << 30):.1f} GiB"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
+    """The stages as a table when the terminal is wide enough, else one block of short lines per stage."""
+    import shutil
+
+    from layerline import status_view
+
     status = ask_coordinator(args.coordinator, "Status", security_of(args))
     if args.json:
         print(json_of(status))
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    views = [status_view.StageView.of(s) for s in status.stages]
+    width = shutil.get_terminal_size((200, 24)).columns  # $COLUMNS, else the terminal's, else 200 (a pipe)
+    lines = status_view.wrap(status_view.title(status), width)
+    if views and status_view.table_width(views) <= width:
+        from rich.console import Console
+        from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
-    table = Table(
-        title=f"model {status.model_name}: {status.num_layers} layers, plan version {status.plan_version}",
-        title_justify="left",
-    )
-    numbers = {"ms/layer decode", "load", "us/layer/token prefill", "weights", "memory", "KV used", "sessions"}
-    for name in (
-        "stage",
-        "address",
-        "device/dtype",
-        "layers",
-        "assigned",
-        "ms/layer decode",
-        "load",
-        "us/layer/token prefill",
-        "weights",
-        "memory",
-        "KV used",
-        "sessions",
-        "health",
-    ):
-        table.add_column(name, no_wrap=True, justify="right" if name in numbers else "left")
-    for s in status.stages:
-        r = s.report
-        serving = f"{s.serving_start}:{s.serving_end}" if s.serving_end else "-"
-        assigned = f"{s.assignment.start_layer}:{s.assignment.end_layer}" if s.assignment.end_layer else "standby"
-        if s.replica:
-            assigned += " (replica)"
-        health = ("[green]ready[/green]" if s.ready else "[yellow]loading[/yellow]") + (
-            f", seen {s.seconds_since_heartbeat:.1f}s ago"
-        )
-        table.add_row(
-            s.stage_id[:8],
-            r.address,
-            f"{r.device}/{r.dtype}",
-            serving,
-            assigned,
-            f"{1e3 * r.decode_s_per_layer:.2f}",
-            f"x{s.load_factor:.2f}" if s.load_factor else "-",
-            f"{1e6 * r.prefill_s_per_layer_token:.1f}",
-            f"{s.weight_bytes / (1 << 20):.1f} MiB {r.weights or r.dtype}" if s.weight_bytes else "-",
-            _memory_cell(s),
-            f"{s.kv_bytes_used / (1 << 20):.1f} MiB",
-            str(s.open_sessions),
-            health,
-        )
-    console.print(table)
-    named = [
-        f"{s.stage_id[:8]} {s.report.device}: {s.report.device_name}" for s in status.stages if s.report.device_name
-    ]
-    if named:
-        print("devices: " + "; ".join(named))
-    if status.predicted_bottleneck_s:
-        print(
-            f"predicted bottleneck {1e3 * status.predicted_bottleneck_s:.2f} ms/token, one token through the chain "
-            f"{1e3 * status.predicted_total_s:.2f} ms"
-        )
-    if status.route.addresses:
-        print("route: " + ",".join(status.route.addresses))
+        table = Table()
+        for heading, _, right in status_view.COLUMNS:
+            table.add_column(heading, no_wrap=True, justify="right" if right else "left")
+        for v in views:
+            table.add_row(*(cell(v) for _, cell, _ in status_view.COLUMNS))
+        print("\n".join(lines))
+        Console(width=width, highlight=False, color_system="auto" if sys.stdout.isatty() else None).print(table)
+        lines = []
     else:
-        print("route: none yet" + (f" ({status.problem})" if status.problem else ""))
+        for v in views:
+            lines += status_view.stage_block(v, width)
+    for line in status_view.footer(status):
+        lines += status_view.wrap(line, width)
+    print("\n".join(lines))
     return 0
 
 
