@@ -29,7 +29,7 @@ import struct
 import time
 import weakref
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -81,6 +81,32 @@ class ClientConfig:
     ban_seconds: float = 30.0  # a stage found dead or stalled is left out of routes this long
     probe_timeout: float = 3.0  # seconds a stage gets to answer Info when a failure is being located
     security: Security = field(default_factory=Security)  # TLS / mutual TLS / token (`Security.from_files`)
+    # told of each move to another chain (the CLI prints `Failover.note()` on stderr); None: logged as a warning
+    on_failover: Callable[[Failover], None] | None = None
+
+
+@dataclass(frozen=True)
+class Failover:
+    """A generation (or micro-batch) moved to another chain after its chain failed."""
+
+    what: str  # "session 1a2b3c4d", "a micro-batch of 4 rows"
+    error: str  # what failed, as the client saw it
+    failed: tuple[str, ...]  # the stages that did not answer when asked
+    seconds: float  # from the failure to a working chain: the pause the reader sees
+    waited_for_plan: bool  # no chain without the failed stages at first: the coordinator re-planned meanwhile
+    replay_tokens: int  # tokens the new chain computes again before the answer goes on
+
+    def note(self) -> str:
+        who = f"stage {', '.join(self.failed)} stopped answering" if self.failed else f"the chain failed ({self.error})"
+        why = (
+            "the coordinator gave the lost layers to the remaining stages, which loaded them"
+            if self.waited_for_plan
+            else "another chain was ready"
+        )
+        return (
+            f"layerline: {who}; {self.what} moved to another chain in {self.seconds:.1f} s ({why}) and computed its "
+            f"{self.replay_tokens} tokens again there; the answer goes on"
+        )
 
 
 @dataclass(frozen=True)
@@ -272,7 +298,7 @@ class AsyncClient:
             link.info = info
         return links
 
-    async def reroute(self, failed: Collection[str] = ()) -> list[_Link]:
+    async def reroute(self, failed: Collection[str] = (), attempts: list[int] | None = None) -> list[_Link]:
         """After a failure: leave the `failed` stages out for `ban_seconds` and find a working chain (the one new
         sessions then open on). With a coordinator, ask it for a chain without the banned stages, again and again
         (backing off) until `failover_timeout`: it stands a replica in at once, or re-plans once their heartbeats
@@ -284,6 +310,8 @@ class AsyncClient:
         deadline = now + self.config.failover_timeout
         delay = 0.1
         while True:
+            if attempts is not None:
+                attempts.append(1)
             try:
                 if self.coordinator:
                     route = await self._route_from_coordinator(exclude=sorted(self._banned))
@@ -316,6 +344,21 @@ class AsyncClient:
             async with self._lock:
                 self.route, self._links = list(route), links
             return links
+
+    async def move(self, error: RPCError, links: list[_Link], what: str, replay_tokens: int) -> list[_Link]:
+        """After `links` failed with `error`: find the stages that do not answer, leave them out, get a working
+        chain (`reroute`) and tell `config.on_failover` (or the log) what happened and how long it took."""
+        t0 = time.monotonic()
+        failed = await self.locate_failure(links)
+        attempts: list[int] = []
+        chain = await self.reroute(failed, attempts)
+        moved = Failover(what, str(error), tuple(failed), time.monotonic() - t0, len(attempts) > 1, replay_tokens)
+        if self.config.on_failover is not None:
+            logger.info("%s", moved.note())
+            self.config.on_failover(moved)
+        else:
+            logger.warning("%s", moved.note())
+        return chain
 
     async def locate_failure(self, links: list[_Link]) -> list[str]:
         """The stages of a chain that do not answer Info within `probe_timeout` (dead, stalled or cut off)."""
@@ -658,23 +701,17 @@ class AsyncSession:
 
     async def _fail_over(self, error: RPCError) -> None:
         """Move the session to another chain (see the module docstring); the caller then replays its tokens."""
-        failed = await self.client.locate_failure(self.links)
-        logger.warning(
-            "session %s: %s; moving to another chain (stages not answering: %s)",
-            self.ids[0][:8] if self.ids else "?",
-            error,
-            ", ".join(failed) or "none",
-        )
         if self._halting is not None:
             self._halting.cancel()
             with contextlib.suppress(BaseException):
                 await self._halting
+        old, what = self.links, f"session {self.ids[0][:8] if self.ids else '?'}"
         await self._drop(self.client.config.probe_timeout)
         self.ids, self._push, self._sub, self._tasks = [], None, None, []
         self._events = asyncio.Queue()
         self._inflight, self._looping, self._halting = None, False, None
         self.fed = 0
-        links = await self.client.reroute(failed)
+        links = await self.client.move(error, old, what, len(self.history))
         await self._open_on(links)
         self.failovers += 1
 

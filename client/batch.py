@@ -71,8 +71,7 @@ async def run_micro_batches(client: AsyncClient, items: list, size: int, one) ->
                     if not client.may_fail_over(e, moved):
                         raise
                     moved += 1
-                    logger.warning("micro-batch failed (%s); running it again on another chain", e)
-                    await client.reroute(await client.locate_failure(links))
+                    await client.move(e, links, f"a micro-batch of {len(part)} rows", sum(len(p) for p in part))
 
     tasks = [asyncio.ensure_future(bounded(p)) for p in parts]
     try:

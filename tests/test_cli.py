@@ -313,3 +313,16 @@ def test_stages_can_be_pinned_to_cores(tiny_checkpoint):
     assert out.returncode == 2 and "expected CPU numbers and ranges like 0-3,8" in out.stderr
     out = layerline("stage", "--model", folder, "--layers", "0:2", "--cpus", "4096")
     assert out.returncode == 2 and "--cpus [4096]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_move_to_another_chain_is_one_note_on_stderr(capsys):
+    from layerline.cli.client import print_failover
+    from layerline.client import Failover
+
+    print_failover(Failover("session 1a2b3c4d", "UNAVAILABLE", ("10.0.0.2:7002",), 9.46, True, 40))
+    out = capsys.readouterr()
+    assert out.out == ""  # the answer's stream is left as it is
+    assert out.err.count("\n") == 1 and out.err.startswith("layerline: stage 10.0.0.2:7002 stopped answering")
+    assert "moved to another chain in 9.5 s" in out.err and "loaded them" in out.err  # the pause explained
+    print_failover(Failover("a micro-batch of 4 rows", "the stream ended", (), 0.2, False, 12))
+    assert "the chain failed (the stream ended)" in capsys.readouterr().err

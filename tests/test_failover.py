@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from layerline.client import AsyncClient, ClientConfig, RPCError
+from layerline.client import AsyncClient, ClientConfig, Failover, RPCError
 from layerline.local_cluster import LocalCluster, LocalCoordinator
 from layerline.v1 import coordinator_pb2 as pb
 from layerline.v1 import coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
@@ -113,7 +113,8 @@ def test_a_killed_stage_is_routed_around_and_the_tokens_are_unchanged(tiny_check
                 time.sleep(0.5)
 
             async def run() -> None:
-                config = ClientConfig(step_timeout=10, failover_timeout=30)
+                moved: list[Failover] = []
+                config = ClientConfig(step_timeout=10, failover_timeout=30, on_failover=moved.append)
                 async with AsyncClient(coordinator=address, config=config) as client:
                     sampled = {"temperature": 1.0, "top_k": 20, "seed": 1234}
                     calm, moves, _, _ = await generate(client, **sampled)
@@ -123,6 +124,11 @@ def test_a_killed_stage_is_routed_around_and_the_tokens_are_unchanged(tiny_check
                     got, moves, before, after = await generate(client, kill)
                     assert got == expected and moves == 1, (got, expected)
                     assert killed[0] in before and killed[0] not in after and len(after) == 2
+                    # the move is told once, with what a reader needs: which stage, how long, why that long
+                    assert [m.failed for m in moved] == [(killed[0],)], moved
+                    assert not moved[0].waited_for_plan  # its twin stood in: no re-plan to wait for
+                    assert moved[0].replay_tokens >= len(PROMPT) + 4 and 0 < moved[0].seconds < 30
+                    assert f"stage {killed[0]} stopped answering" in moved[0].note()
                     assert time.monotonic() - began < 30
                     # a stage drained on purpose (SIGTERM) mid-generation, seeded sampling: no error reaches the
                     # caller, and the tokens are those of the run without a fault (the draws go on where they were)

@@ -68,13 +68,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
     return {"generate": cmd_generate, "score": cmd_score, "local": cmd_local}
 
 
+def print_failover(moved) -> None:
+    """A move to another chain as one note on stderr, on a line of its own (the answer on stdout stays whole)."""
+    sys.stdout.flush()
+    apart = "\n" if sys.stdout.isatty() and sys.stderr.isatty() else ""  # the answer's line is open on the screen
+    print(apart + moved.note(), file=sys.stderr, flush=True)
+
+
+def client_config(args: argparse.Namespace):
+    from layerline.client import ClientConfig
+
+    return ClientConfig(security=security_of(args), on_failover=print_failover)
+
+
 def stream_answer(route: list[str] | None, args: argparse.Namespace, coordinator: str = "") -> int:
     """Generate through the stages at `route` (or the coordinator's route) and print the answer (streamed text, or
     one JSON object)."""
     from layerline.client import Client, ClientConfig
+    from layerline.security import Security
 
     security = security_of(args) if hasattr(args, "tls_cert") else None
-    config = ClientConfig(security=security) if security is not None else None
+    config = ClientConfig(security=security or Security(), on_failover=print_failover)
     with Client(route, coordinator=coordinator, config=config) as client:
         tok = client.tokenizer()
         if args.raw or tok is None or not tok.chat_template:
@@ -105,9 +119,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_inputs(args, args.prompt, "prompt")
     if prompts is None:
         return stream_answer(route, args, coordinator=args.coordinator)
-    from layerline.client import Client, ClientConfig
+    from layerline.client import Client
 
-    with Client(route, coordinator=args.coordinator, config=ClientConfig(security=security_of(args))) as client:
+    with Client(route, coordinator=args.coordinator, config=client_config(args)) as client:
         tok = client.tokenizer()
         chat = not args.raw and tok is not None and bool(tok.chat_template)
         asked = [tok.encode_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
@@ -125,11 +139,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from layerline.client import Client, ClientConfig
+    from layerline.client import Client
 
     route = route_args(args)
     texts = read_inputs(args, args.text, "text") or [args.text]
-    with Client(route, coordinator=args.coordinator, config=ClientConfig(security=security_of(args))) as client:
+    with Client(route, coordinator=args.coordinator, config=client_config(args)) as client:
         tok = client.tokenizer()
         if tok is None:
             raise LayerlineError("the stages serve no tokenizer, so texts cannot be scored from the command line")
