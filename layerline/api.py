@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -728,6 +729,23 @@ def _sse(event: dict[str, Any]) -> bytes:
 # ---- serving -----------------------------------------------------------------------------------------------------
 
 
+class _NotHttpOneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse with a full traceback at ERROR. Such a request is the caller's
+    mistake, most often a gRPC (HTTP/2) client pointed at the API's port: one line at WARNING says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            text = str(getattr(exc, "message", "") or exc).strip().splitlines()
+            h2 = "PRI" in " ".join(text) or "HTTP/2" in " ".join(text)
+            hint = " (an HTTP/2 or gRPC client? this port speaks HTTP/1.1: the OpenAI API and the dashboard)"
+            what = hint if h2 else (f": {text[0]}" if text else "")
+            record.msg = f"{record.getMessage()}: not an HTTP/1.1 request{what}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 async def serve_api(
     client: AsyncClient,
     model_name: str,
@@ -747,6 +765,9 @@ async def serve_api(
     Serve until `stop` is set (or forever). `model_name` "": the name of the checkpoint the stages serve."""
     api = Api(client, model_name, coordinator, route, security, api_key)
     api.waiting = "connecting to the cluster"
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _NotHttpOneLine) for f in server_log.filters):
+        server_log.addFilter(_NotHttpOneLine())
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

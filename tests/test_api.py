@@ -324,9 +324,17 @@ def test_without_its_cluster_the_api_listens_at_once_and_answers_503_with_the_re
         code, body = _get(f"http://127.0.0.1:{port}/v1/models")
         assert code == 503 and body["error"]["code"] == "unavailable", body
         assert "not there yet" in body["error"]["message"] and "127.0.0.1:1" in body["error"]["message"]
+        # a gRPC client pointed at the API's port by mistake: an error for it, one warning line in the API's log
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError):
+                stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=5)
+        code, body = _get(f"http://127.0.0.1:{port}/health")
+        assert code == 503  # and the API goes on answering
     finally:
         p.terminate()
-        p.communicate(timeout=30)
+        err = p.communicate(timeout=30)[1]
+    assert "WARNING aiohttp.server: Error handling request from 127.0.0.1: not an HTTP/1.1 request (an HTTP/2" in err
+    assert "Traceback" not in err and "ERROR" not in err, err
 
 
 def test_health_follows_the_route_within_seconds(cluster):
