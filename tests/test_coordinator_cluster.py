@@ -152,7 +152,15 @@ def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_chec
                 time.sleep(0.2)
                 route = wait_for_route(address, 2)
             assert spare.report.address in route.addresses
-            after = {s.report.address: s for s in status(address).stages}[spare.report.address]
+            # once the coordinator drops the dead twin (missed heartbeats), the plan has the spare in its place
+            deadline = time.monotonic() + 30
+            while True:
+                st = status(address)
+                if twin.stage_id not in {s.stage_id for s in st.stages}:
+                    after = {s.report.address: s for s in st.stages}[spare.report.address]
+                    break
+                assert time.monotonic() < deadline, status(address)
+                time.sleep(0.2)
             assert not after.replica and (after.serving_start, after.serving_end) == span and after.ready
             with Client(coordinator=address) as client:
                 assert client.generate(PROMPT, max_new_tokens=8, stop_token_ids=[], stream=False).token_ids == expected
