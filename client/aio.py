@@ -115,6 +115,7 @@ class Piece:
 
     token_id: int
     text: str
+    finish_reason: str = ""  # on a generation's last piece: "stop" or "length" (as Generation.finish_reason)
 
 
 @dataclass
@@ -809,7 +810,8 @@ class AsyncSession:
                             out_ids.append(token)
                             self.history.append(token)
                             at_limit = len(out_ids) >= opts.max_new_tokens or len(self.history) - 1 >= self.max_length  # type: ignore[operator]
-                            yield Piece(token, stream.push(token, at_limit))
+                            text = stream.push(token, at_limit)
+                            yield Piece(token, text, stream.finish_reason or "")
                             if stream.finish_reason:
                                 self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
                                 return

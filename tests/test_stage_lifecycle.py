@@ -208,3 +208,27 @@ def test_launcher_killed_hard_takes_its_stages_along(folder):
     while set(_stage_pids(folder)) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not set(_stage_pids(folder)) - before
+
+
+def test_local_says_what_it_asked_where_and_that_the_answer_was_cut(folder):
+    out = subprocess.run(
+        [sys.executable, "-m", "layerline.cli", "local", "--model", folder, "--split", "1,3", "--raw"]
+        + ["--max-new-tokens", "3", "hello world"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    head = out.stderr.splitlines()
+    assert head[0] == "question: hello world" and "2 stages (as given)" in head[1], out.stderr
+    assert head[2].startswith("  stage 1 at 127.0.0.1:") and head[2].endswith("layers 0:1")
+    assert head[3].startswith("  stage 2 at 127.0.0.1:") and head[3].endswith("layers 1:4")
+    assert head[4] == "answer:"
+    tok = Tokenizer.from_path(folder)
+    expected = list(
+        LocalPipeline.load(folder, [(0, 4)]).generate(tok.encode("hello world"), 3, stop_token_ids=tok.eos_token_ids)
+    )
+    if len(expected) == 3 and expected[-1] not in tok.eos_token_ids:  # no stop token came first: cut at the limit
+        assert "[the answer was cut at 3 tokens: --max-new-tokens 3]" in out.stderr, out.stderr
+    else:
+        assert "cut" not in out.stderr

@@ -7,8 +7,10 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Sequence
 
 from layerline.cli.common import (
     DEFAULT_PROMPT,
@@ -81,9 +83,12 @@ def client_config(args: argparse.Namespace):
     return ClientConfig(security=security_of(args), on_failover=print_failover)
 
 
-def stream_answer(route: list[str] | None, args: argparse.Namespace, coordinator: str = "") -> int:
+def stream_answer(
+    route: list[str] | None, args: argparse.Namespace, coordinator: str = "", header: Sequence[str] = ()
+) -> int:
     """Generate through the stages at `route` (or the coordinator's route) and print the answer (streamed text, or
-    one JSON object)."""
+    one JSON object). Streaming, the `header` lines go to stderr first, and an answer cut at --max-new-tokens says
+    so there after it."""
     from layerline.client import Client, ClientConfig
     from layerline.security import Security
 
@@ -95,9 +100,12 @@ def stream_answer(route: list[str] | None, args: argparse.Namespace, coordinator
             pieces = client.generate(args.prompt, **generation_options(args))
         else:
             pieces = client.chat([{"role": "user", "content": args.prompt}], **generation_options(args))
-        ids = []
+        if header and not args.json:
+            print("\n".join(header), file=sys.stderr, flush=True)
+        ids, finish = [], ""
         for piece in pieces:
             ids.append(piece.token_id)
+            finish = piece.finish_reason or finish
             if not args.json:
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
@@ -111,6 +119,12 @@ def stream_answer(route: list[str] | None, args: argparse.Namespace, coordinator
             print(json.dumps({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids}))
         else:
             sys.stdout.write("\n")
+            sys.stdout.flush()
+            if finish == "length":
+                print(
+                    f"[the answer was cut at {len(ids)} tokens: --max-new-tokens {args.max_new_tokens}]",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -180,7 +194,8 @@ def cmd_local(args: argparse.Namespace) -> int:
             path, ranges, dtype=args.dtype, quantize=args.quantize, threads=args.threads, pin=args.pin, devices=devices
         ) as cluster:
             logger.info("stages %s at %s", ranges, cluster.route)
-            return stream_answer(cluster.route, args)
+            spans = [f"{a}:{b}" for a, b in ranges]
+            return stream_answer(cluster.route, args, header=_header(args, path, cluster.route, spans, "as given"))
     stages = args.stages or 3
     if stages > config.num_layers:
         raise LayerlineError(f"{stages} stages for a model of {config.num_layers} layers: use at most that many")
@@ -198,7 +213,18 @@ def cmd_local(args: argparse.Namespace) -> int:
         ):
             route = wait_for_route(coordinator.address, timeout=300.0)
             logger.info("coordinator %s placed the stages: %s", coordinator.address, route)
-            return stream_answer(None, args, coordinator=coordinator.address)
+            serving = {s.report.address: s for s in ask_coordinator(coordinator.address, "Status").stages}
+            spans = [f"{serving[a].serving_start}:{serving[a].serving_end}" if a in serving else "?" for a in route]
+            how = f"placed by the coordinator at {coordinator.address} by their measured speed"
+            header = _header(args, path, route, spans, how)
+            return stream_answer(None, args, coordinator=coordinator.address, header=header)
+
+
+def _header(args: argparse.Namespace, model: str, route: list[str], spans: list[str], how: str) -> list[str]:
+    """What `local` says before the answer: the question, and which stage serves which layers."""
+    lines = [f"question: {args.prompt}", f"model: {os.path.basename(model.rstrip('/'))}, {len(route)} stages ({how}):"]
+    lines += [f"  stage {i + 1} at {a}: layers {span}" for i, (a, span) in enumerate(zip(route, spans, strict=True))]
+    return lines + ["answer:"]
 
 
 def wait_for_route(address: str, timeout: float) -> list[str]:
