@@ -187,7 +187,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
             try:
                 info = stub.Info(stage_pb2.InfoRequest(), timeout=5, metadata=security.metadata())
             except grpc.RpcError:
-                print(f"the stage at {args.stage} is gone")
+                print(f"the stage at {args.stage} no longer answers; its process exits once in-flight steps end")
                 return 0
             time.sleep(0.5 if info.open_sessions else 0.2)
     raise LayerlineError(f"the stage at {args.stage} still answers {args.wait + 60:g} s after the drain began")
