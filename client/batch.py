@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
-from layerline.client.aio import AsyncClient, AsyncSession, Generation, Options, int64_matrix
 from layerline.client.errors import RPCError
+from layerline.client.session import AsyncSession
+from layerline.client.types import Generation, Options
+from layerline.errors import BadInputError
 from layerline.text_stream import TextStream
 from layerline.v1 import stage_pb2, tensor_pb2
+from layerline.wire_format import float32_rows, int64_rows
+
+if TYPE_CHECKING:
+    from layerline.client.aio import AsyncClient
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +37,12 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 def float32_matrix(msg: tensor_pb2.Tensor, shape: tuple[int, int]) -> list[list[float]]:
     """A [B, T] float32 wire tensor as lists (checked: this comes from the network)."""
-    B, T = shape
-    if msg.dtype != tensor_pb2.FLOAT32 or list(msg.shape) != [B, T] or len(msg.data) != 4 * B * T:
+    try:
+        return float32_rows(msg, "logprobs", shape)
+    except BadInputError as e:
         raise RPCError(
-            grpc.StatusCode.INTERNAL, f"the last stage sent log-probabilities of shape {list(msg.shape)}, not {[B, T]}"
-        )
-    flat = struct.unpack(f"<{B * T}f", msg.data)
-    return [list(flat[b * T : (b + 1) * T]) for b in range(B)]
+            grpc.StatusCode.INTERNAL, f"the last stage sent log-probabilities that do not fit: {e}"
+        ) from None
 
 
 def left_padded(seqs: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[int]], int]:
@@ -107,8 +112,8 @@ async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], op
             last = c0 + s._chunk >= width
             step = stage_pb2.Step(
                 session_id=s.ids[0],
-                positions=int64_matrix([p[c0 : c0 + s._chunk] for p in positions]),
-                tokens=int64_matrix([t[c0 : c0 + s._chunk] for t in tokens]),
+                positions=int64_rows([p[c0 : c0 + s._chunk] for p in positions]),
+                tokens=int64_rows([t[c0 : c0 + s._chunk] for t in tokens]),
                 sample=last,
             )
             if last:
@@ -144,8 +149,8 @@ async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], op
                 break
             step = stage_pb2.Step(
                 session_id=s.ids[0],
-                positions=int64_matrix([[len(prompts[r]) + len(outs[r]) - 1] for r in running]),
-                tokens=int64_matrix([[outs[r][-1]] for r in running]),
+                positions=int64_rows([[len(prompts[r]) + len(outs[r]) - 1] for r in running]),
+                tokens=int64_rows([[outs[r][-1]] for r in running]),
                 rows=running,
                 sample=True,
             )
@@ -179,9 +184,9 @@ async def score_micro_batch(client: AsyncClient, seqs: list[list[int]]) -> list[
             cols = slice(c0, c0 + s._chunk)
             step = stage_pb2.Step(
                 session_id=s.ids[0],
-                positions=int64_matrix([p[cols] for p in positions]),
-                tokens=int64_matrix([t[cols] for t in tokens]),
-                targets=int64_matrix([t[cols] for t in targets]),
+                positions=int64_rows([p[cols] for p in positions]),
+                tokens=int64_rows([t[cols] for t in tokens]),
+                targets=int64_rows([t[cols] for t in targets]),
             )
             sent.append((await s._write(step), step.positions.shape[1]))
         for seq, width in sent:  # results come back in the order the steps went in

@@ -23,10 +23,3 @@ class RPCError(LayerlineError):
         code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
         details = e.details() if callable(getattr(e, "details", None)) else str(e)
         return cls(code, details or code.name.lower(), where)
-
-
-_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def code_from_int(value: int) -> grpc.StatusCode:
-    return _BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)

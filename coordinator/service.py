@@ -24,17 +24,16 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from layerline.checkpoint import open_checkpoint
-from layerline.config import ModelConfig, config_to_json
+from layerline.config import ModelConfig, config_to_json, model_fingerprint
 from layerline.coordinator.placement import PlacementError, StageCapacity, assign_replicas, stage_cost
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
 from layerline.coordinator.weights import check_request, stream_tensors
 from layerline.errors import BadInputError, CheckpointError, LayerlineError
 from layerline.grpc_setup import serve_grpc
+from layerline.grpc_status import status_of
 from layerline.metrics import CallCounter, Snapshot, serve_metrics, uptime
 from layerline.quant import WeightFormat, from_name, resolve
 from layerline.security import Security
-from layerline.stage_server.server import model_fingerprint
-from layerline.stage_server.status import status_of
 from layerline.tokenizer import Tokenizer
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 

@@ -7,38 +7,11 @@ top-k, top-p), so the same settings mean the same thing.
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
-
 import torch
 
+from layerline.sampling_params import SamplingParams, sampling_problems
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it before sampling
-    top_k: int = 0  # keep only the k most likely tokens (0 = off)
-    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p (1.0 = off)
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (1.0 = off)
-    seed: int | None = None  # same seed, same settings, same prompt -> same tokens
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def base_seed(self) -> int:
-        """The seed of a generation: `seed`, or a fresh random one."""
-        return self.seed if self.seed is not None else secrets.randbits(63)
-
+__all__ = ["SamplingParams", "draw_generator", "filter_logits", "sample", "sampling_problems"]
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # odd (2^64 / golden ratio): draws of one seed land far apart
 

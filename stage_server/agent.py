@@ -29,7 +29,7 @@ from layerline.devices import device_name
 from layerline.errors import LayerlineError
 from layerline.security import Security
 from layerline.stage_server.capacity import Capacity, cpu_quota, device_memory, resident_bytes
-from layerline.stage_server.server import RunningStage, load_layers
+from layerline.stage_server.running import RunningStage, load_layers
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)

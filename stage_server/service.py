@@ -45,6 +45,7 @@ from layerline.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from layerline.grpc_status import code_from_int, status_of
 from layerline.metrics import Snapshot, uptime
 from layerline.model import StageModel
 from layerline.sampling import SamplingParams, draw_generator, sample
@@ -52,7 +53,6 @@ from layerline.stage_server.capacity import device_memory, resident_bytes
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.downstream import Downstream
 from layerline.stage_server.sessions import LoopState, Sampler, Session, SessionTable, owns
-from layerline.stage_server.status import status_of
 from layerline.v1 import stage_pb2, stage_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -1054,7 +1054,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             relayed.session_id = session.id
             session.reply_to.put_nowait(relayed)
         elif (looping := self._looping_to(reply.session_id, reply.client_key)) is not None:
-            self._loop_failed(looping, _status_code(reply.code), reply.message, reply.stage)
+            self._loop_failed(looping, code_from_int(reply.code), reply.message, reply.stage)
 
     def _on_downstream_failure(self, next_session_ids: set[str], message: str) -> None:
         """The stream to a later stage broke: every session that sent steps on it hears of it."""
@@ -1109,10 +1109,6 @@ def _check_loop(step: stage_pb2.Step) -> None:
         raise BadInputError("loop: address and session_id of the first stage are required")
     if len(loop.stop_token_ids) > MAX_STOP_IDS:
         raise BadInputError(f"loop: {len(loop.stop_token_ids)} stop token ids is more than {MAX_STOP_IDS}")
-
-
-def _status_code(value: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 def _put_latest(queue: asyncio.Queue, item: object) -> None:

@@ -184,7 +184,7 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path,
     import grpc
 
     from layerline.checkpoint import load_config
-    from layerline.stage_server.server import model_fingerprint
+    from layerline.config import model_fingerprint
     from layerline.v1 import coordinator_pb2 as pb
     from layerline.v1 import coordinator_pb2_grpc
 

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from layerline.checkpoint import load_config
+from layerline.config import model_fingerprint
 from layerline.coordinator.service import start_coordinator
-from layerline.stage_server.server import model_fingerprint
 from layerline.v1 import coordinator_pb2 as pb
 from layerline.v1 import coordinator_pb2_grpc
 from tiny_models import TinySpec

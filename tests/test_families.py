@@ -205,8 +205,8 @@ def test_info_and_plan_show_what_a_moe_layer_holds_and_what_it_computes(tiny_che
 
     import grpc
 
+    from layerline.config import model_fingerprint
     from layerline.coordinator.service import start_coordinator
-    from layerline.stage_server.server import model_fingerprint
     from layerline.v1 import coordinator_pb2 as pb
     from layerline.v1 import coordinator_pb2_grpc
 

@@ -14,7 +14,7 @@ from layerline import grpc_setup
 from layerline.coordinator.service import start_coordinator
 from layerline.errors import LayerlineError
 from layerline.stage_server.config import StageConfig
-from layerline.stage_server.server import start_stage
+from layerline.stage_server.running import start_stage
 from tiny_models import TinySpec
 
 

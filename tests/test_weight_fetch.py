@@ -25,6 +25,7 @@ import torch
 from layerline import weight_cache
 from layerline.checkpoint import load_config, open_checkpoint, read_tensors
 from layerline.client import Client
+from layerline.config import model_fingerprint
 from layerline.coordinator.service import start_coordinator
 from layerline.errors import CheckpointError
 from layerline.local_cluster import LocalCluster, LocalCoordinator
@@ -34,7 +35,6 @@ from layerline.quant import from_name
 from layerline.quant.tensor import Q4_1, Q8_0, QTensor, random_qtensor
 from layerline.safetensors_io import raw_bytes
 from layerline.stage_server.fetch import TensorReceiver, WeightFetcher, prepare
-from layerline.stage_server.server import model_fingerprint
 from layerline.v1 import coordinator_pb2 as pb
 from layerline.v1 import coordinator_pb2_grpc
 from tiny_models import TinySpec, hf_greedy, write_gguf

@@ -1,5 +1,6 @@
-"""Which gRPC status each of layerline's deliberate errors becomes. Anything else is INTERNAL (and logged): the
-message then names the exception type, never a traceback."""
+"""gRPC status codes: which one each of layerline's deliberate errors becomes (anything else is INTERNAL, and
+logged: the message then names the exception type, never a traceback), and a code from its number on the wire
+(a Result's `code`)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,11 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, kind):
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def code_from_int(value: int) -> grpc.StatusCode:
+    """The status code a message carries as its number (UNKNOWN for a number gRPC does not define)."""
+    return _BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
