@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from layerline.stage_server.service import StageService
+from layerline.stage_server.scheduler import Scheduler
 from layerline.v1 import stage_pb2
 
 
@@ -25,7 +25,7 @@ def _gatherer(batch_wait: float, max_batch: int = 16) -> SimpleNamespace:
     return SimpleNamespace(
         _inbox=queue.SimpleQueue(),
         config=SimpleNamespace(batch_wait=batch_wait, max_batch=max_batch),
-        _batchable=StageService._batchable,
+        batchable=Scheduler.batchable,
     )
 
 
@@ -47,7 +47,7 @@ def test_announced_steps_are_waited_for_and_join_the_batch():
     feeder = _later(g._inbox, [second, third], every=0.03)
     batch, pending = [first], []
     began = time.perf_counter()
-    StageService._gather(g, batch, pending)
+    Scheduler.gather(g, batch, pending)
     took = time.perf_counter() - began
     feeder.join(5)
     assert batch == [first, second, third] and pending == []
@@ -58,7 +58,7 @@ def test_a_step_that_never_comes_costs_at_most_the_wait():
     g = _gatherer(batch_wait=0.05)
     batch, pending = [_item(object(), burst=3)], []
     began = time.perf_counter()
-    StageService._gather(g, batch, pending)
+    Scheduler.gather(g, batch, pending)
     assert len(batch) == 1 and pending == []
     assert 0.04 < time.perf_counter() - began < 1.0
 
@@ -70,7 +70,7 @@ def test_without_a_burst_only_what_waits_now_joins():
     g._inbox.put(waiting)
     feeder = _later(g._inbox, [_item(model)], every=0.2)
     batch, pending = [_item(model)], []
-    StageService._gather(g, batch, pending)
+    Scheduler.gather(g, batch, pending)
     assert batch[1:] == [waiting]  # a wait would have taken the step fed 0.2 s later too
     feeder.join(5)
 
@@ -82,7 +82,7 @@ def test_a_step_that_cannot_join_ends_the_batch_and_keeps_its_place():
     g._inbox.put(prefill)
     g._inbox.put(after)
     batch, pending = [_item(model, burst=2)], []
-    StageService._gather(g, batch, pending)
+    Scheduler.gather(g, batch, pending)
     assert len(batch) == 1 and pending == [prefill]  # `after` stays queued behind the prefill
     assert g._inbox.get_nowait() is after
 
@@ -96,11 +96,11 @@ def test_bursts_count_the_steps_that_follow_to_the_same_stage():
     failed = (SimpleNamespace(session=SimpleNamespace(next_address="a:1"), follow=None), (None, ValueError("bad")))
     pairs.insert(1, failed)
     batch, results = [p[0] for p in pairs], [p[1] for p in pairs]
-    StageService._mark_bursts(batch, results)
+    Scheduler.mark_bursts(batch, results)
     bursts = [out.burst for out, error in results if error is None]
     assert bursts == [2, 0, 1, 0]
     # the last stage of a generation loop: the loop's next steps go to the first stage
     follows = [stage_pb2.Step() for _ in range(3)]
     batch = [SimpleNamespace(session=None, follow=f, follow_address="first:1") for f in follows]
-    StageService._mark_bursts(batch, [(stage_pb2.Result(), None)] * 3)
+    Scheduler.mark_bursts(batch, [(stage_pb2.Result(), None)] * 3)
     assert [f.burst for f in follows] == [2, 1, 0]

@@ -1,0 +1,191 @@
+"""Step computation, on the compute thread: the stage's layers over a step's rows and its session's KV cache, then
+either the step for the next stage or, at the last stage, sampling (and the next step of a generation loop, the
+loop's end, the log-probabilities of scoring). No asyncio here: what comes out is handed back to the event loop
+by the scheduler (scheduler.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from layerline import wire
+from layerline.errors import BadInputError, NotFoundError
+from layerline.sampling import draw_generator, sample
+from layerline.stage_server.admission import WorkItem
+from layerline.stage_server.sessions import LoopState, Session
+from layerline.v1 import stage_pb2, tensor_pb2
+
+# What happens to each field of a Step a stage passes on (tests/test_stage_compute.py checks that every field of
+# the message is named here: a new field must be decided, not forgotten)
+PASSED_ON = frozenset(
+    {"seq", "positions", "tokens", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets", "client_key"}
+)
+REPLACED = frozenset({"session_id", "hidden"})  # the next stage's session, this stage's output
+RESET = frozenset({"burst"})  # set again for what this stage sends (scheduler.mark_bursts)
+
+
+def onward_step(step: stage_pb2.Step, next_session_id: str, hidden: tensor_pb2.Tensor) -> stage_pb2.Step:
+    """The step for the next stage: every field of `step` but those REPLACED (and RESET, cleared)."""
+    step.ClearField("hidden")  # computed: its bytes need not be copied (the input tensor keeps its own reference)
+    onward = stage_pb2.Step()
+    onward.CopyFrom(step)
+    onward.session_id = next_session_id
+    onward.hidden.CopyFrom(hidden)
+    for name in RESET:
+        onward.ClearField(name)
+    return onward
+
+
+class StepCompute:
+    """What the compute thread (and the event loop, for a step the scheduler computes inline) runs for admitted
+    steps. Its one counter, `tokens_sampled`, is written by whichever runs it and read by Info."""
+
+    def __init__(self) -> None:
+        self.tokens_sampled = 0
+
+    def one(self, item: WorkItem) -> tuple[stage_pb2.Step | stage_pb2.Result | None, Exception | None]:
+        if item.session.closed:
+            return None, None
+        try:
+            return self.compute(item), None
+        except Exception as e:
+            return None, e
+
+    def batch(self, batch: list[WorkItem]) -> list[tuple]:
+        """One forward pass for several sessions' steps; if it fails (one bad step), each runs alone so that only
+        the bad one fails."""
+        try:
+            parts = [(it.x, it.positions, cache_of(it), it.rows) for it in batch]
+            outs = batch[0].session.model.forward_many(parts, last_only=batch[0].step.sample)
+        except Exception:
+            return [self.one(it) for it in batch]
+        results = []
+        for it, out in zip(batch, outs, strict=True):
+            try:
+                results.append((self.finish(it, out), None))
+            except Exception as e:
+                results.append((None, e))
+        return results
+
+    def compute(self, item: WorkItem) -> stage_pb2.Step | stage_pb2.Result | None:
+        """On the compute thread: the stage's layers for one step, then sampling (last stage) or the wire message
+        for the next stage."""
+        step, session = item.step, item.session
+        cache = cache_of(item)
+        if step.HasField("truncate"):
+            for r in item.rows:
+                if not 0 <= step.truncate <= cache.lengths[r]:
+                    raise BadInputError(
+                        f"truncate: row {r} holds {cache.lengths[r]} positions, cannot keep {step.truncate}"
+                    )
+            for r in item.rows:
+                cache.truncate(r, step.truncate)
+                if session.sampler is not None:
+                    del session.sampler.history[r][step.truncate :]
+        last_only = step.sample and item.targets is None
+        out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
+        return self.finish(item, out)
+
+    def finish(self, item: WorkItem, out: torch.Tensor) -> stage_pb2.Step | stage_pb2.Result | None:
+        """After the forward pass: the message for the next stage, or (last stage) sampling and the loop."""
+        step, session = item.step, item.session
+        if not session.model.is_last:
+            hidden = wire.encode(session.model.staging.to_host(out, session.wire_dtype))
+            return onward_step(step, session.next_session_id, hidden)
+        sampler = session.sampler
+        if item.sampling is not None:
+            sampler.params, sampler.seed, sampler.draws = (
+                item.sampling,
+                item.sampling.base_seed(),
+                item.step.sampling.draws,
+            )
+        if item.tokens is not None:
+            if item.position_rows is not None:
+                token_rows = item.tokens.tolist()
+                for b, r in enumerate(item.rows):
+                    sampler.history[r].extend(
+                        t for t, p in zip(token_rows[b], item.position_rows[b], strict=True) if p >= 0
+                    )
+            else:
+                for b, r in enumerate(item.rows):
+                    valid = item.positions[b] >= 0
+                    sampler.history[r].extend(item.tokens[b][valid].tolist())
+        loop = None
+        if step.HasField("loop"):
+            spec = step.loop
+            loop = session.loop = LoopState(
+                spec.address,
+                spec.session_id,
+                frozenset(spec.stop_token_ids),
+                {r: spec.max_new_tokens for r in item.rows},
+                step.seq,
+            )
+        elif step.looped and session.loop is not None:
+            loop = session.loop
+            if loop.halted:  # the step that was travelling when Halt came: computed, nothing more sampled
+                session.loop = None
+                return loop_done(session, stage_pb2.Result(seq=loop.seq, rows=item.rows))
+        if not step.sample:
+            if item.targets is None:
+                return None
+            return stage_pb2.Result(seq=step.seq, rows=item.rows, logprobs=wire.encode(logprobs(out, item.targets)))
+        generator = None if sampler.params.greedy else draw_generator(sampler.seed, sampler.draws)
+        sampler.draws += 1
+        ids = sample(out[:, -1], sampler.params, generator, [sampler.history[r] for r in item.rows]).tolist()
+        self.tokens_sampled += len(ids)
+        result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
+        if item.targets is not None:
+            result.logprobs.CopyFrom(wire.encode(logprobs(out, item.targets)))
+        if loop is not None:
+            self._continue_loop(item, loop, ids, result)
+        return result
+
+    def _continue_loop(self, item: WorkItem, loop: LoopState, ids: list[int], result: stage_pb2.Result) -> None:
+        """Last stage, compute thread: the rows that go on become the next step for the first stage."""
+        session, rows = item.session, []
+        ends = [r[-1] for r in item.position_rows] if item.position_rows is not None else item.positions[:, -1].tolist()
+        for b, r in enumerate(item.rows):
+            loop.remaining[r] -= 1
+            if ids[b] in loop.stop_ids or loop.remaining[r] <= 0 or ends[b] + 1 >= session.max_length:
+                del loop.remaining[r]
+            else:
+                rows.append(b)
+        if not rows or loop.halted:
+            session.loop = None
+            loop_done(session, result)
+            return
+        item.follow = stage_pb2.Step(
+            session_id=loop.first_id,
+            seq=loop.seq,
+            positions=wire.int64_column([ends[b] + 1 for b in rows]),
+            tokens=wire.int64_column([ids[b] for b in rows]),
+            rows=[item.rows[b] for b in rows],
+            sample=True,
+            looped=True,
+            client_key=session.owner,
+        )
+        item.follow_address = loop.address
+
+
+def cache_of(item: WorkItem):
+    cache = item.session.cache
+    if cache is None:
+        raise NotFoundError("the session was closed")
+    return cache
+
+
+def loop_done(session: Session, result: stage_pb2.Result) -> stage_pb2.Result:
+    result.done = True
+    result.lengths.extend(session.cache.lengths[r] for r in range(session.rows))
+    return result
+
+
+def logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, T] float32 log-probabilities of `targets` under `logits` [B, T, vocab] (0 where the target is -1); one
+    row at a time, so that only one row's log-softmax is ever held besides the logits."""
+    out = torch.zeros(targets.shape, dtype=torch.float32)
+    for b in range(targets.shape[0]):
+        cols = (targets[b] >= 0).nonzero().flatten()
+        if len(cols):
+            lp = torch.log_softmax(logits[b, cols].float(), dim=-1)
+            out[b, cols] = lp.gather(1, targets[b, cols, None]).flatten()
+    return out
