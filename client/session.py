@@ -142,7 +142,7 @@ class AsyncSession:
             asyncio.create_task(self._pump(self._sub, "result", links[-1].address)),
         ]
 
-    async def _pump(self, call: Any, kind: str, address: str) -> None:
+    async def _pump(self, call: grpc.aio.StreamStreamCall | grpc.aio.UnaryStreamCall, kind: str, address: str) -> None:
         events = self._events  # this chain's: a failover gives the next chain a queue of its own
         try:
             async for msg in call:

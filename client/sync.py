@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from layerline.client.aio import AsyncClient, AsyncSession, ClientConfig, Generation, Piece
 from layerline.tokenizer import Tokenizer
+from layerline.v1 import stage_pb2
 
 T = TypeVar("T")
 
@@ -142,7 +143,8 @@ class Client:
     def route(self) -> list[str]:
         return self._aio.route
 
-    def connect(self) -> list[Any]:
+    def connect(self) -> list[stage_pb2.StageInfo]:
+        """Info of every stage of the route (checked: one model, its layers in order)."""
         return self._loop.run(self._aio.connect())
 
     def tokenizer(self) -> Tokenizer | None:

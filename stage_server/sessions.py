@@ -15,14 +15,19 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from layerline.errors import NotFoundError, PermissionDeniedError, ResourceExhaustedError
 from layerline.kv_cache import KVCache
 from layerline.sampling import SamplingParams
+from layerline.v1 import stage_pb2
+
+if TYPE_CHECKING:
+    from layerline.model import StageModel
+    from layerline.stage_server.admission import WorkItem
 
 
 @dataclass
@@ -60,16 +65,17 @@ class Session:
     wire_dtype: torch.dtype
     last_used: float
     sampler: Sampler | None = None  # last stage only
-    results: asyncio.Queue | None = None  # last stage only: Result messages for the subscriber
-    reply_to: Any = None  # the reply queue of the Push stream this session's steps last came from
+    results: asyncio.Queue[stage_pb2.Result | None] | None = None  # last stage only: Result messages for the subscriber
+    reply_to: asyncio.Queue[stage_pb2.PushReply] | None = (
+        None  # the reply queue of the Push stream this session's steps last came from
+    )
     closed: bool = False
     close_reason: str = ""
     subscribed: bool = False
     loop: LoopState | None = None  # last stage only: the running generation loop
-    parked: Any = None  # last stage only: the loop's next step, held back while the subscriber is behind
-    model: Any = None  # the StageModel this session computes with (the stage's layers when it was opened)
+    parked: WorkItem | None = None  # last stage only: the loop's next step, held back while the subscriber is behind
+    model: StageModel | None = None  # the StageModel this session computes with (the stage's layers when it was opened)
     owner: str = ""  # the client key it was opened with: every call and step of the session must carry it
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def new_session_id() -> str:
