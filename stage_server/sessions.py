@@ -66,9 +66,8 @@ class Session:
     last_used: float
     sampler: Sampler | None = None  # last stage only
     results: asyncio.Queue[stage_pb2.Result | None] | None = None  # last stage only: Result messages for the subscriber
-    reply_to: asyncio.Queue[stage_pb2.PushReply] | None = (
-        None  # the reply queue of the Push stream this session's steps last came from
-    )
+    # the reply queue of the Push stream this session's steps last came from
+    reply_to: asyncio.Queue[stage_pb2.PushReply] | None = None
     closed: bool = False
     close_reason: str = ""
     subscribed: bool = False

@@ -90,10 +90,9 @@ def stream_answer(
     one JSON object). Streaming, the `header` lines go to stderr first, and an answer cut at --max-new-tokens says
     so there after it."""
     from layerline.client import Client, ClientConfig
-    from layerline.security import Security
 
-    security = security_of(args) if hasattr(args, "tls_cert") else None
-    config = ClientConfig(security=security or Security(), on_failover=print_failover)
+    # `local` has no security flags: its own stages on this machine
+    config = client_config(args) if hasattr(args, "tls_cert") else ClientConfig(on_failover=print_failover)
     with Client(route, coordinator=coordinator, config=config) as client:
         tok = client.tokenizer()
         if args.raw or tok is None or not tok.chat_template:
