@@ -10,6 +10,8 @@ This module knows nothing of weights or of sessions.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +35,7 @@ class ForwardPlan:
     new_lengths: list[int] = field(default_factory=list)
     cache_rows: list[int] = field(default_factory=list)
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [B|1, 1, T, S] bool
+    gather: torch.Tensor | None = None  # a paged cache's: the slot of each key position a row sees [B, S]
 
 
 class KVCache:
@@ -84,35 +87,9 @@ class KVCache:
 
     def plan(self, positions: torch.Tensor, rows: list[int] | None, windows: set[int | None]) -> ForwardPlan:
         """Check `positions` [B, T] (CPU int64, -1 = padding) against the rows' lengths and prepare the forward."""
+        rows, new_lengths, all_valid, valid = check_positions(self.lengths, self.max_len, positions, rows)
         batch, width = positions.shape
-        if rows is None:
-            rows = list(range(batch))
-        if len(rows) != batch:
-            raise ValueError(f"{batch} batch rows but {len(rows)} cache rows given")
-        if len(set(rows)) != len(rows):
-            raise ValueError("a cache row appears twice in one batch")
-        for r in rows:
-            if not 0 <= r < self.rows:
-                raise ValueError(f"cache row {r} out of range (cache has {self.rows} rows)")
-        if positions.numel() <= SMALL:
-            new_lengths, all_valid = self._check_small(positions, rows)
-            valid = None
-        else:
-            valid = positions >= 0
-            lengths = torch.tensor([self.lengths[r] for r in rows], dtype=torch.int64)
-            expected = lengths[:, None] + valid.cumsum(1) - 1  # [B, T]
-            bad = valid & (positions != expected)
-            if bool(bad.any()):
-                b, t = (int(i) for i in bad.nonzero()[0])
-                raise PositionError(_gap_message(b, t, int(positions[b, t]), int(expected[b, t]), int(lengths[b])))
-            new_lengths = (lengths + valid.sum(1)).tolist()
-            all_valid = bool(valid.all())
         longest = max(new_lengths)
-        if longest > self.max_len:
-            b = new_lengths.index(longest)
-            raise CacheFullError(
-                f"row {b} would reach {longest} positions, over the cache's max length of {self.max_len}"
-            )
         device = self.k.device
         lo, hi = min(rows), max(rows)
         contiguous = rows == list(range(lo, hi + 1))
@@ -139,28 +116,32 @@ class KVCache:
             cache_rows=rows,
         )
         for w in windows:
-            plan.masks[w] = _mask(plan.positions, longest, w, shared=start is not None)
+            plan.masks[w] = slot_mask(plan.positions, longest, w, shared=start is not None)
         return plan
-
-    def _check_small(self, positions: torch.Tensor, rows: list[int]) -> tuple[list[int], bool]:
-        """The position checks in plain Python: for the few positions of a decode step this is several times
-        faster than the tensor version."""
-        new_lengths, all_valid = [], True
-        for b, (r, row) in enumerate(zip(rows, positions.tolist(), strict=True)):
-            n = self.lengths[r]
-            for t, p in enumerate(row):
-                if p < 0:
-                    all_valid = False
-                elif p != n:
-                    raise PositionError(_gap_message(b, t, p, n, self.lengths[r]))
-                else:
-                    n += 1
-            new_lengths.append(n)
-        return new_lengths, all_valid
 
     def commit(self, plan: ForwardPlan) -> None:
         for r, n in zip(plan.cache_rows, plan.new_lengths, strict=True):
             self.lengths[r] = n
+
+    # what a paged cache (paged_kv.py) does besides, nothing here: the memory is the cache's own until it goes
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        yield
+
+    def close(self) -> None:
+        pass
+
+    def note_tokens(self, rows: list[int], tokens: torch.Tensor | None, positions: torch.Tensor) -> None:
+        pass
+
+    def kv_row(self, row: int) -> tuple[int, int, int, int, int, int, int, torch.Tensor]:
+        """The quantized decode kernel's view of a row (quant/decode.py): (k, v, layer stride, block stride, head
+        stride, slot stride, block size, block table) in elements; here the row is one block of max_len slots."""
+        _, R, Hkv, S, D = self.k.shape
+        offset = row * Hkv * S * D * self.k.element_size()
+        table = torch.zeros(1, dtype=torch.int64)
+        return (self.k.data_ptr() + offset, self.v.data_ptr() + offset, R * Hkv * S * D, 0, S * D, D, S, table)
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: ForwardPlan
@@ -182,6 +163,60 @@ class KVCache:
 
 
 SMALL = 64  # positions per forward up to which the checks run in plain Python
+
+
+def check_positions(
+    lengths: list[int], max_len: int, positions: torch.Tensor, rows: list[int] | None
+) -> tuple[list[int], list[int], bool, torch.Tensor | None]:
+    """The checks every cache makes of a forward's `positions` [B, T] (CPU int64, -1 = padding) for cache rows
+    `rows` (None: 0..B-1) holding `lengths`: each row continues exactly where it stopped and stays within `max_len`.
+    Returns (rows, the rows' lengths after the forward, whether no position is padding, the validity mask when it
+    was computed)."""
+    batch = positions.shape[0]
+    if rows is None:
+        rows = list(range(batch))
+    if len(rows) != batch:
+        raise ValueError(f"{batch} batch rows but {len(rows)} cache rows given")
+    if len(set(rows)) != len(rows):
+        raise ValueError("a cache row appears twice in one batch")
+    for r in rows:
+        if not 0 <= r < len(lengths):
+            raise ValueError(f"cache row {r} out of range (cache has {len(lengths)} rows)")
+    valid = None
+    if positions.numel() <= SMALL:
+        new_lengths, all_valid = _check_small(lengths, positions, rows)
+    else:
+        valid = positions >= 0
+        held = torch.tensor([lengths[r] for r in rows], dtype=torch.int64)
+        expected = held[:, None] + valid.cumsum(1) - 1  # [B, T]
+        bad = valid & (positions != expected)
+        if bool(bad.any()):
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise PositionError(_gap_message(b, t, int(positions[b, t]), int(expected[b, t]), int(held[b])))
+        new_lengths = (held + valid.sum(1)).tolist()
+        all_valid = bool(valid.all())
+    longest = max(new_lengths)
+    if longest > max_len:
+        b = new_lengths.index(longest)
+        raise CacheFullError(f"row {b} would reach {longest} positions, over the cache's max length of {max_len}")
+    return rows, new_lengths, all_valid, valid
+
+
+def _check_small(lengths: list[int], positions: torch.Tensor, rows: list[int]) -> tuple[list[int], bool]:
+    """The position checks in plain Python: for the few positions of a decode step this is several times faster
+    than the tensor version."""
+    new_lengths, all_valid = [], True
+    for b, (r, row) in enumerate(zip(rows, positions.tolist(), strict=True)):
+        n = lengths[r]
+        for t, p in enumerate(row):
+            if p < 0:
+                all_valid = False
+            elif p != n:
+                raise PositionError(_gap_message(b, t, p, n, lengths[r]))
+            else:
+                n += 1
+        new_lengths.append(n)
+    return new_lengths, all_valid
 
 
 def _gap_message(b: int, t: int, got: int, expected: int, held: int) -> str:
@@ -221,7 +256,7 @@ def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None)
     return ok
 
 
-def _mask(positions: torch.Tensor, kv_len: int, window: int | None, shared: bool) -> torch.Tensor | None:
+def slot_mask(positions: torch.Tensor, kv_len: int, window: int | None, shared: bool) -> torch.Tensor | None:
     """[B|1, 1, T, S] bool: slot s is visible to the query at positions[b, t]. None when every query sees every
     slot (one decode column per row, no window) so attention can skip the mask."""
     width = positions.shape[1]

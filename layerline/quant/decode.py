@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from layerline.kv_cache import ForwardPlan, KVCache
+from layerline.paged_kv import PagedCache
 from layerline.quant.build import kernels
 
 MAX_HEAD_DIM = 512  # the kernel keeps one rotated query head on its stack
@@ -42,8 +43,9 @@ class _KVRow(ctypes.Structure):
     _fields_ = [
         ("k", ctypes.c_void_p),
         ("v", ctypes.c_void_p),
-        ("layer_stride", ctypes.c_int64),
-        ("smax", ctypes.c_int64),
+        *((name, ctypes.c_int64) for name in ("layer_stride", "block_stride", "head_stride", "slot_stride")),
+        ("block_size", ctypes.c_int64),
+        ("table", ctypes.c_void_p),
         ("pos", ctypes.c_int64),
     ]
 
@@ -51,22 +53,27 @@ class _KVRow(ctypes.Structure):
 class DecodeRows:
     """Where each row of a decode step keeps its K/V, for `StageDecoder`."""
 
-    def __init__(self, rows: list[tuple[KVCache, int, int]]) -> None:  # (cache, cache row, position)
+    def __init__(self, rows: list[tuple[KVCache | PagedCache, int, int]]) -> None:  # (cache, cache row, position)
         self.count = len(rows)
         self.array = (_KVRow * len(rows))()
+        self.tables = []  # the block tables the array points into, alive as long as it is
         for slot, (cache, r, pos) in zip(self.array, rows, strict=True):
-            _, R, Hkv, S, D = cache.k.shape
-            offset = r * Hkv * S * D * 4
-            slot.k, slot.v = cache.k.data_ptr() + offset, cache.v.data_ptr() + offset
-            slot.layer_stride, slot.smax, slot.pos = R * Hkv * S * D, S, pos
+            k, v, ls, bs, hs, ss, size, table = cache.kv_row(r)
+            slot.k, slot.v, slot.layer_stride, slot.block_stride = k, v, ls, bs
+            slot.head_stride, slot.slot_stride, slot.block_size = hs, ss, size
+            slot.table, slot.pos = table.data_ptr(), pos
+            self.tables.append(table)
 
     @staticmethod
-    def of(plans: Sequence[ForwardPlan], caches: Sequence[KVCache | None], head_dim: int) -> DecodeRows | None:
+    def of(
+        plans: Sequence[ForwardPlan], caches: Sequence[KVCache | PagedCache | None], head_dim: int
+    ) -> DecodeRows | None:
         rows = []
         for plan, cache in zip(plans, caches, strict=True):
             if cache is None or plan.width != 1 or head_dim > MAX_HEAD_DIM:
                 return None
-            if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or not cache.k.is_contiguous():
+            store = cache.pool.k if isinstance(cache, PagedCache) else cache.k
+            if store.dtype != torch.float32 or store.device.type != "cpu" or not store.is_contiguous():
                 return None
             for r, n in zip(plan.cache_rows, plan.new_lengths, strict=True):
                 if cache.lengths[r] != n - 1:

@@ -1267,15 +1267,21 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* Where one row of a decode step keeps its K/V: its cache row's layer 0 ([Hkv, smax, D] floats each), how far
-   apart layers are, the cache length and the slot (= position) it writes this step. Rows of one step may belong to
-   different caches (several sessions batched). */
+/* Where one row of a decode step keeps its K/V: slot t of kv head h in layer l is at
+   k + l * layer_stride + table[t / block_size] * block_stride + h * head_stride + (t % block_size) * slot_stride
+   (in floats; a contiguous cache row is one block of all its slots, a paged one a block table), and pos is the
+   slot (= position) it writes this step. Rows of one step may belong to different caches (sessions batched). */
 typedef struct {
     float *k, *v;
-    int64_t layer_stride;
-    int64_t smax;
+    int64_t layer_stride, block_stride, head_stride, slot_stride, block_size;
+    const int64_t *table;
     int64_t pos;
 } ll_kvrow;
+
+static inline int64_t kv_slot(const ll_kvrow *kv, int64_t layer, int64_t h, int64_t t) {
+    return layer * kv->layer_stride + kv->table[t / kv->block_size] * kv->block_stride + h * kv->head_stride +
+           (t % kv->block_size) * kv->slot_stride;
+}
 
 /* One (row, kv head) of a decode step's attention in layer `layer`: rotary on k (written to the cache at pos)
    and on the G query heads of this kv head, softmax(q k / sqrt(D)) v over slots [lo, pos] in a fixed order.
@@ -1283,10 +1289,8 @@ typedef struct {
 static void attend_head(const float *x, const float *c, const float *s, const ll_kvrow *kv, int64_t layer,
                         int64_t lo, int64_t H, int64_t Hkv, int64_t D, int64_t h, float scale, float *out) {
     const int64_t G = H / Hkv, half = D / 2;
-    float *krow = kv->k + layer * kv->layer_stride + h * kv->smax * D;
-    float *vrow = kv->v + layer * kv->layer_stride + h * kv->smax * D;
     const float *kn = x + (H + h) * D, *vn = x + (H + Hkv + h) * D;
-    float *kslot = krow + kv->pos * D, *vslot = vrow + kv->pos * D;
+    float *kslot = kv->k + kv_slot(kv, layer, h, kv->pos), *vslot = kv->v + kv_slot(kv, layer, h, kv->pos);
     for (int64_t d = 0; d < D; d++) {
         float swapped = d < half ? kn[d + half] : kn[d - half];
         kslot[d] = kn[d] * c[d] + swapped * s[d];
@@ -1304,7 +1308,7 @@ static void attend_head(const float *x, const float *c, const float *s, const ll
         }
         float m = -INFINITY;
         for (int64_t t = 0; t < n; t++) {
-            p[t] = dot_f32(qr, krow + (lo + t) * D, D) * scale;
+            p[t] = dot_f32(qr, kv->k + kv_slot(kv, layer, h, lo + t), D) * scale;
             m = fmaxf(m, p[t]);
         }
         float sum = 0.f;
@@ -1315,7 +1319,7 @@ static void attend_head(const float *x, const float *c, const float *s, const ll
         float *o = out + j * D, inv = 1.f / sum;
         for (int64_t d = 0; d < D; d++) o[d] = 0.f;
         for (int64_t t = 0; t < n; t++) {
-            const float *vv = vrow + (lo + t) * D;
+            const float *vv = kv->v + kv_slot(kv, layer, h, lo + t);
             const float w = p[t] * inv;
             for (int64_t d = 0; d < D; d++) o[d] += w * vv[d];
         }

@@ -1,0 +1,406 @@
+"""The paged KV cache of one stage: K and V in fixed-size blocks of `block_size` positions, taken from a pool as
+a session grows and given back the moment it shrinks or closes, so a session's `max_length` is a bound that is
+checked, not memory that is reserved.
+
+`BlockPool` holds every block of a stage's layers: k, v [L, N, P, Hkv, D] (one block is P positions of every
+layer, so a position's K/V is one block id and an offset whatever the layer), a reference count per block, and the
+prefix index: a full block whose tokens are known is sealed under a key chained from the keys of the blocks before
+it (the same tokens from position 0, in the same scope, give the same key). A sealed block can be shared by many
+sessions at once (reference counted); a write into a shared block copies it first (copy on write), a write into a
+sealed block only this session holds unseals it. When its last session lets go, a sealed block stays in the index
+(least recently used first out) until a block is needed and none is free.
+
+`PagedCache` is one session's view: a block table per row, the rows' lengths and the tokens they hold. It has the
+interface of `KVCache` (plan, update, commit, truncate, reset), so the model computes on either. Its memory is
+the blocks it holds.
+
+Threads: the pool's state is behind one lock (blocks are taken on the compute thread and given back by whichever
+thread closes a session). A session closed while the compute thread runs one of its steps gives its blocks back
+when that step ends (`in_use`), so a block is never handed to another session while a step still writes it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from layerline.errors import ResourceExhaustedError
+from layerline.kv_cache import ForwardPlan, check_positions, slot_mask
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def block_key(parent: bytes, scope: str, tokens: list[int]) -> bytes:
+    """The prefix index's key of a full block: its tokens, the key of the block before it (b"" for the first), and
+    the scope it may be shared in (a client key, or "" where the stage shares prefixes across clients)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent)
+    h.update(scope.encode())
+    h.update(b"\0")
+    h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+    return h.digest()
+
+
+class BlockPool:
+    """The blocks of one stage's layers, their reference counts and the prefix index."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        budget_bytes: int | None = None,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"a block pool needs blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # zeros, not empty: a block past a row's length is read (and masked) in attention, and must hold no NaN.
+        # On the CPU these are pages the kernel maps on first write, so untouched blocks cost no memory.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_bytes = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+        self.budget_bytes = budget_bytes if budget_bytes is not None else num_blocks * self.block_bytes
+        # per layer, the blocks' slots as one axis: [N * P, Hkv, D]
+        self.flat_k = [t.view(num_blocks * block_size, num_kv_heads, head_dim) for t in self.k.unbind(0)]
+        self.flat_v = [t.view(num_blocks * block_size, num_kv_heads, head_dim) for t in self.v.unbind(0)]
+        self.refs = [0] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: low ids first
+        self._cached: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # unheld sealed blocks, LRU
+        self._index: dict[bytes, int] = {}  # key -> sealed block
+        self._key: dict[int, bytes] = {}  # sealed block -> key
+        self.lock = threading.Lock()
+        self.hits = 0  # positions found in the prefix index
+
+    @classmethod
+    def for_budget(cls, num_layers: int, num_kv_heads: int, head_dim: int, budget_bytes: int, **kw) -> BlockPool:
+        """As many blocks as `budget_bytes` holds."""
+        block_size = kw.get("block_size", DEFAULT_BLOCK_SIZE)
+        dtype = kw.get("dtype", torch.float32)
+        per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+        blocks = budget_bytes // per_block
+        if blocks <= 0:
+            raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {per_block} bytes")
+        return cls(num_layers, num_kv_heads, head_dim, blocks, budget_bytes=budget_bytes, **kw)
+
+    # -- figures (any thread) --
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free) - len(self._cached)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks no session holds that the prefix index keeps until they are needed."""
+        return len(self._cached)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def available_blocks(self) -> int:
+        """Blocks a session can take now: free ones and cached ones (the least recently used cached go first)."""
+        return len(self._free) + len(self._cached)
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_blocks} blocks of {self.block_size} positions ({self.num_blocks * self.block_bytes} bytes, "
+            f"--kv-cache-bytes): {self.used_blocks} in use, {self.cached_blocks} cached, {self.free_blocks} free"
+        )
+
+    # -- blocks (callers hold self.lock) --
+
+    def _take(self) -> int:
+        if self._free:
+            blk = self._free.pop()
+        elif self._cached:
+            blk, key = self._cached.popitem(last=False)  # the least recently used cached block
+            del self._index[key], self._key[blk]
+        else:
+            raise ResourceExhaustedError(f"the stage's KV cache is full: {self.describe()}")
+        self.refs[blk] = 1
+        return blk
+
+    def _hold(self, blk: int) -> None:
+        if self.refs[blk] == 0:
+            self._cached.pop(blk, None)
+        self.refs[blk] += 1
+
+    def _let_go(self, blk: int) -> None:
+        self.refs[blk] -= 1
+        if self.refs[blk] < 0:
+            raise AssertionError(f"block {blk} let go more often than held")
+        if self.refs[blk] == 0:
+            key = self._key.get(blk)
+            if key is not None:
+                self._cached[blk] = key
+            else:
+                self._free.append(blk)
+
+    def _seal(self, blk: int, key: bytes) -> None:
+        if key in self._index or blk in self._key:
+            return  # the same tokens are sealed in another block already (computed twice): keep that one
+        self._index[key], self._key[blk] = blk, key
+
+    def _unseal(self, blk: int) -> None:
+        key = self._key.pop(blk, None)
+        if key is not None:
+            del self._index[key]
+
+    def _copy(self, src: int, dst: int) -> None:
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
+    def sealed(self, blk: int) -> bool:
+        return blk in self._key
+
+    def new_cache(self, rows: int, max_len: int, scope: str = "") -> PagedCache:
+        return PagedCache(self, rows, max_len, scope)
+
+
+class PagedCache:
+    """One session's K/V in `pool`'s blocks: `rows` sequences of up to `max_len` positions each. `scope`: the
+    prefix index's scope of its blocks (its client's key, or "" where prefixes are shared across clients)."""
+
+    def __init__(self, pool: BlockPool, rows: int, max_len: int, scope: str = "") -> None:
+        if rows <= 0 or max_len <= 0:
+            raise ValueError(f"a KV cache needs rows > 0 and max_len > 0, got rows={rows}, max_len={max_len}")
+        self.pool, self.max_len, self.scope = pool, max_len, scope
+        self.lengths = [0] * rows
+        self.tables: list[list[int]] = [[] for _ in range(rows)]
+        self.tokens: list[list[int] | None] = [[] for _ in range(rows)]  # None: not known (a step came without)
+        self.keys: list[list[bytes]] = [[] for _ in range(rows)]  # the keys of each row's first full blocks
+        self.computed = 0  # positions this cache's forwards wrote (a prefix found in the index is not computed)
+        self._state = threading.Lock()
+        self._active = 0
+        self._closed = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def blocks(self) -> int:
+        return sum(len(t) for t in self.tables)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the blocks this session holds (a block shared with other sessions counts for each)."""
+        return self.blocks * self.pool.block_bytes
+
+    # -- life --
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Around a step's computation: a close meanwhile gives the blocks back only once the step is over."""
+        with self._state:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._active -= 1
+                release = self._closed and not self._active
+            if release:
+                self._release()
+
+    def close(self) -> None:
+        """Give every block back (now, or when the step computing on it ends). Idempotent."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            busy = self._active > 0
+        if not busy:
+            self._release()
+
+    def _release(self) -> None:
+        with self.pool.lock:
+            for table in self.tables:
+                for blk in table:
+                    self.pool._let_go(blk)
+                table.clear()
+        self.lengths = [0] * self.rows
+
+    # -- rows --
+
+    def reset(self, row: int | None = None) -> None:
+        for r in range(self.rows) if row is None else [row]:
+            self.truncate(r, 0)
+
+    def truncate(self, row: int, length: int) -> None:
+        """Roll a row back to its first `length` positions; the blocks past them are given back."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        P = self.pool.block_size
+        keep = -(-length // P)
+        with self.pool.lock:
+            for blk in self.tables[row][keep:]:
+                self.pool._let_go(blk)
+        del self.tables[row][keep:]
+        self.lengths[row] = length
+        if self.tokens[row] is not None:
+            del self.tokens[row][length:]
+        # a block sealed under a key stays sealed while its tokens are unchanged; the partial one is unsealed (or
+        # copied) by the first write into it
+        del self.keys[row][keep:]
+
+    def attach_prefix(self, row: int, tokens: list[int]) -> int:
+        """Take for an empty row the longest run of full blocks of `tokens` that the prefix index holds (in this
+        cache's scope); returns the positions it now holds (a multiple of the block size)."""
+        if self.lengths[row] or self.tables[row]:
+            raise ValueError(f"row {row} is not empty: a prefix is attached to empty rows only")
+        P, pool = self.pool.block_size, self.pool
+        found, keys, parent = [], [], b""
+        with pool.lock:
+            for i in range(min(len(tokens), self.max_len) // P):
+                key = block_key(parent, self.scope, tokens[i * P : (i + 1) * P])
+                blk = pool._index.get(key)
+                if blk is None:
+                    break
+                pool._hold(blk)
+                found.append(blk)
+                keys.append(key)
+                parent = key
+            pool.hits += len(found) * P
+        n = len(found) * P
+        self.tables[row], self.keys[row], self.lengths[row] = found, keys, n
+        self.tokens[row] = list(tokens[:n])
+        return n
+
+    def fork(self, row: int) -> PagedCache:
+        """A one-row cache holding what row `row` holds, sharing its blocks (the first write into a shared block
+        copies it)."""
+        other = PagedCache(self.pool, 1, self.max_len, self.scope)
+        with self.pool.lock:
+            for blk in self.tables[row]:
+                self.pool._hold(blk)
+        other.tables[0], other.lengths[0] = list(self.tables[row]), self.lengths[row]
+        other.keys[0] = list(self.keys[row])
+        other.tokens[0] = None if self.tokens[row] is None else list(self.tokens[row])
+        return other
+
+    # -- a forward --
+
+    def plan(self, positions: torch.Tensor, rows: list[int] | None, windows: set[int | None]) -> ForwardPlan:
+        """Check `positions` [B, T] (CPU int64, -1 = padding), take the blocks the new positions need (copying
+        a shared block they write into) and prepare the forward's write and read slots."""
+        if self._closed:
+            raise ValueError("the session's KV cache is closed")
+        rows, new_lengths, all_valid, valid = check_positions(self.lengths, self.max_len, positions, rows)
+        batch, width = positions.shape
+        P, pool = self.pool.block_size, self.pool
+        taken: list[tuple[int, int]] = []  # (row, block) newly appended: given back if the pool runs out
+        with pool.lock:
+            try:
+                for r, n in zip(rows, new_lengths, strict=True):
+                    old, table = self.lengths[r], self.tables[r]
+                    for i in range(old // P, min(len(table), -(-n // P))):  # blocks the new positions write into
+                        blk = table[i]
+                        if pool.refs[blk] > 1:
+                            fresh = pool._take()
+                            pool._copy(blk, fresh)
+                            pool._let_go(blk)
+                            table[i] = fresh
+                        elif pool.sealed(blk):
+                            pool._unseal(blk)
+                        del self.keys[r][i:]
+                    while len(table) * P < n:
+                        table.append(pool._take())
+                        taken.append((r, table[-1]))
+            except ResourceExhaustedError:
+                for r, blk in reversed(taken):
+                    self.tables[r].pop()
+                    pool._let_go(blk)
+                raise
+        longest = max(new_lengths)
+        device = pool.k.device
+        first = self.lengths[rows[0]]
+        start = first if all_valid and all(self.lengths[r] == first for r in rows) else None
+        nblk = -(-longest // P)
+        table = torch.tensor([self.tables[r][:nblk] + [0] * (nblk - len(self.tables[r][:nblk])) for r in rows])
+        offsets = torch.arange(nblk * P)
+        gather = (table[:, offsets // P] * P + offsets % P)[:, :longest]  # [B, S] slot of each key position
+        if valid is None:
+            valid = positions >= 0
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
+        p = positions[b_idx, t_idx]
+        slots = table[b_idx, p // P] * P + p % P
+        plan = ForwardPlan(
+            batch=batch,
+            width=width,
+            kv_len=longest,
+            top=longest,
+            positions=positions.clamp(min=0).to(device),
+            row_slice=None,
+            rows=None,
+            start=start,
+            scatter=(b_idx.to(device), t_idx.to(device), slots.to(device)),
+            new_lengths=new_lengths,
+            cache_rows=rows,
+            gather=gather.to(device),
+        )
+        for w in windows:
+            plan.masks[w] = slot_mask(plan.positions, longest, w, shared=start is not None)
+        return plan
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: ForwardPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's k, v [B, Hkv, T, D] of `layer` into the rows' blocks; return all keys/values the
+        batch sees, read through the block tables: [B, Hkv, S, D]."""
+        kc, vc = self.pool.flat_k[layer], self.pool.flat_v[layer]  # [N * P, Hkv, D]
+        b_idx, t_idx, slots = plan.scatter  # type: ignore[misc]
+        kc[slots] = k[b_idx, :, t_idx]  # [N, Hkv, D]
+        vc[slots] = v[b_idx, :, t_idx]
+        return kc[plan.gather].transpose(1, 2), vc[plan.gather].transpose(1, 2)
+
+    def commit(self, plan: ForwardPlan) -> None:
+        for r, n in zip(plan.cache_rows, plan.new_lengths, strict=True):
+            self.computed += n - self.lengths[r]
+            self.lengths[r] = n
+
+    def note_tokens(self, rows: list[int], tokens: torch.Tensor | None, positions: torch.Tensor) -> None:
+        """After a forward: the token ids [B, T] of its positions (-1 = padding), so that the rows' full blocks
+        can be sealed in the prefix index. Without tokens the rows' content is not known from here on."""
+        P, pool = self.pool.block_size, self.pool
+        seal = []
+        token_rows = None if tokens is None else tokens.tolist()
+        for b, r in enumerate(rows):
+            if token_rows is None:
+                self.tokens[r] = None
+                continue
+            known = self.tokens[r]
+            if known is None:
+                continue
+            known.extend(t for t, p in zip(token_rows[b], positions[b].tolist(), strict=True) if p >= 0)
+            if len(known) != self.lengths[r]:  # not the positions this row holds: stop trusting it
+                self.tokens[r] = None
+                continue
+            keys = self.keys[r]
+            while (len(keys) + 1) * P <= len(known):
+                i = len(keys)
+                keys.append(block_key(keys[-1] if keys else b"", self.scope, known[i * P : (i + 1) * P]))
+                seal.append((self.tables[r][i], keys[-1]))
+        if seal:
+            with pool.lock:
+                for blk, key in seal:
+                    pool._seal(blk, key)
+
+    # -- the quantized decode kernel's view of a row (quant/decode.py) --
+
+    def kv_row(self, row: int) -> tuple[int, int, int, int, int, int, int, torch.Tensor]:
+        """(k, v, layer stride, block stride, head stride, slot stride, block size, block table) in elements."""
+        L, N, P, Hkv, D = self.pool.k.shape
+        table = torch.tensor(self.tables[row], dtype=torch.int64)
+        return (self.pool.k.data_ptr(), self.pool.v.data_ptr(), N * P * Hkv * D, P * Hkv * D, D, Hkv * D, P, table)
