@@ -132,7 +132,9 @@ class KVCache:
     def close(self) -> None:
         pass
 
-    def note_tokens(self, rows: list[int], tokens: torch.Tensor | None, positions: torch.Tensor) -> None:
+    def note_tokens(
+        self, rows: list[int], tokens: torch.Tensor | None, positions: torch.Tensor | list[list[int]]
+    ) -> None:
         pass
 
     def kv_row(self, row: int) -> tuple[int, int, int, int, int, int, int, torch.Tensor]:

@@ -33,6 +33,7 @@ from layerline.errors import ResourceExhaustedError
 from layerline.kv_cache import ForwardPlan, check_positions, slot_mask
 
 DEFAULT_BLOCK_SIZE = 16
+NULL_BLOCK = 0  # never handed out: all zeros, read for the key positions a row of a batch does not have
 
 
 def block_key(parent: bytes, scope: str, tokens: list[int]) -> bytes:
@@ -62,19 +63,24 @@ class BlockPool:
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"a block pool needs blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
+        if num_blocks < 2:
+            raise ValueError(f"a block pool needs at least 2 blocks (one is the null block), got {num_blocks}")
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        # zeros, not empty: a block past a row's length is read (and masked) in attention, and must hold no NaN.
-        # On the CPU these are pages the kernel maps on first write, so untouched blocks cost no memory.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.block_size, self.num_blocks = block_size, num_blocks
+        # Slots past a row's length are read (and masked) in attention, so they must hold no NaN: a block is zeroed
+        # when first taken, and block 0, never handed out, is the zeros a row shorter than its batch reads. Not
+        # zeros() for the whole pool: on the CPU untouched pages then cost no memory until sessions need them.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self._zero(NULL_BLOCK)
+        self._touched = bytearray(num_blocks)
+        self.block_size, self.num_blocks = block_size, num_blocks - 1  # usable blocks
         self.block_bytes = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
         self.budget_bytes = budget_bytes if budget_bytes is not None else num_blocks * self.block_bytes
         # per layer, the blocks' slots as one axis: [N * P, Hkv, D]
         self.flat_k = [t.view(num_blocks * block_size, num_kv_heads, head_dim) for t in self.k.unbind(0)]
         self.flat_v = [t.view(num_blocks * block_size, num_kv_heads, head_dim) for t in self.v.unbind(0)]
         self.refs = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: low ids first
+        self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # popped from the end: low ids first
         self._cached: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # unheld sealed blocks, LRU
         self._index: dict[bytes, int] = {}  # key -> sealed block
         self._key: dict[int, bytes] = {}  # sealed block -> key
@@ -123,6 +129,9 @@ class BlockPool:
     def _take(self) -> int:
         if self._free:
             blk = self._free.pop()
+            if not self._touched[blk]:
+                self._zero(blk)
+                self._touched[blk] = 1
         elif self._cached:
             blk, key = self._cached.popitem(last=False)  # the least recently used cached block
             del self._index[key], self._key[blk]
@@ -157,6 +166,10 @@ class BlockPool:
         if key is not None:
             del self._index[key]
 
+    def _zero(self, blk: int) -> None:
+        self.k[:, blk].zero_()
+        self.v[:, blk].zero_()
+
     def _copy(self, src: int, dst: int) -> None:
         self.k[:, dst].copy_(self.k[:, src])
         self.v[:, dst].copy_(self.v[:, src])
@@ -181,7 +194,8 @@ class PagedCache:
         self.tokens: list[list[int] | None] = [[] for _ in range(rows)]  # None: not known (a step came without)
         self.keys: list[list[bytes]] = [[] for _ in range(rows)]  # the keys of each row's first full blocks
         self.computed = 0  # positions this cache's forwards wrote (a prefix found in the index is not computed)
-        self._state = threading.Lock()
+        self._state = threading.Lock()  # _active, _closed
+        self._rows = threading.RLock()  # the tables: a prefix attached on the event loop, steps on the compute thread
         self._active = 0
         self._closed = False
 
@@ -225,12 +239,13 @@ class PagedCache:
             self._release()
 
     def _release(self) -> None:
-        with self.pool.lock:
-            for table in self.tables:
-                for blk in table:
-                    self.pool._let_go(blk)
-                table.clear()
-        self.lengths = [0] * self.rows
+        with self._rows:
+            with self.pool.lock:
+                for table in self.tables:
+                    for blk in table:
+                        self.pool._let_go(blk)
+                    table.clear()
+            self.lengths = [0] * self.rows
 
     # -- rows --
 
@@ -240,119 +255,125 @@ class PagedCache:
 
     def truncate(self, row: int, length: int) -> None:
         """Roll a row back to its first `length` positions; the blocks past them are given back."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
-        P = self.pool.block_size
-        keep = -(-length // P)
-        with self.pool.lock:
-            for blk in self.tables[row][keep:]:
-                self.pool._let_go(blk)
-        del self.tables[row][keep:]
-        self.lengths[row] = length
-        if self.tokens[row] is not None:
-            del self.tokens[row][length:]
-        # a block sealed under a key stays sealed while its tokens are unchanged; the partial one is unsealed (or
-        # copied) by the first write into it
-        del self.keys[row][keep:]
+        with self._rows:
+            if not 0 <= length <= self.lengths[row]:
+                raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+            P = self.pool.block_size
+            keep = -(-length // P)
+            with self.pool.lock:
+                for blk in self.tables[row][keep:]:
+                    self.pool._let_go(blk)
+            del self.tables[row][keep:]
+            self.lengths[row] = length
+            if self.tokens[row] is not None:
+                del self.tokens[row][length:]
+            # a block sealed under a key stays sealed while its tokens are unchanged; the partial one is unsealed (or
+            # copied) by the first write into it
+            del self.keys[row][keep:]
 
     def attach_prefix(self, row: int, tokens: list[int]) -> int:
         """Take for an empty row the longest run of full blocks of `tokens` that the prefix index holds (in this
         cache's scope); returns the positions it now holds (a multiple of the block size)."""
-        if self.lengths[row] or self.tables[row]:
-            raise ValueError(f"row {row} is not empty: a prefix is attached to empty rows only")
-        P, pool = self.pool.block_size, self.pool
-        found, keys, parent = [], [], b""
-        with pool.lock:
-            for i in range(min(len(tokens), self.max_len) // P):
-                key = block_key(parent, self.scope, tokens[i * P : (i + 1) * P])
-                blk = pool._index.get(key)
-                if blk is None:
-                    break
-                pool._hold(blk)
-                found.append(blk)
-                keys.append(key)
-                parent = key
-            pool.hits += len(found) * P
-        n = len(found) * P
-        self.tables[row], self.keys[row], self.lengths[row] = found, keys, n
-        self.tokens[row] = list(tokens[:n])
-        return n
+        with self._rows:
+            if self.lengths[row] or self.tables[row]:
+                raise ValueError(f"row {row} is not empty: a prefix is attached to empty rows only")
+            P, pool = self.pool.block_size, self.pool
+            found, keys, parent = [], [], b""
+            with pool.lock:
+                for i in range(min(len(tokens), self.max_len) // P):
+                    key = block_key(parent, self.scope, tokens[i * P : (i + 1) * P])
+                    blk = pool._index.get(key)
+                    if blk is None:
+                        break
+                    pool._hold(blk)
+                    found.append(blk)
+                    keys.append(key)
+                    parent = key
+                pool.hits += len(found) * P
+            n = len(found) * P
+            self.tables[row], self.keys[row], self.lengths[row] = found, keys, n
+            self.tokens[row] = list(tokens[:n])
+            return n
 
     def fork(self, row: int) -> PagedCache:
         """A one-row cache holding what row `row` holds, sharing its blocks (the first write into a shared block
         copies it)."""
-        other = PagedCache(self.pool, 1, self.max_len, self.scope)
-        with self.pool.lock:
-            for blk in self.tables[row]:
-                self.pool._hold(blk)
-        other.tables[0], other.lengths[0] = list(self.tables[row]), self.lengths[row]
-        other.keys[0] = list(self.keys[row])
-        other.tokens[0] = None if self.tokens[row] is None else list(self.tokens[row])
-        return other
+        with self._rows:
+            other = PagedCache(self.pool, 1, self.max_len, self.scope)
+            with self.pool.lock:
+                for blk in self.tables[row]:
+                    self.pool._hold(blk)
+            other.tables[0], other.lengths[0] = list(self.tables[row]), self.lengths[row]
+            other.keys[0] = list(self.keys[row])
+            other.tokens[0] = None if self.tokens[row] is None else list(self.tokens[row])
+            return other
 
     # -- a forward --
 
     def plan(self, positions: torch.Tensor, rows: list[int] | None, windows: set[int | None]) -> ForwardPlan:
         """Check `positions` [B, T] (CPU int64, -1 = padding), take the blocks the new positions need (copying
         a shared block they write into) and prepare the forward's write and read slots."""
-        if self._closed:
-            raise ValueError("the session's KV cache is closed")
-        rows, new_lengths, all_valid, valid = check_positions(self.lengths, self.max_len, positions, rows)
-        batch, width = positions.shape
-        P, pool = self.pool.block_size, self.pool
-        taken: list[tuple[int, int]] = []  # (row, block) newly appended: given back if the pool runs out
-        with pool.lock:
-            try:
-                for r, n in zip(rows, new_lengths, strict=True):
-                    old, table = self.lengths[r], self.tables[r]
-                    for i in range(old // P, min(len(table), -(-n // P))):  # blocks the new positions write into
-                        blk = table[i]
-                        if pool.refs[blk] > 1:
-                            fresh = pool._take()
-                            pool._copy(blk, fresh)
-                            pool._let_go(blk)
-                            table[i] = fresh
-                        elif pool.sealed(blk):
-                            pool._unseal(blk)
-                        del self.keys[r][i:]
-                    while len(table) * P < n:
-                        table.append(pool._take())
-                        taken.append((r, table[-1]))
-            except ResourceExhaustedError:
-                for r, blk in reversed(taken):
-                    self.tables[r].pop()
-                    pool._let_go(blk)
-                raise
-        longest = max(new_lengths)
-        device = pool.k.device
-        first = self.lengths[rows[0]]
-        start = first if all_valid and all(self.lengths[r] == first for r in rows) else None
-        nblk = -(-longest // P)
-        table = torch.tensor([self.tables[r][:nblk] + [0] * (nblk - len(self.tables[r][:nblk])) for r in rows])
-        offsets = torch.arange(nblk * P)
-        gather = (table[:, offsets // P] * P + offsets % P)[:, :longest]  # [B, S] slot of each key position
-        if valid is None:
-            valid = positions >= 0
-        b_idx, t_idx = valid.nonzero(as_tuple=True)
-        p = positions[b_idx, t_idx]
-        slots = table[b_idx, p // P] * P + p % P
-        plan = ForwardPlan(
-            batch=batch,
-            width=width,
-            kv_len=longest,
-            top=longest,
-            positions=positions.clamp(min=0).to(device),
-            row_slice=None,
-            rows=None,
-            start=start,
-            scatter=(b_idx.to(device), t_idx.to(device), slots.to(device)),
-            new_lengths=new_lengths,
-            cache_rows=rows,
-            gather=gather.to(device),
-        )
-        for w in windows:
-            plan.masks[w] = slot_mask(plan.positions, longest, w, shared=start is not None)
-        return plan
+        with self._rows:
+            if self._closed:
+                raise ValueError("the session's KV cache is closed")
+            rows, new_lengths, all_valid, valid = check_positions(self.lengths, self.max_len, positions, rows)
+            batch, width = positions.shape
+            P, pool = self.pool.block_size, self.pool
+            taken: list[tuple[int, int]] = []  # (row, block) newly appended: given back if the pool runs out
+            with pool.lock:
+                try:
+                    for r, n in zip(rows, new_lengths, strict=True):
+                        old, table = self.lengths[r], self.tables[r]
+                        for i in range(old // P, min(len(table), -(-n // P))):  # blocks the new positions write into
+                            blk = table[i]
+                            if pool.refs[blk] > 1:
+                                fresh = pool._take()
+                                pool._copy(blk, fresh)
+                                pool._let_go(blk)
+                                table[i] = fresh
+                            elif pool.sealed(blk):
+                                pool._unseal(blk)
+                            del self.keys[r][i:]
+                        while len(table) * P < n:
+                            table.append(pool._take())
+                            taken.append((r, table[-1]))
+                except ResourceExhaustedError:
+                    for r, blk in reversed(taken):
+                        self.tables[r].pop()
+                        pool._let_go(blk)
+                    raise
+            longest = max(new_lengths)
+            device = pool.k.device
+            first = self.lengths[rows[0]]
+            start = first if all_valid and all(self.lengths[r] == first for r in rows) else None
+            nblk = -(-longest // P)
+            table = torch.tensor(
+                [self.tables[r][:nblk] + [NULL_BLOCK] * (nblk - len(self.tables[r][:nblk])) for r in rows]
+            )
+            offsets = torch.arange(nblk * P)
+            gather = (table[:, offsets // P] * P + offsets % P)[:, :longest]  # [B, S] slot of each key position
+            if valid is None:
+                valid = positions >= 0
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            p = positions[b_idx, t_idx]
+            slots = table[b_idx, p // P] * P + p % P
+            plan = ForwardPlan(
+                batch=batch,
+                width=width,
+                kv_len=longest,
+                top=longest,
+                positions=positions.clamp(min=0).to(device),
+                row_slice=None,
+                rows=None,
+                start=start,
+                scatter=(b_idx.to(device), t_idx.to(device), slots.to(device)),
+                new_lengths=new_lengths,
+                cache_rows=rows,
+                gather=gather.to(device),
+            )
+            for w in windows:
+                plan.masks[w] = slot_mask(plan.positions, longest, w, shared=start is not None)
+            return plan
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: ForwardPlan
@@ -370,32 +391,36 @@ class PagedCache:
             self.computed += n - self.lengths[r]
             self.lengths[r] = n
 
-    def note_tokens(self, rows: list[int], tokens: torch.Tensor | None, positions: torch.Tensor) -> None:
+    def note_tokens(
+        self, rows: list[int], tokens: torch.Tensor | None, positions: torch.Tensor | list[list[int]]
+    ) -> None:
         """After a forward: the token ids [B, T] of its positions (-1 = padding), so that the rows' full blocks
         can be sealed in the prefix index. Without tokens the rows' content is not known from here on."""
-        P, pool = self.pool.block_size, self.pool
-        seal = []
-        token_rows = None if tokens is None else tokens.tolist()
-        for b, r in enumerate(rows):
-            if token_rows is None:
-                self.tokens[r] = None
-                continue
-            known = self.tokens[r]
-            if known is None:
-                continue
-            known.extend(t for t, p in zip(token_rows[b], positions[b].tolist(), strict=True) if p >= 0)
-            if len(known) != self.lengths[r]:  # not the positions this row holds: stop trusting it
-                self.tokens[r] = None
-                continue
-            keys = self.keys[r]
-            while (len(keys) + 1) * P <= len(known):
-                i = len(keys)
-                keys.append(block_key(keys[-1] if keys else b"", self.scope, known[i * P : (i + 1) * P]))
-                seal.append((self.tables[r][i], keys[-1]))
-        if seal:
-            with pool.lock:
-                for blk, key in seal:
-                    pool._seal(blk, key)
+        with self._rows:
+            P, pool = self.pool.block_size, self.pool
+            seal = []
+            token_rows = None if tokens is None else tokens.tolist()
+            position_rows = positions if isinstance(positions, list) else positions.tolist()
+            for b, r in enumerate(rows):
+                if token_rows is None:
+                    self.tokens[r] = None
+                    continue
+                known = self.tokens[r]
+                if known is None:
+                    continue
+                known.extend(t for t, p in zip(token_rows[b], position_rows[b], strict=True) if p >= 0)
+                if len(known) != self.lengths[r]:  # not the positions this row holds: stop trusting it
+                    self.tokens[r] = None
+                    continue
+                keys = self.keys[r]
+                while (len(keys) + 1) * P <= len(known):
+                    i = len(keys)
+                    keys.append(block_key(keys[-1] if keys else b"", self.scope, known[i * P : (i + 1) * P]))
+                    seal.append((self.tables[r][i], keys[-1]))
+            if seal:
+                with pool.lock:
+                    for blk, key in seal:
+                        pool._seal(blk, key)
 
     # -- the quantized decode kernel's view of a row (quant/decode.py) --
 

@@ -136,7 +136,7 @@ class CoordinatorAgent:
                 serving_end=end,
                 ready=ready,
                 open_sessions=len(service.sessions),
-                kv_bytes_used=service.sessions.used_bytes,
+                kv_bytes_used=service.kv.used_bytes,
                 decode_steps=service.scheduler.decode_steps,
                 decode_seconds=service.scheduler.decode_seconds,
                 weight_bytes=service.model.weight_bytes() if service.model is not None else 0,

@@ -5,6 +5,8 @@ by the scheduler (scheduler.py)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from layerline import wire
@@ -55,7 +57,12 @@ class StepCompute:
         the bad one fails."""
         try:
             parts = [(it.x, it.positions, cache_of(it), it.rows) for it in batch]
-            outs = batch[0].session.model.forward_many(parts, last_only=batch[0].step.sample)
+            with contextlib.ExitStack() as held:
+                for _, _, cache, _ in parts:
+                    held.enter_context(cache.in_use())
+                outs = batch[0].session.model.forward_many(parts, last_only=batch[0].step.sample)
+                for it, (_, _, cache, _) in zip(batch, parts, strict=True):
+                    cache.note_tokens(it.rows, it.tokens, it.position_rows or it.positions)
         except Exception:
             return [self.one(it) for it in batch]
         results = []
@@ -71,18 +78,22 @@ class StepCompute:
         for the next stage."""
         step, session = item.step, item.session
         cache = cache_of(item)
-        if step.HasField("truncate"):
-            for r in item.rows:
-                if not 0 <= step.truncate <= cache.lengths[r]:
-                    raise BadInputError(
-                        f"truncate: row {r} holds {cache.lengths[r]} positions, cannot keep {step.truncate}"
-                    )
-            for r in item.rows:
-                cache.truncate(r, step.truncate)
-                if session.sampler is not None:
-                    del session.sampler.history[r][step.truncate :]
-        last_only = step.sample and item.targets is None
-        out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
+        with cache.in_use():
+            if step.HasField("truncate"):
+                for r in item.rows:
+                    if not 0 <= step.truncate <= cache.lengths[r]:
+                        raise BadInputError(
+                            f"truncate: row {r} holds {cache.lengths[r]} positions, cannot keep {step.truncate}"
+                        )
+                for r in item.rows:
+                    cache.truncate(r, step.truncate)
+                    if session.sampler is not None:
+                        del session.sampler.history[r][step.truncate :]
+            last_only = step.sample and item.targets is None
+            out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
+            cache.note_tokens(
+                item.rows, item.tokens, item.position_rows or item.positions
+            )  # the prefix index seals the full blocks
         return self.finish(item, out)
 
     def finish(self, item: WorkItem, out: torch.Tensor) -> stage_pb2.Step | stage_pb2.Result | None:

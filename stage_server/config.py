@@ -48,6 +48,9 @@ class StageConfig:
     device: str = _default("device")
     wire_dtype: torch.dtype = torch.float32  # dtype of hidden states sent to the next stage
     kv_cache_bytes: int = _default("kv_cache_bytes")
+    kv_block_size: int = _default("kv_block_size")
+    kv_wait_s: float = _default("kv_wait_s")
+    share_prefixes: bool = _default("share_prefixes")
     session_ttl: float = _default("session_ttl")
     max_message_bytes: int = _default("max_message_bytes")
     max_sessions: int = _default("max_sessions")
@@ -74,6 +77,10 @@ class StageConfig:
         self.dtype = self.weights.dtype
         if self.kv_cache_bytes <= 0:
             self.kv_cache_bytes = default_kv_cache_bytes()
+        if self.kv_block_size < 0:
+            raise ValueError(f"--kv-block-size must be 0 (no paging) or positive, got {self.kv_block_size}")
+        if not self.kv_wait_s >= 0:
+            raise ValueError(f"--kv-wait-ms must be >= 0, got {1e3 * self.kv_wait_s}")
         if not self.inline_compute_s >= 0:
             raise ValueError(f"--inline-below-ms must be >= 0, got {1e3 * self.inline_compute_s}")
         if self.session_ttl <= 0:

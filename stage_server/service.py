@@ -50,6 +50,7 @@ from layerline.stage_server.admission import WorkItem, admit
 from layerline.stage_server.capacity import device_memory, resident_bytes
 from layerline.stage_server.compute import StepCompute
 from layerline.stage_server.config import StageConfig
+from layerline.stage_server.kv import StageKV
 from layerline.stage_server.relay import SHUTDOWN, Relay, closed_error, put_latest
 from layerline.stage_server.scheduler import Scheduler
 from layerline.stage_server.sessions import Sampler, Session, SessionTable
@@ -92,6 +93,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             config.max_sessions,
             max_per_owner=config.max_sessions_per_client,
         )
+        self.kv = StageKV(config, self.sessions)
         self.stopping = False  # shutting down: new steps, and subscribers of sessions already gone, hear UNAVAILABLE
         self.draining = False  # Drain: no new sessions; the running ones end or move, then the stage shuts down
         self.drained = asyncio.Event()  # set when a drain is over: the server then stops (server.py)
@@ -181,6 +183,9 @@ class StageService(stage_pb2_grpc.StageServicer):
         m, c, mc = self.model, self.config, self.model_config
         start, end = self.serving
         memory = device_memory(c.device)
+        if m is not None and self.kv.paged:
+            self.kv.pool(m)  # the figures of the pool new sessions get, made now if none was opened yet
+        blocks, used, cached, hits = self.kv.blocks()
         return stage_pb2.StageInfo(
             model_name=self.model_name,
             model_fingerprint=self.fingerprint,
@@ -194,7 +199,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             wire_dtype=wire.TO_WIRE[c.wire_dtype],
             next_address=c.next_address,
             kv_bytes_total=self.sessions.budget_bytes,
-            kv_bytes_used=self.sessions.used_bytes,
+            kv_bytes_used=self.kv.used_bytes,
             open_sessions=len(self.sessions),
             max_message_bytes=c.max_message_bytes,
             kv_bytes_per_token=m.cache_bytes(1, 1) if m is not None else 0,
@@ -217,6 +222,12 @@ class StageService(stage_pb2_grpc.StageServicer):
             max_queued_steps=c.max_queued_steps,
             peak_queued_results=self.relay.peak_results,
             max_loop_ahead=c.loop_ahead,
+            kv_block_size=c.kv_block_size,
+            kv_blocks_total=blocks,
+            kv_blocks_used=used,
+            kv_blocks_cached=cached,
+            prefix_hit_tokens=hits,
+            prefixes_shared=c.share_prefixes,
         )
 
     async def OpenSession(
@@ -283,13 +294,13 @@ class StageService(stage_pb2_grpc.StageServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"wire_dtype {request.wire_dtype} is not a float type"
                 )
-        kv_bytes = m.cache_bytes(rows, request.max_length)
         try:
+            kv_bytes = self.kv.reserve(m, rows, request.max_length)
             session = self.sessions.open(
                 rows,
                 request.max_length,
                 kv_bytes,
-                lambda: m.new_cache(rows, request.max_length),
+                lambda: self.kv.new_cache(m, rows, request.max_length, request.client_key),
                 next_address=next_address,
                 next_session_id=next_id,
                 wire_dtype=wire_dtype,
@@ -304,7 +315,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             session.sampler = Sampler(SamplingParams(), 0, [[] for _ in range(rows)])
             session.results = asyncio.Queue(maxsize=self.config.max_queued_results + 1)
         logger.info(
-            "opened session %s (rows=%d, max_length=%d, %d bytes)",
+            "opened session %s (rows=%d, max_length=%d, %d bytes reserved)",
             session.id[:8],
             rows,
             request.max_length,
@@ -314,6 +325,34 @@ class StageService(stage_pb2_grpc.StageServicer):
         return stage_pb2.OpenSessionResponse(
             session_id=session.id, kv_bytes=kv_bytes, ttl_seconds=self.config.session_ttl
         )
+
+    async def AttachPrefix(
+        self, request: stage_pb2.PrefixRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.PrefixResponse:
+        try:
+            session = self._session(request.session_id, request.client_key)
+        except LayerlineError as e:
+            await context.abort(*status_of(e))
+        rows = list(request.rows) or list(range(session.rows))
+        bad = [r for r in rows if not 0 <= r < session.rows]
+        if bad or len(set(rows)) != len(rows):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"rows must be distinct rows of the session's {session.rows}, got {rows}",
+            )
+        if len(request.tokens) > session.max_length:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{len(request.tokens)} tokens are more than the session's max_length of {session.max_length}",
+            )
+        vocab = session.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.tokens):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab})")
+        try:
+            held = self.kv.attach_prefix(session, rows, list(request.tokens))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return stage_pb2.PrefixResponse(positions=held)
 
     async def CloseSession(
         self, request: stage_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
@@ -435,9 +474,28 @@ class StageService(stage_pb2_grpc.StageServicer):
             "layerline_stage_kv_bytes_used",
             "KV cache bytes held by sessions",
             "gauge",
-            self.sessions.used_bytes,
+            self.kv.used_bytes,
             {},
         )
+        blocks, used, cached, hits = self.kv.blocks()
+        yield ("layerline_stage_kv_blocks", "KV cache blocks (paged cache)", "gauge", used, {"state": "used"})
+        yield ("layerline_stage_kv_blocks", "", "gauge", cached, {"state": "cached"})
+        yield ("layerline_stage_kv_blocks", "", "gauge", max(0, blocks - used - cached), {"state": "free"})
+        yield (
+            "layerline_stage_prefix_hit_tokens",
+            "positions sessions found in the prefix cache instead of computing them",
+            "counter",
+            hits,
+            {},
+        )
+        yield (
+            "layerline_stage_kv_waits",
+            "steps that waited for a KV block, and of them those refused",
+            "counter",
+            self.kv.waits,
+            {"outcome": "waited"},
+        )
+        yield ("layerline_stage_kv_waits", "", "counter", self.kv.refused, {"outcome": "refused"})
         yield ("layerline_stage_kv_bytes_budget", "KV cache budget", "gauge", self.sessions.budget_bytes, {})
         weights = self.model.weight_bytes() if self.model is not None else 0
         yield ("layerline_stage_weight_bytes", "bytes of weights held (quantized as stored)", "gauge", weights, {})
@@ -484,6 +542,11 @@ class StageService(stage_pb2_grpc.StageServicer):
         async for step in steps:
             try:
                 item = self._admit(step, replies)
+            except LayerlineError as e:
+                replies.put_nowait(self.relay.reply(step.session_id, step.seq, e, key=step.client_key))
+                continue
+            try:
+                await self.kv.wait_for_blocks(item)  # a full paged cache: wait a little for a session to end
             except LayerlineError as e:
                 replies.put_nowait(self.relay.reply(step.session_id, step.seq, e, key=step.client_key))
                 continue

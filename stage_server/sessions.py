@@ -22,6 +22,7 @@ import torch
 
 from layerline.errors import NotFoundError, PermissionDeniedError, ResourceExhaustedError
 from layerline.kv_cache import KVCache
+from layerline.paged_kv import PagedCache
 from layerline.sampling import SamplingParams
 from layerline.v1 import stage_pb2
 
@@ -58,8 +59,8 @@ class Session:
     id: str
     rows: int
     max_length: int
-    cache: KVCache
-    kv_bytes: int
+    cache: KVCache | PagedCache
+    kv_bytes: int  # reserved at open (a paged cache reserves nothing: its blocks are the pool's figures)
     next_address: str  # where steps go next ("" at the last stage)
     next_session_id: str
     wire_dtype: torch.dtype
@@ -111,7 +112,7 @@ class SessionTable:
         rows: int,
         max_length: int,
         kv_bytes: int,
-        make_cache: Callable[[], KVCache],
+        make_cache: Callable[[], KVCache | PagedCache],
         owner: str = "",
         **fields: Any,
     ) -> Session:
@@ -178,6 +179,7 @@ class SessionTable:
         if not self._per_owner[session.owner]:
             del self._per_owner[session.owner]
         self.used_bytes -= session.kv_bytes
+        session.cache.close()  # a paged cache's blocks go back to the pool (once a step computing on it is over)
         session.cache = None  # type: ignore[assignment]  # the tensors go with the last reference
         return session
 

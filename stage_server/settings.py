@@ -58,6 +58,29 @@ SETTINGS: tuple[Setting, ...] = (
         "bytes",
         shown="1/4 of --max-memory, else 1/4 of the memory available, at most 8GiB",
     ),
+    Setting(
+        "--kv-block-size",
+        "kv_block_size",
+        16,
+        "positions per KV cache block: a session takes blocks as it grows and gives them back as it ends (0: each "
+        "session reserves its whole max_length when it opens)",
+    ),
+    Setting(
+        "--kv-wait-ms",
+        "kv_wait_s",
+        2.0,
+        "a step that needs a KV block while none is free waits this long for one, then fails with RESOURCE_EXHAUSTED",
+        "float",
+        scale=1e3,
+    ),
+    Setting(
+        "--share-prefixes",
+        "share_prefixes",
+        False,
+        "share cached prompt prefixes between client keys (by default a client reuses only the prefixes its own "
+        "sessions computed: a shared prefix answers faster, which tells one client what another asked)",
+        "switch",
+    ),
     Setting("--session-ttl", "session_ttl", 600.0, "seconds an unused session lives", "float"),
     Setting("--max-message-bytes", "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message", "bytes"),
     Setting("--threads", "threads", 0, "torch threads for compute", shown="torch's choice"),

@@ -121,7 +121,7 @@ def test_batched_decode_on_the_kernels_reads_each_sessions_blocks(quantized_stag
 
 
 def test_blocks_are_taken_as_a_row_grows_and_given_back_as_it_shrinks(stage):
-    pool = pool_for(stage, blocks=8, block_size=4)
+    pool = pool_for(stage, blocks=9, block_size=4)  # 8 and the null block
     cache = pool.new_cache(1, 1000)  # the max length is a bound, not a reservation
     assert pool.used_blocks == 0 and cache.nbytes == 0
     stage(ids(9, 5), cache=cache)
@@ -139,7 +139,7 @@ def test_blocks_are_taken_as_a_row_grows_and_given_back_as_it_shrinks(stage):
 
 
 def test_a_close_during_a_step_gives_the_blocks_back_when_the_step_ends(stage):
-    pool = pool_for(stage, blocks=8)
+    pool = pool_for(stage, blocks=9)
     cache = pool.new_cache(1, 32)
     with cache.in_use():
         stage(ids(8, 1), cache=cache)
@@ -175,7 +175,7 @@ def test_a_shared_prefix_is_computed_once_and_a_divergent_write_copies_only_the_
 
 
 def test_prefixes_are_shared_within_a_scope_only_and_a_closed_sessions_blocks_stay_cached(stage):
-    pool = pool_for(stage, blocks=16, block_size=4)
+    pool = pool_for(stage, blocks=17, block_size=4)
     tokens = ids(12, 9)[0].tolist()
     a = pool.new_cache(1, 64, scope="key-a")
     stage(torch.tensor([tokens]), cache=a)
@@ -221,7 +221,7 @@ def test_block_tables_never_share_a_block_that_is_written(stage):
         cache.note_tokens([row], torch.tensor([new]), positions)
 
     def check() -> None:
-        held = [0] * pool.num_blocks
+        held = [0] * len(pool.refs)  # the usable blocks and the null block
         for cache, shadow in sessions.values():
             for row in range(cache.rows):
                 n = cache.lengths[row]

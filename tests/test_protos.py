@@ -49,6 +49,7 @@ def test_stage_service_methods():
         "GetTokenizer": (False, False),
         "Halt": (False, False),
         "Drain": (False, False),
+        "AttachPrefix": (False, False),
     }
     for name in streaming:
         assert callable(getattr(stage_pb2_grpc.StageServicer, name))

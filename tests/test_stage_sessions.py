@@ -250,7 +250,9 @@ def test_session_expiry_frees_memory_and_later_use_is_not_found(tiny, stage_clus
 
 
 def test_budget_refusal_is_resource_exhausted_and_says_how_much(tiny, stage_cluster):
-    route = stage_cluster(tiny[0], [(0, 4)], "--kv-cache-bytes", "64KiB")
+    """The contiguous cache (--kv-block-size 0) reserves a session's max_length at open (the paged cache's
+    pressure: test_paged_stage.py)."""
+    route = stage_cluster(tiny[0], [(0, 4)], "--kv-cache-bytes", "64KiB", "--kv-block-size", "0")
     per_token = infos(route)[0].kv_bytes_per_token
     assert 512 * per_token > 65536
     with Client(route) as client:

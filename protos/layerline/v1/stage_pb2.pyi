@@ -12,7 +12,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead", "tokens_computed", "tokens_sampled", "inline_steps", "weight_bytes", "weights", "resident_bytes", "device_name", "device_memory_used", "device_memory_total")
+    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead", "tokens_computed", "tokens_sampled", "inline_steps", "weight_bytes", "weights", "resident_bytes", "device_name", "device_memory_used", "device_memory_total", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached", "prefix_hit_tokens", "prefixes_shared")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,12 @@ class StageInfo(_message.Message):
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIXES_SHARED_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_fingerprint: str
     start_layer: int
@@ -83,7 +89,13 @@ class StageInfo(_message.Message):
     device_name: str
     device_memory_used: int
     device_memory_total: int
-    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ..., tokens_computed: _Optional[int] = ..., tokens_sampled: _Optional[int] = ..., inline_steps: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    prefix_hit_tokens: int
+    prefixes_shared: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ..., tokens_computed: _Optional[int] = ..., tokens_sampled: _Optional[int] = ..., inline_steps: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefixes_shared: _Optional[bool] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "draws")
@@ -234,6 +246,24 @@ class Result(_message.Message):
     stage: str
     logprobs: _tensor_pb2.Tensor
     def __init__(self, seq: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., lengths: _Optional[_Iterable[int]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stage: _Optional[str] = ..., logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class PrefixRequest(_message.Message):
+    __slots__ = ("session_id", "client_key", "tokens", "rows")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    client_key: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., client_key: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PrefixResponse(_message.Message):
+    __slots__ = ("positions",)
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    positions: int
+    def __init__(self, positions: _Optional[int] = ...) -> None: ...
 
 class HaltRequest(_message.Message):
     __slots__ = ("session_id", "client_key")

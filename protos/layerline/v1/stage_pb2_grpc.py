@@ -74,6 +74,11 @@ class StageStub:
                 request_serializer=layerline_dot_v1_dot_stage__pb2.DrainRequest.SerializeToString,
                 response_deserializer=layerline_dot_v1_dot_stage__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.AttachPrefix = channel.unary_unary(
+                '/layerline.v1.Stage/AttachPrefix',
+                request_serializer=layerline_dot_v1_dot_stage__pb2.PrefixRequest.SerializeToString,
+                response_deserializer=layerline_dot_v1_dot_stage__pb2.PrefixResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -138,6 +143,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachPrefix(self, request, context):
+        """For a session whose rows hold nothing yet: the longest run of whole KV blocks of `tokens` this stage has
+        cached (for the same client key, or any with --share-prefixes) is attached to the rows, which then hold that
+        many positions. The client takes the smallest answer of its chain and starts computing there (Step.truncate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +194,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=layerline_dot_v1_dot_stage__pb2.DrainRequest.FromString,
                     response_serializer=layerline_dot_v1_dot_stage__pb2.DrainResponse.SerializeToString,
+            ),
+            'AttachPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachPrefix,
+                    request_deserializer=layerline_dot_v1_dot_stage__pb2.PrefixRequest.FromString,
+                    response_serializer=layerline_dot_v1_dot_stage__pb2.PrefixResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +417,33 @@ class Stage:
             '/layerline.v1.Stage/Drain',
             layerline_dot_v1_dot_stage__pb2.DrainRequest.SerializeToString,
             layerline_dot_v1_dot_stage__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Stage/AttachPrefix',
+            layerline_dot_v1_dot_stage__pb2.PrefixRequest.SerializeToString,
+            layerline_dot_v1_dot_stage__pb2.PrefixResponse.FromString,
             options,
             channel_credentials,
             insecure,
