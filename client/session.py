@@ -330,6 +330,10 @@ class AsyncSession:
     async def _feed(self, opts: Options, drawn: int, stop_ids: Sequence[int], truncate: int | None) -> int:
         """Send the tokens the stages do not hold yet in chunks of at most `_chunk`; the last chunk samples (the
         generation's draw number `drawn` on) and, with the server loop, starts it. Returns the last step's seq."""
+        if self.fed == 0 and not truncate:
+            attached = await self._attach_prefix(self.history)
+            if attached is not None:  # some stage's rows hold a prefix now: every stage continues from `attached`
+                truncate = self.fed = attached
         pending = self.history[self.fed :]
         loop = self._loop(opts.max_new_tokens - drawn, stop_ids)
         for c0 in range(0, len(pending), self._chunk):
@@ -348,6 +352,29 @@ class AsyncSession:
             self.fed += len(chunk)
         self._inflight, self._looping = seq, loop is not None
         return seq
+
+    async def _attach_prefix(self, tokens: list[int]) -> int | None:
+        """Ask every stage of the chain to attach what it has cached of `tokens` to the (empty) session; returns
+        the positions all of them hold (at most all but the last token, whose logits are needed), or None when no
+        stage attached anything."""
+        cfg = self.client.config
+        sizes = [link.info.kv_block_size for link in self.links]
+        if not cfg.reuse_prefixes or self.rows != 1 or not all(sizes) or len(tokens) <= max(sizes):
+            return None
+
+        async def one(link: Link, sid: str) -> int:
+            req = stage_pb2.PrefixRequest(session_id=sid, client_key=self.client.client_key, tokens=tokens)
+            try:
+                return (await link.stub.AttachPrefix(req, timeout=cfg.connect_timeout)).positions
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # a stage of an older version: it holds nothing
+                    return 0
+                raise RPCError.from_grpc(e, link.address) from None
+
+        held = await asyncio.gather(*(one(link, sid) for link, sid in zip(self.links, self.ids, strict=True)))
+        if not any(held):
+            return None
+        return min(*held, len(tokens) - 1)
 
     async def _take(self, seq: int) -> stage_pb2.Result:
         """The next result of step (or loop) `seq`, with the bookkeeping of a loop's final result."""

@@ -28,6 +28,9 @@ class ClientConfig:
     wire_dtype: str = ""  # "float32", "float16" or "bfloat16" for hidden states between stages; "" = stage default
     server_loop: bool = True  # the last stage feeds sampled tokens back to the first (N hops per token); False: the
     # client feeds each token back itself (N + 1 hops; kept for comparison and for stages without loops)
+    # a new session (or one moved to another chain) first asks each stage for the longest prefix of its tokens the
+    # stage has cached (AttachPrefix) and computes only the rest
+    reuse_prefixes: bool = True
     max_in_flight: int = 32  # generations and micro-batches this client runs at once; more wait their turn
     micro_batch_size: int = 4  # default rows per micro-batch of generate_batch and score
     route_retries: int = 4  # with a coordinator: ask again when its route is out of date (a stage just died, or is
