@@ -422,7 +422,9 @@ def test_oversized_step_fails_its_stream_only(checkpoint, stage_cluster, expecte
 
 
 def test_kv_budget_refuses_sessions_that_do_not_fit(checkpoint, stage_cluster, expected):
-    route = stage_cluster(checkpoint[0], RANGES, "--kv-cache-bytes", "200KiB")
+    route = stage_cluster(
+        checkpoint[0], RANGES, "--kv-cache-bytes", "200KiB", "--kv-block-size", "0"
+    )  # reserved at open
 
     async def bad() -> None:
         async with connect(route) as stubs:

@@ -176,3 +176,37 @@ def test_a_full_cache_waits_for_a_block_then_refuses_naming_the_budget(tiny, sta
         hog.close()
         t.join(120)
     assert got == {"ids": hf_greedy(ref, text, 4)}
+
+
+def test_bad_prefix_requests_get_a_clear_status_and_the_stage_goes_on(tiny, stage_cluster):
+    from stage_wire import KEY, assert_status, connect, open_session, rpc_error
+
+    folder, ref = tiny
+    route = stage_cluster(folder, RANGES)
+
+    async def bad() -> None:
+        async with connect(route) as stubs:
+            last = stubs[1]
+            sid = await open_session(last, 64, rows=2)
+
+            def req(**kw) -> stage_pb2.PrefixRequest:
+                return stage_pb2.PrefixRequest(**{"session_id": sid, "client_key": KEY, "tokens": [1] * 20, **kw})
+
+            invalid, out_of_range = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
+            assert_status(await rpc_error(last.AttachPrefix(req(rows=[2]), timeout=10)), invalid, "rows")
+            assert_status(await rpc_error(last.AttachPrefix(req(rows=[0, 0]), timeout=10)), invalid, "distinct")
+            assert_status(await rpc_error(last.AttachPrefix(req(tokens=[10**6]), timeout=10)), invalid, "token ids")
+            e = await rpc_error(last.AttachPrefix(req(tokens=[1] * 65), timeout=10))
+            assert_status(e, out_of_range, "max_length of 64")
+            e = await rpc_error(last.AttachPrefix(req(client_key="another-client-key-000"), timeout=10))
+            assert_status(e, grpc.StatusCode.PERMISSION_DENIED, "another client")
+            e = await rpc_error(last.AttachPrefix(req(session_id="nope"), timeout=10))
+            assert_status(e, grpc.StatusCode.NOT_FOUND, "not found")
+            assert (await last.AttachPrefix(req(), timeout=10)).positions == 0  # nothing cached: holds nothing
+
+    asyncio.run(asyncio.wait_for(bad(), 60))
+    text = prompt(30, seed=13)
+    with Client(route) as client:  # the stage serves on
+        assert client.generate(text, max_new_tokens=3, stop_token_ids=[], stream=False).token_ids == hf_greedy(
+            ref, text, 3
+        )
