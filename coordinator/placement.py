@@ -92,6 +92,18 @@ class StageCapacity:
     send_s: float = 0.0  # sending one token's hidden state to the next stage (0 = not measured / negligible)
     fixed_s: float = 0.0  # per step whatever its layer count (embedding, rotary tables, the server's own work)
     prefill_s_per_layer: float = 0.0  # per prompt token, for the prefill prediction (not used to place)
+    kv_block_size: int = 0  # positions per KV block (0: contiguous, reserved per session)
+    kv_bytes_per_layer_position: int = 0  # K and V of one position of one layer (0: not reported)
+
+    def kv_positions(self, layers: int) -> int:
+        """Positions of all sessions together its KV budget holds with `layers` layers (whole blocks, less the
+        null block, when paged; 0: not known)."""
+        per_position = layers * self.kv_bytes_per_layer_position
+        if not per_position:
+            return 0
+        if not self.kv_block_size:
+            return self.kv_bytes // per_position
+        return max(0, self.kv_bytes // (per_position * self.kv_block_size) - 1) * self.kv_block_size
 
     def weight_room(self) -> float:
         return self.memory_bytes - self.kv_bytes
@@ -105,10 +117,20 @@ class Assignment:
     decode_s: float  # predicted time per decoded token on this stage (layers, head, send)
     prefill_s_per_token: float
     weight_bytes: int  # weights it loads (layers + embedding / head where it holds them)
+    kv_positions: int = 0  # positions (all sessions together) its KV budget holds for these layers; 0: unknown
+    kv_block_size: int = 0
 
     @property
     def layers(self) -> int:
         return self.end - self.start
+
+    def kv_note(self) -> str:
+        if not self.kv_positions:
+            return ""
+        if self.kv_block_size:
+            blocks = self.kv_positions // self.kv_block_size
+            return f", KV for {self.kv_positions} positions ({blocks} blocks of {self.kv_block_size})"
+        return f", KV for {self.kv_positions} positions (reserved per session)"
 
 
 @dataclass(frozen=True)
@@ -130,7 +152,7 @@ class Plan:
     def describe(self) -> str:
         lines = [
             f"{a.name}: layers {a.start}:{a.end} ({a.layers}), predicted {1e3 * a.decode_s:.2f} ms/token decode, "
-            f"{a.weight_bytes / GiB:.2f} GiB of weights"
+            f"{a.weight_bytes / GiB:.2f} GiB of weights{a.kv_note()}"
             for a in self.assignments
         ]
         lines += [f"{name}: left out ({why})" for name, why in self.left_out.items()]
@@ -285,6 +307,8 @@ def place(model: ModelShape, stages: Sequence[StageCapacity]) -> Plan:
                 decode_s=stage_cost(s, n, first, last),
                 prefill_s_per_token=n * s.prefill_s_per_layer,
                 weight_bytes=weight_bytes(model, s, n, first, last, start),
+                kv_positions=s.kv_positions(n),
+                kv_block_size=s.kv_block_size,
             )
         )
         start += n

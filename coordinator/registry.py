@@ -64,6 +64,7 @@ class StageEntry:
     last_seen: float
     open_sessions: int = 0
     kv_bytes_used: int = 0
+    kv_blocks: tuple[int, int, int] = (0, 0, 0)  # the paged KV cache's blocks: total, used, cached
     weight_bytes: int = 0  # from its heartbeats: weights held ...
     resident_bytes: int = 0  # ... and its process's resident memory
     device_memory: tuple[int, int] = (0, 0)  # ... and what it holds on its device, of the device's total
@@ -172,6 +173,7 @@ class Registry:
         weight_bytes: int = 0,
         resident_bytes: int = 0,
         device_memory: tuple[int, int] = (0, 0),
+        kv_blocks: tuple[int, int, int] = (0, 0, 0),
     ) -> StageEntry:
         self.expire()
         entry = self.stages.get(stage_id)
@@ -182,14 +184,14 @@ class Registry:
             raise BadInputError(f"serving range {serving[0]}:{serving[1]} is not within the model's {L} layers")
         if not (decode_steps >= 0 and math.isfinite(decode_seconds) and decode_seconds >= 0):
             raise BadInputError("decode_steps and decode_seconds must be non-negative counters")
-        if min(weight_bytes, resident_bytes, kv_bytes_used, *device_memory) < 0:
+        if min(weight_bytes, resident_bytes, kv_bytes_used, *device_memory, *kv_blocks) < 0:
             raise BadInputError("memory figures must not be negative")
         if serving != entry.serving:
             entry.observed = None  # other layers: observe afresh
         entry.serving, entry.ready = serving, ready and serving != (0, 0)
         entry.open_sessions, entry.kv_bytes_used = open_sessions, kv_bytes_used
         entry.weight_bytes, entry.resident_bytes = weight_bytes, resident_bytes
-        entry.device_memory = device_memory
+        entry.device_memory, entry.kv_blocks = device_memory, kv_blocks
         entry.last_seen = self.clock()
         if self._observe(entry, decode_steps, decode_seconds):
             self._refine()

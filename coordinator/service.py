@@ -62,6 +62,8 @@ def capacity_from_report(report: coordinator_pb2.StageReport) -> StageCapacity:
         weights=report.weights,
         fixed_s=max(report.decode_s_fixed, 0.0),
         prefill_s_per_layer=report.prefill_s_per_layer_token,
+        kv_block_size=max(report.kv_block_size, 0),
+        kv_bytes_per_layer_position=max(report.kv_bytes_per_layer_position, 0),
     )
 
 
@@ -143,6 +145,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 request.weight_bytes,
                 request.resident_bytes,
                 (request.device_memory_used, request.device_memory_total),
+                (request.kv_blocks_total, request.kv_blocks_used, request.kv_blocks_cached),
             )
         except LayerlineError as e:
             await self._fail(context, e)
@@ -191,6 +194,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     ready=s.ready,
                     open_sessions=s.open_sessions,
                     kv_bytes_used=s.kv_bytes_used,
+                    kv_blocks_total=s.kv_blocks[0],
+                    kv_blocks_used=s.kv_blocks[1],
+                    kv_blocks_cached=s.kv_blocks[2],
                     seconds_since_heartbeat=now - s.last_seen,
                     predicted_decode_s=predicted,
                     replica=s.replica,

@@ -31,6 +31,9 @@ class StageView:
     weight_bytes: int
     weights: str
     kv_bytes_used: int
+    kv_blocks_total: int  # the paged KV cache's blocks (0: not paged)
+    kv_blocks_used: int
+    kv_blocks_cached: int
     open_sessions: int
     resident_bytes: int
     device_memory_used: int
@@ -59,6 +62,9 @@ class StageView:
             weight_bytes=s.weight_bytes,
             weights=r.weights or r.dtype,
             kv_bytes_used=s.kv_bytes_used,
+            kv_blocks_total=s.kv_blocks_total,
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_cached=s.kv_blocks_cached,
             open_sessions=s.open_sessions,
             resident_bytes=s.resident_bytes,
             device_memory_used=s.device_memory_used,
@@ -91,6 +97,13 @@ class StageView:
             return held + f"{self.memory_bytes / (1 << 30):.2f} GiB"
         return f"{self.device_memory_used / (1 << 20):.0f} MiB of {self.device_memory_total / (1 << 30):.1f} GiB"
 
+    def kv(self) -> str:
+        """KV memory held; with the paged cache, blocks in use of the total and those cached for prefixes."""
+        held = f"{self.kv_bytes_used / (1 << 20):.1f} MiB"
+        if not self.kv_blocks_total:
+            return held
+        return f"{held} ({self.kv_blocks_used}/{self.kv_blocks_total} blocks, {self.kv_blocks_cached} cached)"
+
     def health(self) -> str:
         return ("ready" if self.ready else "loading") + f", seen {self.seen_s_ago:.1f}s ago"
 
@@ -107,7 +120,7 @@ COLUMNS = (
     ("us/layer/token prefill", lambda v: f"{v.us_per_layer_token_prefill:.1f}", True),
     ("weights", StageView.weight_cell, True),
     ("memory", StageView.memory, True),
-    ("KV used", lambda v: f"{v.kv_bytes_used / (1 << 20):.1f} MiB", True),
+    ("KV used", StageView.kv, True),
     ("sessions", lambda v: str(v.open_sessions), True),
     ("health", StageView.health, False),
 )
@@ -150,8 +163,7 @@ def stage_block(v: StageView, width: int) -> list[str]:
         f"layers {v.layers()} (assigned {v.assigned()}), {v.device}/{v.dtype}",
         f"decode {v.ms_per_layer_decode:.2f} ms/layer (load {v.load()}), prefill "
         f"{v.us_per_layer_token_prefill:.1f} us/layer/token",
-        f"weights {v.weight_cell()}, memory {v.memory()}, KV {v.kv_bytes_used / (1 << 20):.1f} MiB, "
-        f"sessions {v.open_sessions}",
+        f"weights {v.weight_cell()}, memory {v.memory()}, KV {v.kv()}, sessions {v.open_sessions}",
     ]
     out = []
     for i, line in enumerate(lines):

@@ -65,6 +65,7 @@ class CoordinatorAgent:
 
     def report(self) -> coordinator_pb2.StageReport:
         c, service = self.capacity, self.stage.service
+        mc, kv_dtype = service.model_config, service.config.dtype  # the KV cache is in the compute dtype
         start, end = service.serving
         return coordinator_pb2.StageReport(
             address=self.stage.address,
@@ -86,6 +87,11 @@ class CoordinatorAgent:
             serving_end=end,
             version=layerline.__version__,
             device_name=device_name(c.device),
+            kv_block_size=service.config.kv_block_size,
+            kv_bytes_per_layer_position=2
+            * mc.num_kv_heads
+            * mc.head_dim
+            * torch.empty((), dtype=kv_dtype).element_size(),
         )
 
     async def run(self) -> None:
@@ -137,6 +143,9 @@ class CoordinatorAgent:
                 ready=ready,
                 open_sessions=len(service.sessions),
                 kv_bytes_used=service.kv.used_bytes,
+                **dict(
+                    zip(("kv_blocks_total", "kv_blocks_used", "kv_blocks_cached"), service.kv.blocks()[:3], strict=True)
+                ),
                 decode_steps=service.scheduler.decode_steps,
                 decode_seconds=service.scheduler.decode_seconds,
                 weight_bytes=service.model.weight_bytes() if service.model is not None else 0,

@@ -34,11 +34,12 @@ from layerline.devices import DeviceMemory, device_name, synchronize
 from layerline.devices import device_memory as gpu_memory
 from layerline.errors import LayerlineError
 from layerline.model import StageModel, expected_tensors
+from layerline.paged_kv import DEFAULT_BLOCK_SIZE, BlockPool
 from layerline.quant import WeightFormat
 from layerline.quant.layout import layer_types, model_bytes
 from layerline.quant.tensor import TYPE_BY_NAME, QTensor, quantizable, random_qtensor
 
-FORMAT = 2  # bump when what is measured changes: older cache entries are then measured again
+FORMAT = 3  # bump when what is measured changes: older cache entries are then measured again
 
 
 @dataclass(frozen=True)
@@ -222,11 +223,14 @@ def measure(
     chunk: int = 128,
     min_time: float = 1.0,
     timer: Callable[[Callable[[], object], float, int, Callable[[], None]], float] | None = None,
+    kv_block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Capacity:
     """Time the model's layer shapes here (see the module docstring) in the weight format given (a dtype: float
     weights of it); `stored`: the checkpoint's own tensor types (`stored_types()`). Takes memory for up to 4
     layers and one LM head while it runs. `timer(fn, min_time, min_runs, sync)` gives the seconds one call of
-    `fn` takes (default: timed on this machine, `_mean_time`); tests give a cost model instead."""
+    `fn` takes (default: timed on this machine, `_mean_time`); tests give a cost model instead. Decode steps read
+    the KV cache through a block table of `kv_block_size` positions per block, as a paged stage does (0: a
+    contiguous cache)."""
     timer = timer or _mean_time
     fmt = dtype if isinstance(dtype, WeightFormat) else WeightFormat("float", dtype)
     dtype = fmt.dtype
@@ -245,6 +249,11 @@ def measure(
 
     def decode_time(stage: StageModel) -> float:
         cache = stage.new_cache(1, context + 1)
+        if kv_block_size:  # as the stage serves: through a block table
+            c = stage.config
+            blocks = -(-(context + 1) // kv_block_size) + 1  # and the null block
+            pool = BlockPool(stage.num_layers, c.num_kv_heads, c.head_dim, blocks, kv_block_size, stage.dtype, device)
+            cache = pool.new_cache(1, context + 1)
         x = torch.randn(1, context, h, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
         if stage.is_first:
             x = torch.randint(0, config.vocab_size, (1, context), device=device)
@@ -327,7 +336,10 @@ def cached_capacity(
     """The stage's capacity and whether it came from the on-disk cache (False: measured now, and stored)."""
     folder = cache_dir or default_cache_dir()
     fmt = dtype if isinstance(dtype, WeightFormat) else WeightFormat("float", dtype)
-    key = cache_key(fingerprint, device, fmt.name, torch.get_num_threads(), cpu_quota(), stored)
+    block = measure_options.get("kv_block_size", DEFAULT_BLOCK_SIZE)
+    key = cache_key(
+        fingerprint, device, f"{fmt.name}, kv blocks of {block}", torch.get_num_threads(), cpu_quota(), stored
+    )
     path = os.path.join(folder, f"{key}.json")
     if not remeasure:
         try:

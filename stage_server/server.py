@@ -91,6 +91,7 @@ async def serve(
                     stored=stage.service.stored_types,
                     remeasure=again,
                     cache_dir=os.path.join(cache_dir, "capacity") if cache_dir else None,
+                    kv_block_size=config.kv_block_size,
                 )
 
             async def measure_again():

@@ -212,20 +212,31 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path,
                     memory_bytes=1 << 30,
                     bytes_per_param=4,
                     device_name="CPU: Test" if port == 7001 else "NVIDIA Test GPU",
+                    kv_bytes=64 << 20,
+                    kv_block_size=16,
+                    kv_bytes_per_layer_position=512,
                 )
                 got = stub.Register(pb.RegisterRequest(stage=report), timeout=10)
             # the second stage says what it holds on its device: status shows it of the device's total
             beat = pb.HeartbeatRequest(
-                stage_id=got.stage_id, device_memory_used=300 << 20, device_memory_total=24 << 30
+                stage_id=got.stage_id,
+                device_memory_used=300 << 20,
+                device_memory_total=24 << 30,
+                kv_blocks_total=200,
+                kv_blocks_used=12,
+                kv_blocks_cached=30,
             )
             stub.Heartbeat(beat, timeout=10)
         assert main(["plan", "--coordinator", address]) == 0
         out = capsys.readouterr().out
         assert "127.0.0.1:7001: layers 0:3 (3)" in out and "127.0.0.1:7002: layers 3:4 (1)" in out
+        # each stage's KV budget in blocks of its layers: 64 MiB / (3 layers x 512 bytes x 16) = 2730, less one
+        assert "KV for 43664 positions (2729 blocks of 16)" in out, out
         assert main(["status", "--coordinator", address]) == 0
         out = capsys.readouterr().out
         assert "127.0.0.1:7001" in out and "loading" in out and "predicted bottleneck" in out
         assert "NVIDIA Test GPU" in out and "300 MiB of 24.0 GiB" in out, out
+        assert "(12/200 blocks, 30 cached)" in out, out
         # a terminal of 80 columns: one block of short lines per stage, every figure still there
         for columns in ("80", "60"):
             monkeypatch.setenv("COLUMNS", columns)
@@ -233,9 +244,10 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path,
             narrow = capsys.readouterr().out
             assert max(len(line) for line in narrow.splitlines()) <= int(columns), narrow
             assert "127.0.0.1:7001" in narrow and "127.0.0.1:7002" in narrow and "300 MiB of 24.0 GiB" in narrow
+            assert "(12/200" in narrow, narrow
             assert "decode 1.00 ms/layer" in narrow and "decode 3.00 ms/layer" in narrow, narrow
             assert "predicted bottleneck" in narrow and "ms/layer decode" not in narrow  # blocks, not the table
-        monkeypatch.setenv("COLUMNS", "200")
+        monkeypatch.setenv("COLUMNS", "240")
         assert main(["status", "--coordinator", address]) == 0
         assert "ms/layer decode" in capsys.readouterr().out  # wide enough: the table
         monkeypatch.delenv("COLUMNS")

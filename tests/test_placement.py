@@ -194,3 +194,21 @@ def test_quantized_stages_are_counted_by_the_bytes_of_their_blocks():
     # each layer is counted as the largest (35) when placing: 9 such layers would not fit 320 bytes, 8 do
     tight = StageCapacity("t", 1.0, 0.0, memory_bytes=35 * 8 + 20, bytes_per_param=4.0, weights="stored")
     assert fits(model, tight, 8, True, True) and not fits(model, tight, 9, True, True)
+
+
+def test_the_plan_counts_each_stages_kv_budget_in_blocks_for_the_layers_it_gets():
+    model = ModelShape(num_layers=12, layer_params=1000, embed_params=0, head_params=0)
+    per = 2 * 2 * 16 * 4  # K and V, 2 heads of 16, float32: one position of one layer
+    kv = 100 * 16 * per  # 100 blocks of 16 positions of one layer
+    fast = StageCapacity("fast", 1.0e-3, 0.0, 8 << 30, kv_bytes=kv, kv_block_size=16, kv_bytes_per_layer_position=per)
+    slow = StageCapacity("slow", 3.0e-3, 0.0, 8 << 30, kv_bytes=kv, kv_block_size=0, kv_bytes_per_layer_position=per)
+    plan = place(model, [fast, slow])
+    a, b = plan.assignments
+    assert (a.layers, b.layers) == (9, 3)
+    # paged: whole blocks of its 9 layers, less the null block; contiguous: positions of its 3 layers
+    assert a.kv_positions == (kv // (9 * per * 16) - 1) * 16 == 160
+    assert b.kv_positions == kv // (3 * per) == 533
+    assert "KV for 160 positions (10 blocks of 16)" in plan.describe()
+    assert "KV for 533 positions (reserved per session)" in plan.describe()
+    unknown = place(model, [StageCapacity("x", 1e-3, 0.0, 8 << 30)])
+    assert unknown.assignments[0].kv_positions == 0 and "KV" not in unknown.describe()

@@ -132,7 +132,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json_of(status))
         return 0
     views = [status_view.StageView.of(s) for s in status.stages]
-    width = shutil.get_terminal_size((200, 24)).columns  # $COLUMNS, else the terminal's, else 200 (a pipe)
+    width = shutil.get_terminal_size((240, 24)).columns  # $COLUMNS, else the terminal's, else 240 (a pipe)
     lines = status_view.wrap(status_view.title(status), width)
     if views and status_view.table_width(views) <= width:
         from rich.console import Console

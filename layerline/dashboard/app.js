@@ -83,7 +83,8 @@ function drawTable(data) {
     sw.style.background = COLORS[i % COLORS.length];
     name.append(sw, document.createTextNode((s.id || String(i + 1)).slice(0, 8)));
     const layers = rangeOf(s) + (s.replica ? " (replica)" : "");
-    const kv = s.kv_bytes_total ? `${bytes(s.kv_bytes_used)} / ${bytes(s.kv_bytes_total)}` : bytes(s.kv_bytes_used);
+    let kv = s.kv_bytes_total ? `${bytes(s.kv_bytes_used)} / ${bytes(s.kv_bytes_total)}` : bytes(s.kv_bytes_used);
+    if (s.kv_blocks_total) kv += ` (${s.kv_blocks_used}/${s.kv_blocks_total} blocks, ${s.kv_blocks_cached} cached)`;
     tr.append(
       name,
       el("td", {}, s.address),

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StageReport(_message.Message):
-    __slots__ = ("address", "model_fingerprint", "device", "dtype", "threads", "decode_s_per_layer", "decode_s_fixed", "prefill_s_per_layer_token", "head_decode_s", "memory_bytes", "kv_bytes", "bytes_per_param", "serving_start", "serving_end", "version", "weights", "device_name")
+    __slots__ = ("address", "model_fingerprint", "device", "dtype", "threads", "decode_s_per_layer", "decode_s_fixed", "prefill_s_per_layer_token", "head_decode_s", "memory_bytes", "kv_bytes", "bytes_per_param", "serving_start", "serving_end", "version", "weights", "device_name", "kv_block_size", "kv_bytes_per_layer_position")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class StageReport(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_LAYER_POSITION_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_fingerprint: str
     device: str
@@ -42,7 +44,9 @@ class StageReport(_message.Message):
     version: str
     weights: str
     device_name: str
-    def __init__(self, address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., threads: _Optional[int] = ..., decode_s_per_layer: _Optional[float] = ..., decode_s_fixed: _Optional[float] = ..., prefill_s_per_layer_token: _Optional[float] = ..., head_decode_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., bytes_per_param: _Optional[float] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., version: _Optional[str] = ..., weights: _Optional[str] = ..., device_name: _Optional[str] = ...) -> None: ...
+    kv_block_size: int
+    kv_bytes_per_layer_position: int
+    def __init__(self, address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., threads: _Optional[int] = ..., decode_s_per_layer: _Optional[float] = ..., decode_s_fixed: _Optional[float] = ..., prefill_s_per_layer_token: _Optional[float] = ..., head_decode_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., bytes_per_param: _Optional[float] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., version: _Optional[str] = ..., weights: _Optional[str] = ..., device_name: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_bytes_per_layer_position: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("plan_version", "start_layer", "end_layer")
@@ -71,7 +75,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, stage_id: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("stage_id", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "decode_steps", "decode_seconds", "weight_bytes", "resident_bytes", "device_memory_used", "device_memory_total")
+    __slots__ = ("stage_id", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "decode_steps", "decode_seconds", "weight_bytes", "resident_bytes", "device_memory_used", "device_memory_total", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVING_START_FIELD_NUMBER: _ClassVar[int]
     SERVING_END_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +88,9 @@ class HeartbeatRequest(_message.Message):
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     serving_start: int
     serving_end: int
@@ -96,7 +103,10 @@ class HeartbeatRequest(_message.Message):
     resident_bytes: int
     device_memory_used: int
     device_memory_total: int
-    def __init__(self, stage_id: _Optional[str] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ...) -> None: ...
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    def __init__(self, stage_id: _Optional[str] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("assignment",)
@@ -137,7 +147,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage_id", "report", "assignment", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "seconds_since_heartbeat", "predicted_decode_s", "replica", "load_factor", "weight_bytes", "resident_bytes", "device_memory_used", "device_memory_total")
+    __slots__ = ("stage_id", "report", "assignment", "serving_start", "serving_end", "ready", "open_sessions", "kv_bytes_used", "seconds_since_heartbeat", "predicted_decode_s", "replica", "load_factor", "weight_bytes", "resident_bytes", "device_memory_used", "device_memory_total", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +164,9 @@ class StageStatus(_message.Message):
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     report: StageReport
     assignment: Assignment
@@ -170,7 +183,10 @@ class StageStatus(_message.Message):
     resident_bytes: int
     device_memory_used: int
     device_memory_total: int
-    def __init__(self, stage_id: _Optional[str] = ..., report: _Optional[_Union[StageReport, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., predicted_decode_s: _Optional[float] = ..., replica: _Optional[bool] = ..., load_factor: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ...) -> None: ...
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    def __init__(self, stage_id: _Optional[str] = ..., report: _Optional[_Union[StageReport, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., serving_start: _Optional[int] = ..., serving_end: _Optional[int] = ..., ready: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., predicted_decode_s: _Optional[float] = ..., replica: _Optional[bool] = ..., load_factor: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("model_name", "num_layers", "stages", "plan_version", "predicted_bottleneck_s", "predicted_total_s", "route", "problem")
