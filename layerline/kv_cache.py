@@ -132,6 +132,11 @@ class KVCache:
     def close(self) -> None:
         pass
 
+    promised = 0  # blocks promised to steps (a paged cache's; none here)
+
+    def end_promise(self, unused: int) -> None:
+        pass
+
     def note_tokens(
         self, rows: list[int], tokens: torch.Tensor | None, positions: torch.Tensor | list[list[int]]
     ) -> None:

@@ -86,6 +86,7 @@ class BlockPool:
         self._key: dict[int, bytes] = {}  # sealed block -> key
         self.lock = threading.Lock()
         self.hits = 0  # positions found in the prefix index
+        self.reserved = 0  # blocks promised to admitted steps (`reserve`), not taken yet
 
     @classmethod
     def for_budget(cls, num_layers: int, num_kv_heads: int, head_dim: int, budget_bytes: int, **kw) -> BlockPool:
@@ -115,18 +116,36 @@ class BlockPool:
 
     @property
     def available_blocks(self) -> int:
-        """Blocks a session can take now: free ones and cached ones (the least recently used cached go first)."""
-        return len(self._free) + len(self._cached)
+        """Blocks a step can be promised now: free ones and cached ones (the least recently used cached go first),
+        less those promised to admitted steps already."""
+        return len(self._free) + len(self._cached) - self.reserved
+
+    def reserve(self, cache: PagedCache, n: int) -> bool:
+        """Promise `n` blocks to `cache`'s next step (taken by its forward, the rest given back after it, or when
+        the cache closes); False when fewer are available."""
+        with self.lock:
+            if n > len(self._free) + len(self._cached) - self.reserved:
+                return False
+            self.reserved += n
+            cache._promised += n
+            return True
 
     def describe(self) -> str:
         return (
             f"{self.num_blocks} blocks of {self.block_size} positions ({self.num_blocks * self.block_bytes} bytes, "
             f"--kv-cache-bytes): {self.used_blocks} in use, {self.cached_blocks} cached, {self.free_blocks} free"
+            + (f", {self.reserved} of them promised to steps already admitted" if self.reserved else "")
         )
 
     # -- blocks (callers hold self.lock) --
 
-    def _take(self) -> int:
+    def _take(self, cache: PagedCache | None = None) -> int:
+        """A block for `cache` (from its promise when it holds one, else only if none is promised to others)."""
+        if cache is not None and cache._promised:
+            cache._promised -= 1
+            self.reserved -= 1
+        elif len(self._free) + len(self._cached) <= self.reserved:
+            raise ResourceExhaustedError(f"the stage's KV cache is full: {self.describe()}")
         if self._free:
             blk = self._free.pop()
             if not self._touched[blk]:
@@ -198,6 +217,7 @@ class PagedCache:
         self._rows = threading.RLock()  # the tables: a prefix attached on the event loop, steps on the compute thread
         self._active = 0
         self._closed = False
+        self._promised = 0  # blocks the pool promised this cache's next step (BlockPool.reserve)
 
     @property
     def rows(self) -> int:
@@ -241,11 +261,24 @@ class PagedCache:
     def _release(self) -> None:
         with self._rows:
             with self.pool.lock:
+                self.pool.reserved -= self._promised
+                self._promised = 0
                 for table in self.tables:
                     for blk in table:
                         self.pool._let_go(blk)
                     table.clear()
             self.lengths = [0] * self.rows
+
+    @property
+    def promised(self) -> int:
+        return self._promised
+
+    def end_promise(self, unused: int) -> None:
+        """After a step's forward: `unused` blocks promised to it that it did not take go back."""
+        with self.pool.lock:
+            unused = min(unused, self._promised)
+            self.pool.reserved -= unused
+            self._promised -= unused
 
     # -- rows --
 
@@ -327,7 +360,7 @@ class PagedCache:
                         for i in range(old // P, min(len(table), -(-n // P))):  # blocks the new positions write into
                             blk = table[i]
                             if pool.refs[blk] > 1:
-                                fresh = pool._take()
+                                fresh = pool._take(self)
                                 pool._copy(blk, fresh)
                                 pool._let_go(blk)
                                 table[i] = fresh
@@ -335,7 +368,7 @@ class PagedCache:
                                 pool._unseal(blk)
                             del self.keys[r][i:]
                         while len(table) * P < n:
-                            table.append(pool._take())
+                            table.append(pool._take(self))
                             taken.append((r, table[-1]))
                 except ResourceExhaustedError:
                     for r, blk in reversed(taken):

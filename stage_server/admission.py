@@ -35,6 +35,7 @@ class WorkItem:
     follow_address: str = ""
     admitted: float = 0.0  # perf_counter() when the step was admitted (the step latency histogram)
     position_rows: list[list[int]] | None = None  # positions as lists, for a small step (plain Python is faster)
+    kv_promised: int = 0  # paged cache blocks promised to the step at admission (stage_server/kv.py)
 
 
 def sampling_from_wire(msg: stage_pb2.SamplingParams) -> SamplingParams:

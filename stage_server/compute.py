@@ -60,7 +60,13 @@ class StepCompute:
             with contextlib.ExitStack() as held:
                 for _, _, cache, _ in parts:
                     held.enter_context(cache.in_use())
-                outs = batch[0].session.model.forward_many(parts, last_only=batch[0].step.sample)
+                before = [cache.promised for _, _, cache, _ in parts]
+                try:
+                    outs = batch[0].session.model.forward_many(parts, last_only=batch[0].step.sample)
+                finally:
+                    for it, (_, _, cache, _), b in zip(batch, parts, before, strict=True):
+                        cache.end_promise(it.kv_promised - (b - cache.promised))
+                        it.kv_promised = 0
                 for it, (_, _, cache, _) in zip(batch, parts, strict=True):
                     cache.note_tokens(it.rows, it.tokens, it.position_rows or it.positions)
         except Exception:
@@ -90,7 +96,12 @@ class StepCompute:
                     if session.sampler is not None:
                         del session.sampler.history[r][step.truncate :]
             last_only = step.sample and item.targets is None
-            out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
+            before = cache.promised
+            try:
+                out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
+            finally:  # the blocks promised to the step and not taken go back
+                cache.end_promise(item.kv_promised - (before - cache.promised))
+                item.kv_promised = 0
             cache.note_tokens(
                 item.rows, item.tokens, item.position_rows or item.positions
             )  # the prefix index seals the full blocks

@@ -101,39 +101,46 @@ class StageKV:
 
     @staticmethod
     def blocks_needed(session: Session, item: WorkItem) -> int:
-        """Blocks the step's new positions may take beyond what the rows hold (steps of the session still queued
-        included, so it is an upper bound)."""
+        """Blocks the step's new positions may take beyond what the rows hold, a copy of a shared block they write
+        into included (steps of the session still queued are counted again: an upper bound)."""
         cache = session.cache
         if not isinstance(cache, PagedCache):
             return 0
-        P = cache.pool.block_size
+        P, refs = cache.pool.block_size, cache.pool.refs
         top = item.positions.max(dim=1).values.tolist()
         need = 0
         for r, p in zip(item.rows, top, strict=True):
-            if p >= 0:
-                need += max(0, -(-(p + 1) // P) - len(cache.tables[r]))
+            if p < 0:
+                continue
+            table = cache.tables[r]
+            need += max(0, -(-(p + 1) // P) - len(table))
+            at = cache.lengths[r] // P
+            if at < len(table) and refs[table[at]] > 1:
+                need += 1
         return need
 
     async def wait_for_blocks(self, item: WorkItem) -> None:
-        """Return once the pool has the blocks the step needs, or raise ResourceExhaustedError after
-        --kv-wait-ms."""
+        """Promise the step the blocks it needs (the compute thread's forward takes them), waiting up to
+        --kv-wait-ms for them; then ResourceExhaustedError naming the budget."""
         cache = item.session.cache
         if not isinstance(cache, PagedCache):
             return
         need = self.blocks_needed(item.session, item)
         pool = cache.pool
-        if need <= pool.available_blocks:
+        if not need or pool.reserve(cache, need):
+            item.kv_promised = need
             return
         self.waits += 1
         deadline = self.clock() + self.config.kv_wait_s
-        while need > pool.available_blocks:
+        while not pool.reserve(cache, need):
             if self.clock() >= deadline or item.session.closed:
                 self.refused += 1
                 raise ResourceExhaustedError(
-                    f"the step needs {need} more KV blocks and none came free in {self.config.kv_wait_s:g} s "
-                    f"(--kv-wait-ms): {pool.describe()}"
+                    f"the stage's KV cache is full: the step needs {need} more blocks and they did not come free "
+                    f"in {self.config.kv_wait_s:g} s (--kv-wait-ms); {pool.describe()}"
                 )
             await asyncio.sleep(POLL_S)
+        item.kv_promised = need
 
     # -- prefixes --
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from layerline.client import AsyncClient, ClientConfig, RPCError
 from layerline.local_cluster import LocalCluster
@@ -29,10 +30,17 @@ def info(address: str) -> stage_pb2.StageInfo:
         return stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
 
 
-def test_more_sessions_than_the_budget_holds_are_refused_and_the_admitted_are_exact(tiny_checkpoint):
+@pytest.mark.parametrize("cache", ["contiguous", "paged"])
+def test_more_sessions_than_the_budget_holds_are_refused_and_the_admitted_are_exact(tiny_checkpoint, cache):
+    """Contiguous: a session reserves its max_length at open, and those past the budget are refused there. Paged:
+    a quarter of the budget is 10 blocks of 16 positions (one is the null block), a session's 15 positions take
+    one, and with --kv-wait-ms 0 the steps that find no block are refused."""
     folder, ref = tiny_checkpoint(SPEC)
     expected = hf_greedy(ref, PROMPT, 8)
-    args = ["--kv-cache-bytes", str(BUDGET)]
+    if cache == "contiguous":
+        args = ["--kv-cache-bytes", str(BUDGET), "--kv-block-size", "0"]
+    else:
+        args = ["--kv-cache-bytes", str(BUDGET // 4), "--kv-wait-ms", "0"]
     with LocalCluster(folder, [(0, 1), (1, 2)], threads=1, extra_args=args) as cluster:
 
         async def one(client: AsyncClient, hold: asyncio.Event) -> list[int] | RPCError:
@@ -54,11 +62,15 @@ def test_more_sessions_than_the_budget_holds_are_refused_and_the_admitted_are_ex
         outcomes = asyncio.run(asyncio.wait_for(run(), 120))
         admitted = [o for o in outcomes if not isinstance(o, RPCError)]
         refused = [o for o in outcomes if isinstance(o, RPCError)]
-        assert 1 <= len(admitted) <= 10 and len(admitted) + len(refused) == 40
+        assert 1 <= len(admitted) and len(admitted) + len(refused) == 40 and refused
+        if cache == "contiguous":
+            assert len(admitted) <= 10
         assert all(o == expected for o in admitted)
-        assert all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "free" in e.details for e in refused), refused[:2]
+        said = "free" if cache == "contiguous" else "KV cache is full"
+        assert all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and said in e.details for e in refused), refused[:2]
         assert all(p.poll() is None for p in cluster.processes)
         assert all(info(a).open_sessions == 0 and info(a).kv_bytes_used == 0 for a in cluster.route)
+        assert all(info(a).kv_blocks_used == 0 for a in cluster.route)
 
 
 def test_a_thousand_sessions_and_a_thousand_cancellations_leave_memory_as_it_was(tiny_checkpoint):

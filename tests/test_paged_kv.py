@@ -278,3 +278,21 @@ def test_block_tables_never_share_a_block_that_is_written(stage):
 def test_the_contiguous_cache_is_unchanged(stage):
     cache = stage.new_cache(1, 8)
     assert isinstance(cache, KVCache) and cache.nbytes == KVCache.bytes_needed(4, 1, 2, stage.config.head_dim, 8, 4)
+
+
+def test_blocks_promised_to_a_step_are_not_taken_by_another(stage):
+    """A stage promises an admitted step its blocks (stage_server/kv.py): another session's step cannot take them,
+    and what the step does not use goes back."""
+    pool = pool_for(stage, blocks=5, block_size=4)  # 4 usable
+    a, b = pool.new_cache(1, 64), pool.new_cache(1, 64)
+    assert pool.reserve(a, 3) and not pool.reserve(b, 2) and pool.available_blocks == 1
+    with pytest.raises(ResourceExhaustedError):
+        stage(ids(8, 1), cache=b)  # 2 blocks, and only 1 is not promised
+    assert b.blocks == 0 and pool.free_blocks == 4  # the refused step took nothing
+    stage(ids(8, 2), cache=a)  # takes 2 of its 3
+    assert a.promised == 1 and pool.reserved == 1
+    a.end_promise(1)
+    assert a.promised == 0 and pool.reserved == 0 and pool.available_blocks == 2
+    assert pool.reserve(b, 2)
+    b.close()  # a closed cache's promise goes back too
+    assert pool.reserved == 0 and pool.available_blocks == 2
