@@ -35,7 +35,10 @@ class ForwardPlan:
     new_lengths: list[int] = field(default_factory=list)
     cache_rows: list[int] = field(default_factory=list)
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [B|1, 1, T, S] bool
-    gather: torch.Tensor | None = None  # a paged cache's: the slot of each key position a row sees [B, S]
+    source: torch.Tensor | None = None  # a paged cache's: the positions as given (CPU, -1 = padding)
+    # a paged cache's, made at the first update: (batch idx, column idx, block, offset) of each position written
+    # [N], and the blocks each row reads [B, nblk]
+    paged: tuple[torch.Tensor, ...] | None = None
 
 
 class KVCache:

@@ -2,7 +2,7 @@
 a session grows and given back the moment it shrinks or closes, so a session's `max_length` is a bound that is
 checked, not memory that is reserved.
 
-`BlockPool` holds every block of a stage's layers: k, v [L, N, P, Hkv, D] (one block is P positions of every
+`BlockPool` holds every block of a stage's layers: k, v [L, N, Hkv, P, D] (one block is P positions of every
 layer, so a position's K/V is one block id and an offset whatever the layer), a reference count per block, and the
 prefix index: a full block whose tokens are known is sealed under a key chained from the keys of the blocks before
 it (the same tokens from position 0, in the same scope, give the same key). A sealed block can be shared by many
@@ -65,7 +65,9 @@ class BlockPool:
             raise ValueError(f"a block pool needs blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
         if num_blocks < 2:
             raise ValueError(f"a block pool needs at least 2 blocks (one is the null block), got {num_blocks}")
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # a block's positions of one head side by side, as in a contiguous cache: attention reads a head's keys a
+        # block at a time
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
         # Slots past a row's length are read (and masked) in attention, so they must hold no NaN: a block is zeroed
         # when first taken, and block 0, never handed out, is the zeros a row shorter than its batch reads. Not
         # zeros() for the whole pool: on the CPU untouched pages then cost no memory until sessions need them.
@@ -76,9 +78,7 @@ class BlockPool:
         self.block_size, self.num_blocks = block_size, num_blocks - 1  # usable blocks
         self.block_bytes = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
         self.budget_bytes = budget_bytes if budget_bytes is not None else num_blocks * self.block_bytes
-        # per layer, the blocks' slots as one axis: [N * P, Hkv, D]
-        self.flat_k = [t.view(num_blocks * block_size, num_kv_heads, head_dim) for t in self.k.unbind(0)]
-        self.flat_v = [t.view(num_blocks * block_size, num_kv_heads, head_dim) for t in self.v.unbind(0)]
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)  # per layer: [N, Hkv, P, D]
         self.refs = [0] * num_blocks
         self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # popped from the end: low ids first
         self._cached: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # unheld sealed blocks, LRU
@@ -218,6 +218,8 @@ class PagedCache:
         self._active = 0
         self._closed = False
         self._promised = 0  # blocks the pool promised this cache's next step (BlockPool.reserve)
+        self._changes = [0] * rows  # per row, counts the changes of its block table
+        self._table_tensors: dict[int, tuple[int, torch.Tensor]] = {}  # row -> (its changes then, its table)
 
     @property
     def rows(self) -> int:
@@ -267,6 +269,7 @@ class PagedCache:
                     for blk in table:
                         self.pool._let_go(blk)
                     table.clear()
+                    self._changes = [c + 1 for c in self._changes]
             self.lengths = [0] * self.rows
 
     @property
@@ -297,6 +300,7 @@ class PagedCache:
                 for blk in self.tables[row][keep:]:
                     self.pool._let_go(blk)
             del self.tables[row][keep:]
+            self._changes[row] += 1
             self.lengths[row] = length
             if self.tokens[row] is not None:
                 del self.tokens[row][length:]
@@ -325,6 +329,7 @@ class PagedCache:
                 pool.hits += len(found) * P
             n = len(found) * P
             self.tables[row], self.keys[row], self.lengths[row] = found, keys, n
+            self._changes[row] += 1
             self.tokens[row] = list(tokens[:n])
             return n
 
@@ -364,12 +369,14 @@ class PagedCache:
                                 pool._copy(blk, fresh)
                                 pool._let_go(blk)
                                 table[i] = fresh
+                                self._changes[r] += 1
                             elif pool.sealed(blk):
                                 pool._unseal(blk)
                             del self.keys[r][i:]
                         while len(table) * P < n:
                             table.append(pool._take(self))
                             taken.append((r, table[-1]))
+                            self._changes[r] += 1
                 except ResourceExhaustedError:
                     for r, blk in reversed(taken):
                         self.tables[r].pop()
@@ -379,17 +386,6 @@ class PagedCache:
             device = pool.k.device
             first = self.lengths[rows[0]]
             start = first if all_valid and all(self.lengths[r] == first for r in rows) else None
-            nblk = -(-longest // P)
-            table = torch.tensor(
-                [self.tables[r][:nblk] + [NULL_BLOCK] * (nblk - len(self.tables[r][:nblk])) for r in rows]
-            )
-            offsets = torch.arange(nblk * P)
-            gather = (table[:, offsets // P] * P + offsets % P)[:, :longest]  # [B, S] slot of each key position
-            if valid is None:
-                valid = positions >= 0
-            b_idx, t_idx = valid.nonzero(as_tuple=True)
-            p = positions[b_idx, t_idx]
-            slots = table[b_idx, p // P] * P + p % P
             plan = ForwardPlan(
                 batch=batch,
                 width=width,
@@ -399,10 +395,10 @@ class PagedCache:
                 row_slice=None,
                 rows=None,
                 start=start,
-                scatter=(b_idx.to(device), t_idx.to(device), slots.to(device)),
+                scatter=None,  # the slots, made by the first update (a decode step on the kernels needs none)
                 new_lengths=new_lengths,
                 cache_rows=rows,
-                gather=gather.to(device),
+                source=positions,
             )
             for w in windows:
                 plan.masks[w] = slot_mask(plan.positions, longest, w, shared=start is not None)
@@ -413,11 +409,30 @@ class PagedCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's k, v [B, Hkv, T, D] of `layer` into the rows' blocks; return all keys/values the
         batch sees, read through the block tables: [B, Hkv, S, D]."""
-        kc, vc = self.pool.flat_k[layer], self.pool.flat_v[layer]  # [N * P, Hkv, D]
-        b_idx, t_idx, slots = plan.scatter  # type: ignore[misc]
-        kc[slots] = k[b_idx, :, t_idx]  # [N, Hkv, D]
-        vc[slots] = v[b_idx, :, t_idx]
-        return kc[plan.gather].transpose(1, 2), vc[plan.gather].transpose(1, 2)
+        kc, vc = self.pool.layer_k[layer], self.pool.layer_v[layer]  # [N, Hkv, P, D]
+        if plan.paged is None:
+            self._slots(plan)
+        b_idx, t_idx, blk, off, table = plan.paged  # type: ignore[misc]
+        kc[blk, :, off] = k[b_idx, :, t_idx]  # [N, Hkv, D]
+        vc[blk, :, off] = v[b_idx, :, t_idx]
+        B, nblk = table.shape
+        Hkv, P, D = kc.shape[1:]
+        keys = kc[table].transpose(1, 2).reshape(B, Hkv, nblk * P, D)[:, :, : plan.kv_len]
+        values = vc[table].transpose(1, 2).reshape(B, Hkv, nblk * P, D)[:, :, : plan.kv_len]
+        return keys, values
+
+    def _slots(self, plan: ForwardPlan) -> None:
+        """Where the plan's positions are written (block and offset of each) and the blocks each row reads, from
+        the block tables as the plan left them."""
+        P, positions, longest = self.pool.block_size, plan.source, plan.kv_len
+        nblk = -(-longest // P)
+        with self._rows:
+            held = [self.tables[r][:nblk] for r in plan.cache_rows]
+        table = torch.tensor([t + [NULL_BLOCK] * (nblk - len(t)) for t in held], dtype=torch.int64)  # [B, nblk]
+        b_idx, t_idx = (positions >= 0).nonzero(as_tuple=True)
+        p = positions[b_idx, t_idx]
+        device = self.pool.k.device
+        plan.paged = tuple(x.to(device) for x in (b_idx, t_idx, table[b_idx, p // P], p % P, table))
 
     def commit(self, plan: ForwardPlan) -> None:
         for r, n in zip(plan.cache_rows, plan.new_lengths, strict=True):
@@ -459,6 +474,9 @@ class PagedCache:
 
     def kv_row(self, row: int) -> tuple[int, int, int, int, int, int, int, torch.Tensor]:
         """(k, v, layer stride, block stride, head stride, slot stride, block size, block table) in elements."""
-        L, N, P, Hkv, D = self.pool.k.shape
-        table = torch.tensor(self.tables[row], dtype=torch.int64)
-        return (self.pool.k.data_ptr(), self.pool.v.data_ptr(), N * P * Hkv * D, P * Hkv * D, D, Hkv * D, P, table)
+        L, N, Hkv, P, D = self.pool.k.shape
+        made = self._table_tensors.get(row)
+        if made is None or made[0] != self._changes[row]:
+            made = self._table_tensors[row] = (self._changes[row], torch.tensor(self.tables[row], dtype=torch.int64))
+        table = made[1]
+        return (self.pool.k.data_ptr(), self.pool.v.data_ptr(), N * Hkv * P * D, Hkv * P * D, P * D, D, P, table)

@@ -230,11 +230,12 @@ def test_block_tables_never_share_a_block_that_is_written(stage):
                     held[blk] += 1
                 if not n:
                     continue
-                slots = torch.tensor([cache.tables[row][p // P] * P + p % P for p in range(n)])
+                blk = torch.tensor([cache.tables[row][p // P] for p in range(n)])
+                off = torch.arange(n) % P
                 for layer in range(L):
-                    got = pool.flat_k[layer][slots][:, 0, 0]
+                    got = pool.k[layer][blk, 0, off, 0]
                     assert got.tolist() == [v * (layer + 1) for v in shadow[row][:n]], (layer, row)
-                    assert pool.flat_v[layer][slots][:, 0, 0].tolist() == [-v for v in shadow[row][:n]]
+                    assert pool.v[layer][blk, 0, off, 0].tolist() == [-v for v in shadow[row][:n]]
         assert held == pool.refs
         assert pool.used_blocks == sum(1 for r in pool.refs if r)
 

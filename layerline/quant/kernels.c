@@ -1283,6 +1283,14 @@ static inline int64_t kv_slot(const ll_kvrow *kv, int64_t layer, int64_t h, int6
            (t % kv->block_size) * kv->slot_stride;
 }
 
+/* The run of slots from t up to `last` that lie in t's block: their count, and the offset of the first (slots of
+   one block are slot_stride apart). Loops walk a row's slots a block at a time. */
+static inline int64_t kv_run(const ll_kvrow *kv, int64_t layer, int64_t h, int64_t t, int64_t last, int64_t *at) {
+    const int64_t in = kv->block_size - t % kv->block_size, left = last - t + 1;
+    *at = kv_slot(kv, layer, h, t);
+    return in < left ? in : left;
+}
+
 /* One (row, kv head) of a decode step's attention in layer `layer`: rotary on k (written to the cache at pos)
    and on the G query heads of this kv head, softmax(q k / sqrt(D)) v over slots [lo, pos] in a fixed order.
    x: the row's projections [(H + 2 Hkv) * D]; c, s: the rotary table at pos; out: the row's [H * D]. */
@@ -1307,9 +1315,12 @@ static void attend_head(const float *x, const float *c, const float *s, const ll
             qr[d] = qn[d] * c[d] + swapped * s[d];
         }
         float m = -INFINITY;
-        for (int64_t t = 0; t < n; t++) {
-            p[t] = dot_f32(qr, kv->k + kv_slot(kv, layer, h, lo + t), D) * scale;
-            m = fmaxf(m, p[t]);
+        for (int64_t t = 0, run, at; t < n; t += run) {
+            run = kv_run(kv, layer, h, lo + t, kv->pos, &at);
+            for (int64_t j = 0; j < run; j++) {
+                p[t + j] = dot_f32(qr, kv->k + at + j * kv->slot_stride, D) * scale;
+                m = fmaxf(m, p[t + j]);
+            }
         }
         float sum = 0.f;
         for (int64_t t = 0; t < n; t++) {
@@ -1318,10 +1329,13 @@ static void attend_head(const float *x, const float *c, const float *s, const ll
         }
         float *o = out + j * D, inv = 1.f / sum;
         for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float *vv = kv->v + kv_slot(kv, layer, h, lo + t);
-            const float w = p[t] * inv;
-            for (int64_t d = 0; d < D; d++) o[d] += w * vv[d];
+        for (int64_t t = 0, run, at; t < n; t += run) {
+            run = kv_run(kv, layer, h, lo + t, kv->pos, &at);
+            for (int64_t j = 0; j < run; j++) {
+                const float *vv = kv->v + at + j * kv->slot_stride;
+                const float w = p[t + j] * inv;
+                for (int64_t d = 0; d < D; d++) o[d] += w * vv[d];
+            }
         }
     }
     if (p != p_stack) free(p);
