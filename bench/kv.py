@@ -96,13 +96,26 @@ def admitted_contiguous(route: list[str]) -> int:
     return asyncio.run(count())
 
 
-async def first_token_seconds(route: list[str], prompt: list[int]) -> float:
-    async with AsyncClient(route) as client:
-        async with client.session(max_length=MAX_LENGTH) as s:
-            began = time.perf_counter()
-            async for _ in s.generate(prompt, max_new_tokens=2, stop_token_ids=[]):
-                return time.perf_counter() - began
+async def first_token_seconds(client: AsyncClient, prompt: list[int]) -> float:
+    async with client.session(max_length=MAX_LENGTH) as s:
+        began = time.perf_counter()
+        async for _ in s.generate(prompt, max_new_tokens=2, stop_token_ids=[]):
+            return time.perf_counter() - began
     raise RuntimeError("no token")
+
+
+async def first_tokens(route: list[str], system: list[int], repeats: int, vocab: int) -> tuple[list, list]:
+    """Time to first token, one client (prefixes are shared within a client key): a new system prompt each
+    time, and the same one, cached by a first session, each followed by a new question; interleaved."""
+    cold, warm = [], []
+    async with AsyncClient(route) as client:
+        await first_token_seconds(client, system + prompts(1, 20, 3, vocab)[0])  # caches it
+        for r in range(repeats):
+            question = prompts(1, 20, 100 + r, vocab)[0]
+            fresh = prompts(1, len(system), 200 + r, vocab)[0]
+            cold.append(await first_token_seconds(client, fresh + question))
+            warm.append(await first_token_seconds(client, system + question))
+    return cold, warm
 
 
 def main() -> None:
@@ -145,19 +158,13 @@ def main() -> None:
         print("sessions", rate_paged, exact, rate_contiguous, exact8, flush=True)
         # 2. time to first token, cached system prompt vs new; interleaved
         system = prompts(1, args.system, 2, vocab)[0]
-        asyncio.run(first_token_seconds(paged.route, system + prompts(1, 20, 3, vocab)[0]))  # caches it
-        cold, warm = [], []
-        for r in range(args.repeats + 2):
-            question = prompts(1, 20, 100 + r, vocab)[0]
-            fresh = prompts(1, args.system, 200 + r, vocab)[0]
-            cold.append(asyncio.run(first_token_seconds(paged.route, fresh + question)))
-            warm.append(asyncio.run(first_token_seconds(paged.route, system + question)))
+        cold, warm = asyncio.run(first_tokens(paged.route, system, args.repeats + 2, vocab))
         ttft_cold, ttft_warm = statistics.median(cold), statistics.median(warm)
         print("ttft", ttft_cold, ttft_warm, flush=True)
         # 3. one session, paged vs contiguous, interleaved
         one = prompts(1, 100, 4, vocab)
         singles: dict[str, list[float]] = {"paged": [], "contiguous": []}
-        for _ in range(args.repeats):
+        for _ in range(3 * args.repeats):
             for name, cluster in (("paged", paged), ("contiguous", contiguous)):
                 singles[name].append(decode_rate(cluster.route, one, 64, 1)[0])
         single_paged, single_contiguous = (statistics.median(singles[k]) for k in ("paged", "contiguous"))
@@ -167,7 +174,8 @@ def main() -> None:
         f"KV cache: {os.path.basename(path)} (blocks as stored), 2 stage servers on 127.0.0.1 (layers "
         f"{ranges[0][0]}:{ranges[0][1]} and {ranges[1][0]}:{ranges[1][1]}), 1 torch thread each, "
         f"--max-batch 64; the same KV budget on both sides, {budget / (1 << 20):.0f} MiB per stage: what 8 sessions "
-        f"of max_length {MAX_LENGTH} reserve. Greedy; medians of {args.repeats} repeats, the two sides interleaved.",
+        f"of max_length {MAX_LENGTH} reserve. Greedy; medians of {args.repeats} repeats ({3 * args.repeats} for one session's decode), the two sides "
+        "interleaved.",
         f"Machine: {benchlib.machine()}.",
         "",
         "| | paged (--kv-block-size 16) | contiguous (--kv-block-size 0) | ratio |",
