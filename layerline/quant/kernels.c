@@ -1283,13 +1283,18 @@ static inline int64_t kv_slot(const ll_kvrow *kv, int64_t layer, int64_t h, int6
            (t % kv->block_size) * kv->slot_stride;
 }
 
-/* The run of slots from t up to `last` that lie in t's block: their count, and the offset of the first (slots of
-   one block are slot_stride apart). Loops walk a row's slots a block at a time. */
-static inline int64_t kv_run(const ll_kvrow *kv, int64_t layer, int64_t h, int64_t t, int64_t last, int64_t *at) {
-    const int64_t in = kv->block_size - t % kv->block_size, left = last - t + 1;
-    *at = kv_slot(kv, layer, h, t);
-    return in < left ? in : left;
-}
+/* Slots lo..pos of one (layer, head) a block at a time: for each block its first slot's address (k or v) and the
+   slots [j0, j1] of it that are in range. */
+#define KV_BLOCKS(kv, store, layer, h, lo, first, j0, j1, body)                                                     \
+    do {                                                                                                           \
+        const int64_t bs_ = (kv)->block_size, b0_ = (lo) / bs_, b1_ = (kv)->pos / bs_;                              \
+        const float *base_ = (store) + (layer) * (kv)->layer_stride + (h) * (kv)->head_stride;                      \
+        for (int64_t b_ = b0_; b_ <= b1_; b_++) {                                                                  \
+            const float *first = base_ + (kv)->table[b_] * (kv)->block_stride;                                      \
+            const int64_t j0 = b_ == b0_ ? (lo) - b0_ * bs_ : 0, j1 = b_ == b1_ ? (kv)->pos - b1_ * bs_ : bs_ - 1;   \
+            body                                                                                                   \
+        }                                                                                                          \
+    } while (0)
 
 /* One (row, kv head) of a decode step's attention in layer `layer`: rotary on k (written to the cache at pos)
    and on the G query heads of this kv head, softmax(q k / sqrt(D)) v over slots [lo, pos] in a fixed order.
@@ -1315,13 +1320,13 @@ static void attend_head(const float *x, const float *c, const float *s, const ll
             qr[d] = qn[d] * c[d] + swapped * s[d];
         }
         float m = -INFINITY;
-        for (int64_t t = 0, run, at; t < n; t += run) {
-            run = kv_run(kv, layer, h, lo + t, kv->pos, &at);
-            for (int64_t j = 0; j < run; j++) {
-                p[t + j] = dot_f32(qr, kv->k + at + j * kv->slot_stride, D) * scale;
-                m = fmaxf(m, p[t + j]);
+        int64_t t = 0;
+        KV_BLOCKS(kv, kv->k, layer, h, lo, kb, j0, j1, {
+            for (int64_t j = j0; j <= j1; j++, t++) {
+                p[t] = dot_f32(qr, kb + j * kv->slot_stride, D) * scale;
+                m = fmaxf(m, p[t]);
             }
-        }
+        });
         float sum = 0.f;
         for (int64_t t = 0; t < n; t++) {
             p[t] = expf(p[t] - m);
@@ -1329,14 +1334,14 @@ static void attend_head(const float *x, const float *c, const float *s, const ll
         }
         float *o = out + j * D, inv = 1.f / sum;
         for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-        for (int64_t t = 0, run, at; t < n; t += run) {
-            run = kv_run(kv, layer, h, lo + t, kv->pos, &at);
-            for (int64_t j = 0; j < run; j++) {
-                const float *vv = kv->v + at + j * kv->slot_stride;
-                const float w = p[t + j] * inv;
+        t = 0;
+        KV_BLOCKS(kv, kv->v, layer, h, lo, vb, j0, j1, {
+            for (int64_t j = j0; j <= j1; j++, t++) {
+                const float *vv = vb + j * kv->slot_stride;
+                const float w = p[t] * inv;
                 for (int64_t d = 0; d < D; d++) o[d] += w * vv[d];
             }
-        }
+        });
     }
     if (p != p_stack) free(p);
 }
