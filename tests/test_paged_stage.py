@@ -210,3 +210,21 @@ def test_bad_prefix_requests_get_a_clear_status_and_the_stage_goes_on(tiny, stag
         assert client.generate(text, max_new_tokens=3, stop_token_ids=[], stream=False).token_ids == hf_greedy(
             ref, text, 3
         )
+
+
+def test_the_conversation_so_far_is_a_cached_prefix_for_a_new_session(tiny, stage_cluster):
+    """A new session that continues a conversation (as each chat completion of an API does) finds the turns before
+    cached, the generated tokens included, and computes only what is new."""
+    folder, ref = tiny
+    route = stage_cluster(folder, RANGES)
+    first = prompt(40, seed=21)
+    with Client(route) as client:
+        answer = client.generate(first, max_new_tokens=30, stop_token_ids=[], stream=False).token_ids
+        second = first + answer + prompt(10, seed=22)
+        before = infos(route)
+        out = client.generate(second, max_new_tokens=5, stop_token_ids=[], stream=False)
+        after = infos(route)
+    assert out.token_ids == hf_greedy(ref, second, 5)
+    # the first session fed 40 + 29 tokens: 4 full blocks of 16, prompt and answer alike, were cached
+    hits = [b.prefix_hit_tokens - a.prefix_hit_tokens for a, b in zip(before, after, strict=True)]
+    assert hits == [64, 64]
