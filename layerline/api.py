@@ -495,6 +495,7 @@ class Api:
 
         tasks = [asyncio.ensure_future(one(*c)) for c in self._choices(req)]
         done = asyncio.ensure_future(asyncio.gather(*tasks, return_exceptions=True))
+        get: asyncio.Future | None = None
         try:
             while True:
                 get = asyncio.ensure_future(events.get())
@@ -522,6 +523,8 @@ class Api:
             # on every stage; the status line is long sent, so there is nothing to answer
             logger.info("%s: the caller left the stream", req.id)
         finally:  # also when aiohttp cancels this handler because the caller disconnected
+            if get is not None:
+                get.cancel()  # not left pending (asyncio would report it destroyed so)
             for t in tasks:
                 if not t.done():
                     t.cancel()

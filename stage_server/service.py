@@ -525,6 +525,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     ) -> AsyncIterator[stage_pb2.PushReply]:
         replies: asyncio.Queue[stage_pb2.PushReply] = asyncio.Queue()
         reader = asyncio.create_task(self._read_steps(request_iterator, replies))
+        get: asyncio.Future | None = None
         try:
             while True:
                 get = asyncio.ensure_future(replies.get())
@@ -536,7 +537,11 @@ class StageService(stage_pb2_grpc.StageServicer):
                 reader.result()  # the sender half-closed: what is queued still gets its replies (not awaited)
                 return
         finally:
+            # also when gRPC cancels the call (the client went, or re-routed): the pending get goes with it, or the
+            # loop would find it destroyed while pending once its queue is collected
             reader.cancel()
+            if get is not None:
+                get.cancel()
 
     async def _read_steps(self, steps: AsyncIterator[stage_pb2.Step], replies: asyncio.Queue) -> None:
         async for step in steps:

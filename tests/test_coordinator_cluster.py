@@ -66,7 +66,7 @@ def equal(tmp_path) -> list[str]:
     return ["--capacity", str(path)]
 
 
-def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, cache_env, equal):
+def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, cache_env, equal, caplog):
     folder, ref = tiny_checkpoint(SPEC)
     expected = hf_greedy(ref, PROMPT, 12)
     with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
@@ -119,6 +119,12 @@ def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, ca
                     assert third.route[0] not in route.addresses
             with Client(coordinator=address) as after:
                 assert after.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False).token_ids == expected
+            # re-plans in normal use log nothing alarming: not in the stages, not in the coordinator, not here
+            for i in range(2):
+                tail = pair.log_tail(i, 400)
+                assert "Task was destroyed" not in tail and "Traceback" not in tail, tail
+        assert "Task was destroyed" not in coordinator.log_tail(100_000)
+    assert not [r for r in caplog.records if "Task was destroyed" in r.getMessage()]
 
 
 def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_checkpoint, cache_env, equal):
