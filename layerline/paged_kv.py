@@ -2,7 +2,7 @@
 a session grows and given back the moment it shrinks or closes, so a session's `max_length` is a bound that is
 checked, not memory that is reserved.
 
-`BlockPool` holds every block of a stage's layers: k, v [L, N, Hkv, P, D] (one block is P positions of every
+`BlockPool` holds every block of a stage's layers: k, v [L, Hkv, N, P, D] (one block is P positions of every
 layer, so a position's K/V is one block id and an offset whatever the layer), a reference count per block, and the
 prefix index: a full block whose tokens are known is sealed under a key chained from the keys of the blocks before
 it (the same tokens from position 0, in the same scope, give the same key). A sealed block can be shared by many
@@ -65,9 +65,9 @@ class BlockPool:
             raise ValueError(f"a block pool needs blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
         if num_blocks < 2:
             raise ValueError(f"a block pool needs at least 2 blocks (one is the null block), got {num_blocks}")
-        # a block's positions of one head side by side, as in a contiguous cache: attention reads a head's keys a
-        # block at a time
-        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        # one head's blocks side by side: a row's blocks, taken in order from a fresh pool, are one run of memory
+        # per head as in a contiguous cache, and attention reads a head's keys a block at a time
+        shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         # Slots past a row's length are read (and masked) in attention, so they must hold no NaN: a block is zeroed
         # when first taken, and block 0, never handed out, is the zeros a row shorter than its batch reads. Not
         # zeros() for the whole pool: on the CPU untouched pages then cost no memory until sessions need them.
@@ -78,7 +78,7 @@ class BlockPool:
         self.block_size, self.num_blocks = block_size, num_blocks - 1  # usable blocks
         self.block_bytes = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
         self.budget_bytes = budget_bytes if budget_bytes is not None else num_blocks * self.block_bytes
-        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)  # per layer: [N, Hkv, P, D]
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)  # per layer: [Hkv, N, P, D]
         self.refs = [0] * num_blocks
         self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # popped from the end: low ids first
         self._cached: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # unheld sealed blocks, LRU
@@ -186,12 +186,12 @@ class BlockPool:
             del self._index[key]
 
     def _zero(self, blk: int) -> None:
-        self.k[:, blk].zero_()
-        self.v[:, blk].zero_()
+        self.k[:, :, blk].zero_()
+        self.v[:, :, blk].zero_()
 
     def _copy(self, src: int, dst: int) -> None:
-        self.k[:, dst].copy_(self.k[:, src])
-        self.v[:, dst].copy_(self.v[:, src])
+        self.k[:, :, dst].copy_(self.k[:, :, src])
+        self.v[:, :, dst].copy_(self.v[:, :, src])
 
     def sealed(self, blk: int) -> bool:
         return blk in self._key
@@ -278,6 +278,8 @@ class PagedCache:
 
     def end_promise(self, unused: int) -> None:
         """After a step's forward: `unused` blocks promised to it that it did not take go back."""
+        if unused <= 0 or not self._promised:
+            return
         with self.pool.lock:
             unused = min(unused, self._promised)
             self.pool.reserved -= unused
@@ -409,16 +411,16 @@ class PagedCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's k, v [B, Hkv, T, D] of `layer` into the rows' blocks; return all keys/values the
         batch sees, read through the block tables: [B, Hkv, S, D]."""
-        kc, vc = self.pool.layer_k[layer], self.pool.layer_v[layer]  # [N, Hkv, P, D]
+        kc, vc = self.pool.layer_k[layer], self.pool.layer_v[layer]  # [Hkv, N, P, D]
         if plan.paged is None:
             self._slots(plan)
         b_idx, t_idx, blk, off, table = plan.paged  # type: ignore[misc]
-        kc[blk, :, off] = k[b_idx, :, t_idx]  # [N, Hkv, D]
-        vc[blk, :, off] = v[b_idx, :, t_idx]
+        kc[:, blk, off] = k[b_idx, :, t_idx].transpose(0, 1)  # [Hkv, n, D]
+        vc[:, blk, off] = v[b_idx, :, t_idx].transpose(0, 1)
         B, nblk = table.shape
-        Hkv, P, D = kc.shape[1:]
-        keys = kc[table].transpose(1, 2).reshape(B, Hkv, nblk * P, D)[:, :, : plan.kv_len]
-        values = vc[table].transpose(1, 2).reshape(B, Hkv, nblk * P, D)[:, :, : plan.kv_len]
+        Hkv, _, P, D = kc.shape
+        keys = kc[:, table].transpose(0, 1).reshape(B, Hkv, nblk * P, D)[:, :, : plan.kv_len]
+        values = vc[:, table].transpose(0, 1).reshape(B, Hkv, nblk * P, D)[:, :, : plan.kv_len]
         return keys, values
 
     def _slots(self, plan: ForwardPlan) -> None:
@@ -474,9 +476,9 @@ class PagedCache:
 
     def kv_row(self, row: int) -> tuple[int, int, int, int, int, int, int, torch.Tensor]:
         """(k, v, layer stride, block stride, head stride, slot stride, block size, block table) in elements."""
-        L, N, Hkv, P, D = self.pool.k.shape
+        L, Hkv, N, P, D = self.pool.k.shape
         made = self._table_tensors.get(row)
         if made is None or made[0] != self._changes[row]:
             made = self._table_tensors[row] = (self._changes[row], torch.tensor(self.tables[row], dtype=torch.int64))
         table = made[1]
-        return (self.pool.k.data_ptr(), self.pool.v.data_ptr(), N * Hkv * P * D, Hkv * P * D, P * D, D, P, table)
+        return (self.pool.k.data_ptr(), self.pool.v.data_ptr(), Hkv * N * P * D, P * D, N * P * D, D, P, table)

@@ -107,7 +107,8 @@ class StageKV:
         if not isinstance(cache, PagedCache):
             return 0
         P, refs = cache.pool.block_size, cache.pool.refs
-        top = item.positions.max(dim=1).values.tolist()
+        rows = item.position_rows  # a small step's positions as lists: cheaper than a reduction
+        top = [max(r) for r in rows] if rows is not None else item.positions.max(dim=1).values.tolist()
         need = 0
         for r, p in zip(item.rows, top, strict=True):
             if p < 0:

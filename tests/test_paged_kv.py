@@ -233,9 +233,9 @@ def test_block_tables_never_share_a_block_that_is_written(stage):
                 blk = torch.tensor([cache.tables[row][p // P] for p in range(n)])
                 off = torch.arange(n) % P
                 for layer in range(L):
-                    got = pool.k[layer][blk, 0, off, 0]
+                    got = pool.k[layer][0, blk, off, 0]
                     assert got.tolist() == [v * (layer + 1) for v in shadow[row][:n]], (layer, row)
-                    assert pool.v[layer][blk, 0, off, 0].tolist() == [-v for v in shadow[row][:n]]
+                    assert pool.v[layer][0, blk, off, 0].tolist() == [-v for v in shadow[row][:n]]
         assert held == pool.refs
         assert pool.used_blocks == sum(1 for r in pool.refs if r)
 
