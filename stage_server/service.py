@@ -477,6 +477,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             self.kv.used_bytes,
             {},
         )
+        if self.model is not None and self.kv.paged:
+            self.kv.pool(self.model)  # the figures of the pool new sessions get, made now if none was opened yet
         blocks, used, cached, hits = self.kv.blocks()
         yield ("layerline_stage_kv_blocks", "KV cache blocks (paged cache)", "gauge", used, {"state": "used"})
         yield ("layerline_stage_kv_blocks", "", "gauge", cached, {"state": "cached"})

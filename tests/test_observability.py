@@ -68,6 +68,12 @@ def test_stage_metrics_count_what_happened(stages):
         assert (a['layerline_stage_layers{bound="start"}'], a['layerline_stage_layers{bound="end"}']) == (start, end)
         assert a["layerline_stage_open_sessions"] == 0 and a["layerline_stage_kv_bytes_used"] == 0
         assert a["layerline_stage_kv_bytes_budget"] > 0 and a["layerline_stage_queue_depth"] == 0
+        # the paged cache: nothing held now; the session's full blocks (the first generation here) stay cached
+        blocks = {s: a[f'layerline_stage_kv_blocks{{state="{s}"}}'] for s in ("used", "cached", "free")}
+        was = {s: b[f'layerline_stage_kv_blocks{{state="{s}"}}'] for s in ("used", "cached", "free")}
+        assert blocks["used"] == 0 and blocks["cached"] - was["cached"] == (len(PROMPT) + 9) // 16
+        assert sum(blocks.values()) == sum(was.values()) > 0
+        assert a["layerline_stage_prefix_hit_tokens_total"] == 0
     # errors, by status code: a session opened without a client key, and a step for a session that is not there
     with grpc.insecure_channel(cluster.route[1]) as channel:
         stub = stage_pb2_grpc.StageStub(channel)
