@@ -90,25 +90,33 @@ def test_half_the_cpu_gets_about_half_the_layers_and_the_plan_follows_changes(ti
             address = coordinator.address
             with LocalCluster(folder, [None], coordinator=address, threads=1, env=env) as fast:
                 argv = LocalCluster(folder, [None], coordinator=address, threads=1).command(None)
-                slow, _ = start_in_cgroup(argv, quota, env)
 
                 def split() -> tuple[int, int] | None:
                     layers = layers_by_address(address)
-                    if len(layers) < 2 or sum(layers.values()) != SPEC.layers:
+                    if len(layers) != 2 or sum(layers.values()) != SPEC.layers:
                         return None
                     fast_layers = layers.pop(fast.route[0])
                     return fast_layers, next(iter(layers.values()))
 
-                fast_layers, slow_layers = wait_for(split, 120, "a plan over both stages")
-                reports = {a: s.report for a, s in stages_by_address(address).items()}
-                fast_report = reports.pop(fast.route[0])
-                slow_report = next(iter(reports.values()))
-                slowdown = slow_report.decode_s_per_layer / fast_report.decode_s_per_layer
-                what = f"split (fast, slow) {(fast_layers, slow_layers)}, measured slowdown {slowdown:.2f}x"
                 # the quota shows in what the stage measured (on this project's VMs half a core costs 2.2-3.5x, not
-                # 2x: a throttled vCPU comes back to cold caches), and the plan follows the measurement: the layers
-                # split in inverse proportion to the measured time per layer, give or take the rounding and the
-                # last stage's LM head
+                # 2x: a throttled vCPU comes back to cold caches). A measurement is a few seconds of timing on a
+                # machine other work shares, so a stage that measured itself no slower than the other (the other
+                # was slowed meanwhile) is started again to measure anew, twice at most.
+                for attempt in range(3):
+                    slow, _ = start_in_cgroup(argv + (["--remeasure"] if attempt else []), quota, env)
+                    fast_layers, slow_layers = wait_for(split, 120, "a plan over both stages")
+                    reports = {a: s.report for a, s in stages_by_address(address).items()}
+                    fast_report = reports.pop(fast.route[0])
+                    slow_report = next(iter(reports.values()))
+                    slowdown = slow_report.decode_s_per_layer / fast_report.decode_s_per_layer
+                    if slowdown >= 1.5 or attempt == 2:
+                        break
+                    slow.terminate()
+                    slow.wait(timeout=15)
+                    wait_for(lambda: len(layers_by_address(address)) == 1, 60, "the restarted stage dropped")
+                what = f"split (fast, slow) {(fast_layers, slow_layers)}, measured slowdown {slowdown:.2f}x"
+                # and the plan follows the measurement: the layers split in inverse proportion to the measured time
+                # per layer, give or take the rounding and the last stage's LM head
                 assert slowdown >= 1.5, what
                 assert slow_layers < fast_layers, what
                 assert abs(slow_layers - SPEC.layers / (1 + slowdown)) <= 1.5, what
