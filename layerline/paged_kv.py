@@ -269,7 +269,7 @@ class PagedCache:
                     for blk in table:
                         self.pool._let_go(blk)
                     table.clear()
-                    self._changes = [c + 1 for c in self._changes]
+                self._changes = [c + 1 for c in self._changes]
             self.lengths = [0] * self.rows
 
     @property

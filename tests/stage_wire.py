@@ -39,6 +39,19 @@ def first_step(session_id: str, ids: list[int], start: int = 0, sample: bool = T
 # ---- connections -------------------------------------------------------------------------------------------------
 
 
+def infos(route: list[str]) -> list[stage_pb2.StageInfo]:
+    """Each stage's Info, in route order (from synchronous test code)."""
+
+    async def all_infos():
+        out = []
+        for a in route:
+            async with grpc.aio.insecure_channel(a) as ch:
+                out.append(await stage_pb2_grpc.StageStub(ch).Info(stage_pb2.InfoRequest(), timeout=10))
+        return out
+
+    return asyncio.run(all_infos())
+
+
 @contextlib.asynccontextmanager
 async def connect(route: list[str]):
     """Raw stubs for the stages of a route."""

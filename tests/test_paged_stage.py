@@ -11,9 +11,10 @@ import threading
 import grpc
 import pytest
 import torch
+from stage_wire import infos
 
 from layerline.client import AsyncClient, Client, ClientConfig, RPCError
-from layerline.v1 import stage_pb2, stage_pb2_grpc
+from layerline.v1 import stage_pb2
 from tiny_models import TinySpec, hf_greedy
 
 SPEC = TinySpec("llama", layers=4, kv_heads=2)
@@ -25,17 +26,6 @@ PER_POSITION = 2 * 2 * 2 * 16 * 4
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
     return tiny_checkpoint(SPEC)
-
-
-def infos(route: list[str]) -> list[stage_pb2.StageInfo]:
-    async def all_infos():
-        out = []
-        for a in route:
-            async with grpc.aio.insecure_channel(a) as ch:
-                out.append(await stage_pb2_grpc.StageStub(ch).Info(stage_pb2.InfoRequest(), timeout=10))
-        return out
-
-    return asyncio.run(all_infos())
 
 
 def prompt(n: int, seed: int) -> list[int]:

@@ -11,6 +11,7 @@ import zlib
 import grpc
 import pytest
 import torch
+from stage_wire import infos
 
 import layerline.client.aio as client_aio
 from layerline.client import AsyncClient, Client, RPCError
@@ -39,17 +40,6 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [
         torch.randint(3, 300, (int(torch.randint(1, 30, (), generator=g)),), generator=g).tolist() for _ in range(n)
     ]
-
-
-def infos(route: list[str]) -> list[stage_pb2.StageInfo]:
-    async def all_infos():
-        out = []
-        for a in route:
-            async with grpc.aio.insecure_channel(a) as ch:
-                out.append(await stage_pb2_grpc.StageStub(ch).Info(stage_pb2.InfoRequest(), timeout=10))
-        return out
-
-    return asyncio.run(all_infos())
 
 
 def wait_until_free(route: list[str], timeout: float = 5.0) -> list[stage_pb2.StageInfo]:
