@@ -25,6 +25,7 @@ import grpc
 from layerline.client.errors import RPCError
 from layerline.client.types import INVALID, Generation, Link, Options, Piece
 from layerline.grpc_status import code_from_int
+from layerline.speculate import AdaptiveK, ngram_propose
 from layerline.text_stream import TextStream
 from layerline.v1 import stage_pb2, tensor_pb2
 from layerline.wire_format import int64_rows
@@ -69,6 +70,9 @@ class AsyncSession:
         self._closed = False
         self._busy = asyncio.Lock()
         self._chunk = 1
+        self._spill = False  # the stages' caches may hold positions past `fed` (proposals of speculative decoding)
+        self.drafted = 0  # proposals this session's client loop sent (speculative decoding) ...
+        self.accepted = 0  # ... and the last stage accepted
 
     async def __aenter__(self) -> AsyncSession:
         await self.open()
@@ -187,7 +191,7 @@ class AsyncSession:
         self.ids, self._push, self._sub, self._tasks = [], None, None, []
         self._events = asyncio.Queue()
         self._inflight, self._looping, self._halting = None, False, None
-        self.fed = 0
+        self.fed, self._spill = 0, False
         links = await self.client.move(error, old, what, len(self.history))
         await self._open_on(links)
         self.failovers += 1
@@ -283,7 +287,9 @@ class AsyncSession:
             decoder = tok.stream_decoder(skip_special_tokens=True) if tok else None
             stream = TextStream(decoder, opts.stop, stop_ids)
             out_ids: list[int] = []
-            seq = token = 0
+            run: list[int] = []  # the tokens the last step (or loop round) gave, not streamed yet
+            seq = 0
+            adaptive = AdaptiveK(fixed=opts.speculate_k) if opts.speculate and self.rows == 1 else None
             self.phase = Phase.FEEDING
             try:
                 while self.phase is not Phase.DONE:
@@ -291,23 +297,31 @@ class AsyncSession:
                         if self.phase is Phase.FEEDING:  # what the caches lack; the last chunk samples
                             seq = await self._feed(opts, len(out_ids), stop_ids, truncate)
                             truncate = None
-                            token = await self._next_token(seq)
+                            run = await self._next_tokens(seq)
                             self.phase = Phase.STREAMING
-                        out_ids.append(token)  # STREAMING: one token per turn
-                        self.history.append(token)
-                        at_limit = len(out_ids) >= opts.max_new_tokens or len(self.history) - 1 >= self.max_length  # type: ignore[operator]
-                        text = stream.push(token, at_limit)
-                        yield Piece(token, text, stream.finish_reason or "")
-                        if stream.finish_reason:
-                            self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
-                            self.phase = Phase.DONE
+                        for token in run:  # STREAMING: each token as it is known
+                            out_ids.append(token)
+                            self.history.append(token)
+                            at_limit = len(out_ids) >= opts.max_new_tokens or len(self.history) - 1 >= self.max_length  # type: ignore[operator]
+                            text = stream.push(token, at_limit)
+                            yield Piece(token, text, stream.finish_reason or "")
+                            if stream.finish_reason:
+                                self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
+                                self.phase = Phase.DONE
+                                break
+                        if self.phase is Phase.DONE:
                             break
-                        if not self._looping:  # feed the token back ourselves (no server loop, or it ended)
-                            loop = self._loop(opts.max_new_tokens - len(out_ids), stop_ids)
-                            seq = await self._send([token], self.fed, sample=True, loop=loop)
-                            self.fed += 1
-                            self._inflight, self._looping = seq, loop is not None
-                        token = await self._next_token(seq)
+                        run = []
+                        if self._looping:
+                            run = await self._next_tokens(seq)
+                        else:  # feed the token back ourselves (no server loop, or it ended), with proposals
+                            seq, drafts = await self._step_on(opts, len(out_ids), stop_ids, adaptive)
+                            run = await self._next_tokens(seq)
+                            if drafts:
+                                self.fed += len(run) - 1  # the accepted proposals are in the caches
+                                self.drafted += drafts
+                                self.accepted += len(run) - 1
+                                adaptive.update(drafts, len(run) - 1)  # type: ignore[union-attr]
                     except RPCError as e:
                         await move(e)
                         truncate = None
@@ -316,16 +330,42 @@ class AsyncSession:
                 if self._looping and self._halting is None and not self._closed:  # a stop string, or the caller left
                     self._halting = asyncio.ensure_future(self._halt())
 
-    def _loop(self, remaining: int, stop_ids: Sequence[int]) -> stage_pb2.Loop | None:
-        """The server loop for the rest of a generation (None: this client feeds the tokens back itself)."""
+    async def _step_on(
+        self, opts: Options, drawn: int, stop_ids: Sequence[int], adaptive: AdaptiveK | None
+    ) -> tuple[int, int]:
+        """The client loop's next step: the last token, and with speculation prompt lookup's proposals after it
+        (never more than the tokens still to generate, nor past max_length). Returns its seq and the proposals."""
+        remaining = opts.max_new_tokens - drawn
+        truncate = self.fed if self._spill else None  # the previous step's rejected proposals go first
+        self._spill = False
+        loop = self._loop(remaining, stop_ids, opts)
+        drafts: list[int] = []
+        if adaptive is not None and loop is None:
+            k = min(adaptive.k, remaining - 1, self.max_length - self.fed - 2)  # type: ignore[operator]
+            drafts = ngram_propose(self.history, k) if k > 0 else []
+        seq = await self._send(
+            [self.history[-1], *drafts], self.fed, sample=True, truncate=truncate, loop=loop, drafts=len(drafts)
+        )
+        self._spill = self._spill or bool(drafts)
+        self.fed += 1
+        self._inflight, self._looping = seq, loop is not None
+        return seq, len(drafts)
+
+    def _loop(self, remaining: int, stop_ids: Sequence[int], opts: Options) -> stage_pb2.Loop | None:
+        """The server loop for the rest of a generation (None: this client feeds the tokens back itself); with
+        speculation (one-row sessions) the last stage proposes by prompt lookup itself."""
         if not self.client.config.server_loop:
             return None
-        return stage_pb2.Loop(
+        loop = stage_pb2.Loop(
             address=self.links[0].address,
             session_id=self.ids[0],
             max_new_tokens=remaining,
             stop_token_ids=list(stop_ids),
         )
+        if opts.speculate and self.rows == 1:
+            loop.speculate, loop.speculate_k = opts.speculate, opts.speculate_k or 0
+            self._spill = True  # its last round may leave rejected proposals in the caches
+        return loop
 
     async def _feed(self, opts: Options, drawn: int, stop_ids: Sequence[int], truncate: int | None) -> int:
         """Send the tokens the stages do not hold yet in chunks of at most `_chunk`; the last chunk samples (the
@@ -334,8 +374,11 @@ class AsyncSession:
             attached = await self._attach_prefix(self.history)
             if attached is not None:  # some stage's rows hold a prefix now: every stage continues from `attached`
                 truncate = self.fed = attached
+        if self._spill and truncate is None:  # roll back what a speculative step left past `fed`
+            truncate = self.fed
+            self._spill = False
         pending = self.history[self.fed :]
-        loop = self._loop(opts.max_new_tokens - drawn, stop_ids)
+        loop = self._loop(opts.max_new_tokens - drawn, stop_ids, opts)
         for c0 in range(0, len(pending), self._chunk):
             chunk = pending[c0 : c0 + self._chunk]
             last = c0 + self._chunk >= len(pending)
@@ -387,13 +430,22 @@ class AsyncSession:
             self._inflight = None
         return result
 
-    async def _next_token(self, seq: int) -> int:
+    async def _next_tokens(self, seq: int) -> list[int]:
+        """The token the next result of `seq` carries, or (speculative decoding) its accepted run and one more."""
         result = await self._take(seq)
         if not result.token_ids:
             raise RPCError(
                 grpc.StatusCode.INTERNAL, "the generation loop ended without a token", self.links[-1].address
             )
-        return int(result.token_ids[0])
+        if not result.drafted:
+            return [int(result.token_ids[0])]
+        if len(result.token_ids) > result.drafted + 1:
+            raise RPCError(
+                grpc.StatusCode.INTERNAL,
+                f"{len(result.token_ids)} tokens for a step of {result.drafted} proposals",
+                self.links[-1].address,
+            )
+        return [int(t) for t in result.token_ids]
 
     async def _halt(self) -> None:
         """Ask the last stage to end the session's generation loop (its final Result follows on the stream)."""
@@ -424,12 +476,14 @@ class AsyncSession:
         truncate: int | None = None,
         loop: stage_pb2.Loop | None = None,
         draws: int = 0,
+        drafts: int = 0,
     ) -> int:
         step = stage_pb2.Step(
             session_id=self.ids[0],
             positions=int64_rows([list(range(start, start + len(tokens)))]),
             tokens=int64_rows([tokens]),
             sample=sample,
+            drafts=drafts,
         )
         if opts is not None:
             step.sampling.CopyFrom(opts.sampling(draws))

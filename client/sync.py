@@ -208,6 +208,16 @@ class Session:
         """The session's id on each stage of its chain (first stage first)."""
         return list(self._aio.ids)
 
+    @property
+    def drafted(self) -> int:
+        """Proposals this session's client loop sent for verification (speculative decoding)."""
+        return self._aio.drafted
+
+    @property
+    def accepted(self) -> int:
+        """Of them, those the last stage accepted."""
+        return self._aio.accepted
+
     def open(self) -> None:
         self._client._loop.run(self._aio.open())
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from layerline import speculate
 from layerline.client.errors import RPCError
 from layerline.grpc_setup import DEFAULT_MAX_MESSAGE_BYTES
 from layerline.sampling_params import sampling_problems
@@ -96,6 +97,10 @@ class Options:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None  # None = the tokenizer's end-of-sequence ids
+    # speculative decoding: "ngram" (prompt lookup: proposals from the text so far, verified by the last stage, k
+    # per round through the chain; greedy output is unchanged, sampling keeps its distribution); None = off
+    speculate: str | None = None
+    speculate_k: int | None = None  # proposals per round; None = adaptive
 
     @classmethod
     def make(cls, **kw: Any) -> Options:
@@ -110,6 +115,7 @@ class Options:
         o = cls(**kw)
         problems = [f"max_new_tokens must be positive, got {o.max_new_tokens}"] if o.max_new_tokens <= 0 else []
         problems += sampling_problems(o.temperature, o.top_k, o.top_p, o.repetition_penalty)
+        problems += speculate.check(o.speculate, o.speculate_k)
         if problems:
             raise RPCError(INVALID, "; ".join(problems))
         return o

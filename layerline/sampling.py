@@ -11,7 +11,7 @@ import torch
 
 from layerline.sampling_params import SamplingParams, sampling_problems
 
-__all__ = ["SamplingParams", "draw_generator", "filter_logits", "sample", "sampling_problems"]
+__all__ = ["SamplingParams", "draw_generator", "filter_logits", "sample", "sampling_problems", "verify"]
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # odd (2^64 / golden ratio): draws of one seed land far apart
 
@@ -69,3 +69,44 @@ def sample(
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def verify(
+    logits: torch.Tensor,
+    drafts: list[int],
+    params: SamplingParams,
+    seed: int = 0,
+    draws: int = 0,
+    history: list[int] | None = None,
+) -> list[int]:
+    """Speculative decoding's check of proposed tokens: `logits` [len(drafts) + 1, V] are the model's at the
+    positions of the last real token and of each proposal; returns the accepted run of `drafts` and one token more
+    (the model's own where it disagreed, or the next one after a run accepted in full).
+
+    Greedy: a proposal is accepted while it is the argmax, so the output is what plain greedy decoding gives.
+    Sampling (proposals are point masses, as prompt lookup's and a greedy draft's are): proposal d is accepted with
+    probability p(d), else a token is drawn from p with d removed and renormalised; each output token is thereby
+    distributed as p, as without speculation. The i-th token of the run uses the random numbers of draw `draws + i`
+    (`draw_generator`), and a repetition penalty sees `history` plus the run before it."""
+    history = list(history or [])
+    out: list[int] = []
+    for i in range(len(drafts) + 1):
+        row = logits[i : i + 1].float()
+        row = apply_repetition_penalty(row, [history + out], params.repetition_penalty)
+        generator = None if params.greedy else draw_generator(seed, draws + i)
+        if i == len(drafts) or params.greedy:
+            token = int(sample(row, params, generator))
+            out.append(token)
+            if i == len(drafts) or token != drafts[i]:
+                break
+            continue
+        probs = filter_logits(row / params.temperature, params.top_k, params.top_p).softmax(dim=-1)[0].cpu()
+        d = drafts[i]
+        if float(torch.rand(1, generator=generator)) < float(probs[d]):
+            out.append(d)
+            continue
+        residual = probs.clone()
+        residual[d] = 0.0
+        out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=generator)))
+        break
+    return out

@@ -14,6 +14,7 @@ import torch
 from layerline import wire
 from layerline.errors import BadInputError, FailedPreconditionError
 from layerline.sampling import SamplingParams
+from layerline.speculate import MAX_DRAFTS, METHODS
 from layerline.stage_server.sessions import Session
 from layerline.v1 import stage_pb2
 
@@ -101,6 +102,8 @@ def admit(step: stage_pb2.Step, session: Session, replies: asyncio.Queue, label:
             raise BadInputError("targets: a padding position (-1) cannot have a target")
         if step.HasField("loop"):
             raise BadInputError("targets: a step that scores cannot start a generation loop")
+    if step.drafts:
+        check_drafts(step, B, T, tokens is not None, targets is not None)
     if m.is_first:
         if tokens is None:
             raise BadInputError(f"{label} is the first stage: the step needs tokens")
@@ -140,3 +143,22 @@ def check_loop(step: stage_pb2.Step) -> None:
         raise BadInputError("loop: address and session_id of the first stage are required")
     if len(loop.stop_token_ids) > MAX_STOP_IDS:
         raise BadInputError(f"loop: {len(loop.stop_token_ids)} stop token ids is more than {MAX_STOP_IDS}")
+    if loop.speculate not in ("", *METHODS):
+        raise BadInputError(f"loop: speculate must be one of {', '.join(METHODS)} or empty, got {loop.speculate!r}")
+    if loop.speculate_k > MAX_DRAFTS:
+        raise BadInputError(f"loop: speculate_k {loop.speculate_k} is more than {MAX_DRAFTS}")
+
+
+def check_drafts(step: stage_pb2.Step, batch: int, length: int, has_tokens: bool, has_targets: bool) -> None:
+    """A step carrying proposals: one row that samples, its proposals (token ids, for the last stage to compare)
+    after at least one real token, and the rollback of the step before it."""
+    if not step.sample or has_targets:
+        raise BadInputError("drafts: only a step that samples (and does not score) can carry proposals")
+    if batch != 1:
+        raise BadInputError(f"drafts: proposals are for one-row steps, this one has {batch} rows")
+    if not has_tokens:
+        raise BadInputError("drafts: the step needs tokens (the last stage compares the proposals with them)")
+    if step.drafts >= length or step.drafts > MAX_DRAFTS:
+        raise BadInputError(
+            f"drafts: {step.drafts} proposals in a step of {length} tokens (at most {min(length - 1, MAX_DRAFTS)})"
+        )

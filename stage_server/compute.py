@@ -11,15 +11,30 @@ import torch
 
 from layerline import wire
 from layerline.errors import BadInputError, NotFoundError
-from layerline.sampling import draw_generator, sample
+from layerline.sampling import draw_generator, sample, verify
+from layerline.speculate import AdaptiveK, ngram_propose
 from layerline.stage_server.admission import WorkItem
 from layerline.stage_server.sessions import LoopState, Session
 from layerline.v1 import stage_pb2, tensor_pb2
+from layerline.wire_format import int64_rows
 
 # What happens to each field of a Step a stage passes on (tests/test_stage_compute.py checks that every field of
 # the message is named here: a new field must be decided, not forgotten)
 PASSED_ON = frozenset(
-    {"seq", "positions", "tokens", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets", "client_key"}
+    {
+        "seq",
+        "positions",
+        "tokens",
+        "rows",
+        "sample",
+        "sampling",
+        "truncate",
+        "loop",
+        "looped",
+        "targets",
+        "client_key",
+        "drafts",
+    }
 )
 REPLACED = frozenset({"session_id", "hidden"})  # the next stage's session, this stage's output
 RESET = frozenset({"burst"})  # set again for what this stage sends (scheduler.mark_bursts)
@@ -39,10 +54,13 @@ def onward_step(step: stage_pb2.Step, next_session_id: str, hidden: tensor_pb2.T
 
 class StepCompute:
     """What the compute thread (and the event loop, for a step the scheduler computes inline) runs for admitted
-    steps. Its one counter, `tokens_sampled`, is written by whichever runs it and read by Info."""
+    steps. Its counters (tokens sampled, proposals verified and accepted) are written by whichever runs it and read
+    by Info."""
 
     def __init__(self) -> None:
         self.tokens_sampled = 0
+        self.tokens_drafted = 0  # proposals verified (speculative decoding) ...
+        self.tokens_accepted = 0  # ... and accepted
 
     def one(self, item: WorkItem) -> tuple[stage_pb2.Step | stage_pb2.Result | None, Exception | None]:
         if item.session.closed:
@@ -95,7 +113,7 @@ class StepCompute:
                     cache.truncate(r, step.truncate)
                     if session.sampler is not None:
                         del session.sampler.history[r][step.truncate :]
-            last_only = step.sample and item.targets is None
+            last_only = step.sample and item.targets is None and not step.drafts
             before = cache.promised
             try:
                 out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
@@ -120,17 +138,20 @@ class StepCompute:
                 item.sampling.base_seed(),
                 item.step.sampling.draws,
             )
+        drafts = step.drafts  # proposals join the history only as they are accepted
         if item.tokens is not None:
             if item.position_rows is not None:
                 token_rows = item.tokens.tolist()
                 for b, r in enumerate(item.rows):
+                    real = len(token_rows[b]) - drafts
                     sampler.history[r].extend(
-                        t for t, p in zip(token_rows[b], item.position_rows[b], strict=True) if p >= 0
+                        t for t, p in zip(token_rows[b][:real], item.position_rows[b][:real], strict=True) if p >= 0
                     )
             else:
+                real = item.tokens.shape[1] - drafts
                 for b, r in enumerate(item.rows):
-                    valid = item.positions[b] >= 0
-                    sampler.history[r].extend(item.tokens[b][valid].tolist())
+                    valid = item.positions[b, :real] >= 0
+                    sampler.history[r].extend(item.tokens[b, :real][valid].tolist())
         loop = None
         if step.HasField("loop"):
             spec = step.loop
@@ -140,51 +161,100 @@ class StepCompute:
                 frozenset(spec.stop_token_ids),
                 {r: spec.max_new_tokens for r in item.rows},
                 step.seq,
+                speculate=spec.speculate if session.rows == 1 else "",
+                k=AdaptiveK(fixed=spec.speculate_k or None),
             )
         elif step.looped and session.loop is not None:
             loop = session.loop
             if loop.halted:  # the step that was travelling when Halt came: computed, nothing more sampled
                 session.loop = None
-                return loop_done(session, stage_pb2.Result(seq=loop.seq, rows=item.rows))
+                return loop_done(session, stage_pb2.Result(seq=loop.seq, rows=item.rows), unverified=drafts)
         if not step.sample:
             if item.targets is None:
                 return None
             return stage_pb2.Result(seq=step.seq, rows=item.rows, logprobs=wire.encode(logprobs(out, item.targets)))
-        generator = None if sampler.params.greedy else draw_generator(sampler.seed, sampler.draws)
-        sampler.draws += 1
-        ids = sample(out[:, -1], sampler.params, generator, [sampler.history[r] for r in item.rows]).tolist()
-        self.tokens_sampled += len(ids)
-        result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
+        if drafts:  # one row: verify the proposals, answer the accepted run and one token more
+            r = item.rows[0]
+            proposals = item.tokens[0, -drafts:].tolist()
+            run = verify(
+                out[0, -(drafts + 1) :], proposals, sampler.params, sampler.seed, sampler.draws, sampler.history[r]
+            )
+            sampler.draws += len(run)
+            sampler.history[r].extend(run[:-1])
+            self.tokens_drafted += drafts
+            self.tokens_accepted += len(run) - 1
+            runs = [run]
+            result = stage_pb2.Result(seq=step.seq, token_ids=run, rows=item.rows, drafted=drafts)
+        else:
+            generator = None if sampler.params.greedy else draw_generator(sampler.seed, sampler.draws)
+            sampler.draws += 1
+            ids = sample(out[:, -1], sampler.params, generator, [sampler.history[r] for r in item.rows]).tolist()
+            runs = [[t] for t in ids]
+            result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
+        self.tokens_sampled += sum(len(run) for run in runs)
         if item.targets is not None:
             result.logprobs.CopyFrom(wire.encode(logprobs(out, item.targets)))
         if loop is not None:
-            self._continue_loop(item, loop, ids, result)
+            self._continue_loop(item, loop, runs, result)
         return result
 
-    def _continue_loop(self, item: WorkItem, loop: LoopState, ids: list[int], result: stage_pb2.Result) -> None:
-        """Last stage, compute thread: the rows that go on become the next step for the first stage."""
+    def _continue_loop(self, item: WorkItem, loop: LoopState, runs: list[list[int]], result: stage_pb2.Result) -> None:
+        """Last stage, compute thread: the rows that go on become the next step for the first stage. A row's run
+        is the token it sampled, or a verified step's accepted proposals and one token more; with speculation the
+        next step carries new proposals (prompt lookup over the row's history)."""
         session, rows = item.session, []
+        drafts = item.step.drafts
         ends = [r[-1] for r in item.position_rows] if item.position_rows is not None else item.positions[:, -1].tolist()
+        starts = []  # where each going row's next step begins: after its last accepted position
         for b, r in enumerate(item.rows):
-            loop.remaining[r] -= 1
-            if ids[b] in loop.stop_ids or loop.remaining[r] <= 0 or ends[b] + 1 >= session.max_length:
+            run = runs[b]
+            cut = min(len(run), loop.remaining[r])  # never more tokens than asked
+            stop = next((j + 1 for j, t in enumerate(run[:cut]) if t in loop.stop_ids), 0)
+            if stop or cut < len(run):
+                del run[stop or cut :]
+                if len(runs) == 1:
+                    del result.token_ids[stop or cut :]
+            loop.remaining[r] -= len(run)
+            start = ends[b] - drafts + len(run)
+            if stop or loop.remaining[r] <= 0 or start >= session.max_length:
                 del loop.remaining[r]
             else:
                 rows.append(b)
+                starts.append(start)
+        if drafts:
+            loop.k.update(drafts, len(runs[0]) - 1)
         if not rows or loop.halted:
             session.loop = None
-            loop_done(session, result)
+            loop_done(session, result, unverified=drafts - (len(runs[0]) - 1) if drafts else 0)
             return
-        item.follow = stage_pb2.Step(
-            session_id=loop.first_id,
-            seq=loop.seq,
-            positions=wire.int64_column([ends[b] + 1 for b in rows]),
-            tokens=wire.int64_column([ids[b] for b in rows]),
-            rows=[item.rows[b] for b in rows],
-            sample=True,
-            looped=True,
-            client_key=session.owner,
-        )
+        if loop.speculate:  # one row
+            r, start, token = item.rows[0], starts[0], runs[0][-1]
+            k = min(loop.k.k, loop.remaining[r] - 1, session.max_length - start - 1)
+            proposals = ngram_propose(session.sampler.history[r] + [token], k) if k > 0 else []
+            item.follow = stage_pb2.Step(
+                session_id=loop.first_id,
+                seq=loop.seq,
+                positions=int64_rows([list(range(start, start + 1 + len(proposals)))]),
+                tokens=int64_rows([[token, *proposals]]),
+                rows=[r],
+                sample=True,
+                looped=True,
+                client_key=session.owner,
+                drafts=len(proposals),
+            )
+            if drafts > len(runs[0]) - 1:  # the caches hold rejected proposals: roll them back first
+                item.follow.truncate = start
+        else:
+            item.follow = stage_pb2.Step(
+                session_id=loop.first_id,
+                seq=loop.seq,
+                positions=wire.int64_column(starts),
+                tokens=wire.int64_column([runs[b][-1] for b in rows]),
+                rows=[item.rows[b] for b in rows],
+                sample=True,
+                looped=True,
+                client_key=session.owner,
+            )
         item.follow_address = loop.address
 
 
@@ -195,9 +265,11 @@ def cache_of(item: WorkItem):
     return cache
 
 
-def loop_done(session: Session, result: stage_pb2.Result) -> stage_pb2.Result:
+def loop_done(session: Session, result: stage_pb2.Result, unverified: int = 0) -> stage_pb2.Result:
+    """The loop's final Result: `lengths` are the positions the rows' caches hold that count (a one-row session's
+    cache may hold `unverified` rejected or unchecked proposals past them, which the next step rolls back)."""
     result.done = True
-    result.lengths.extend(session.cache.lengths[r] for r in range(session.rows))
+    result.lengths.extend(session.cache.lengths[r] - unverified for r in range(session.rows))
     return result
 
 

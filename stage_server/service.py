@@ -209,6 +209,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             steps_computed=self.scheduler.steps_computed,
             tokens_computed=self.scheduler.tokens_computed,
             tokens_sampled=self.compute.tokens_sampled,
+            tokens_drafted=self.compute.tokens_drafted,
+            tokens_accepted=self.compute.tokens_accepted,
             inline_steps=self.scheduler.inline_steps,
             weight_bytes=m.weight_bytes() if m is not None else 0,
             weights=m.weight_summary() if m is not None else "",
@@ -448,6 +450,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             {"kind": "computed"},
         )
         yield ("layerline_stage_tokens", "", "counter", self.compute.tokens_sampled, {"kind": "sampled"})
+        yield ("layerline_stage_tokens", "", "counter", self.compute.tokens_drafted, {"kind": "drafted"})
+        yield ("layerline_stage_tokens", "", "counter", self.compute.tokens_accepted, {"kind": "accepted"})
         yield (
             "layerline_stage_inline_steps",
             "of the steps, those computed on the event loop (small, with the stage idle)",

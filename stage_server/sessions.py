@@ -15,7 +15,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +24,7 @@ from layerline.errors import NotFoundError, PermissionDeniedError, ResourceExhau
 from layerline.kv_cache import KVCache
 from layerline.paged_kv import PagedCache
 from layerline.sampling import SamplingParams
+from layerline.speculate import AdaptiveK
 from layerline.v1 import stage_pb2
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ class LoopState:
     remaining: dict[int, int]  # tokens each running row may still sample
     seq: int  # the seq of the step that started the loop, carried by all its steps and results
     halted: bool = False  # set by Halt: the step travelling the ring ends the loop when it is back
+    speculate: str = ""  # "ngram": each step fed back carries prompt lookup proposals (one-row sessions)
+    k: AdaptiveK = field(default_factory=AdaptiveK)  # proposals per step
 
 
 @dataclass

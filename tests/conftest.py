@@ -72,3 +72,24 @@ def smollm2_transformers(smollm2_path):
     return AutoModelForCausalLM.from_pretrained(
         os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path)
     ).eval()
+
+
+@pytest.fixture
+def netbed():
+    """netbed(links) -> NetBed: test hosts with real links (tests/netbed.py), torn down after the test."""
+    from netbed import NetBed
+
+    why = NetBed.unavailable()
+    if why:
+        pytest.skip(f"no test hosts here: {why}")
+    beds = []
+
+    def make(links):
+        bed = NetBed(links)
+        beds.append(bed)
+        bed.start()
+        return bed
+
+    yield make
+    for bed in beds:
+        bed.close()

@@ -1,27 +1,52 @@
 """A fault-injecting TCP proxy for tests (netem is not available here): put it in front of a stage and give its
-address instead of the stage's. It forwards bytes both ways and can add a one-way delay, cap the bandwidth, cut
-every connection (and refuse new ones), or blackhole them (accept and hold everything, answer nothing). It runs
-its own asyncio loop in a daemon thread, so that synchronous tests can drive it.
+address instead of the stage's. It forwards bytes both ways and can add a one-way delay (with jitter, and the
+stalls that lost packets cause a TCP stream), cap the bandwidth, cut every connection (and refuse new ones), or
+blackhole them (accept and hold everything, answer nothing). It runs its own asyncio loop in a daemon thread, so
+that synchronous tests can drive it.
 
     with FaultProxy("127.0.0.1:7001", delay=0.02) as p:   # p.address: "127.0.0.1:<port>"
         ...
         p.blackhole()      # from now on nothing gets through, nothing is closed
         p.cut()            # close every connection; new ones are closed at once until p.restore()
+
+As a program it is the delaying relay of a test host's link (tests/netbed.py runs it inside the host's network
+namespace, in front of the stage there), and prints "FAULT_PROXY_READY host:port" once it listens:
+
+    python tests/fault_proxy.py --listen 10.213.0.2:7000 --target 127.0.0.1:7001 --delay 0.01 --jitter 0.001
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import random
 import threading
 import time
 
+READY = "FAULT_PROXY_READY "
+RETRANSMIT_S = 0.2  # what a lost segment costs a TCP stream: Linux's minimum retransmission timeout
+
 
 class FaultProxy:
-    def __init__(self, target: str = "", delay: float = 0.0, bandwidth: float = 0.0) -> None:
+    def __init__(
+        self,
+        target: str = "",
+        delay: float = 0.0,
+        bandwidth: float = 0.0,
+        *,
+        jitter: float = 0.0,
+        loss: float = 0.0,
+        listen: str = "127.0.0.1:0",
+        seed: int = 0,
+    ) -> None:
         self.target = target  # host:port; may be set later (before the first connection)
         self.delay = delay  # seconds added to every chunk, each direction (one way)
+        self.jitter = jitter  # up to this many seconds more per chunk, at random (the order is kept, as TCP's)
+        self.loss = loss  # probability that a chunk stalls as a lost segment would (RETRANSMIT_S more)
         self.bandwidth = bandwidth  # bytes per second per direction and connection; 0 = unlimited
+        self.listen = listen
+        self._random = random.Random(seed)
         self.holding = False  # blackhole: forward nothing
         self.down = False  # cut: connections closed, new ones refused
         self.connections = 0  # accepted so far
@@ -41,8 +66,9 @@ class FaultProxy:
 
     def start(self) -> str:
         self._thread.start()
-        self._server = self._call(asyncio.start_server(self._accept, "127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        host, port = self.listen.rsplit(":", 1)
+        self._server = self._call(asyncio.start_server(self._accept, host, int(port)))
+        self.address = f"{host}:{self._server.sockets[0].getsockname()[1]}"
         return self.address
 
     def stop(self) -> None:
@@ -120,8 +146,15 @@ class FaultProxy:
 
         sender = asyncio.ensure_future(send())
         try:
+            last_due = 0.0
             while data := await reader.read(65536):
-                queue.put_nowait((time.monotonic() + self.delay, data))
+                due = time.monotonic() + self.delay
+                if self.jitter:
+                    due += self._random.uniform(0.0, self.jitter)
+                if self.loss and self._random.random() < self.loss:
+                    due += RETRANSMIT_S
+                last_due = max(last_due, due)  # a stream's bytes arrive in order
+                queue.put_nowait((last_due, data))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -130,3 +163,24 @@ class FaultProxy:
                 await sender
             with contextlib.suppress(BaseException):
                 writer.write_eof()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="a delaying TCP relay (one test host's link)")
+    ap.add_argument("--listen", required=True, help="host:port to listen on")
+    ap.add_argument("--target", required=True, help="host:port to forward to")
+    ap.add_argument("--delay", type=float, default=0.0, help="one-way seconds added each direction")
+    ap.add_argument("--jitter", type=float, default=0.0, help="up to this many seconds more per chunk")
+    ap.add_argument("--loss", type=float, default=0.0, help="probability of a lost segment's stall per chunk")
+    ap.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s per direction and connection (0: none)")
+    a = ap.parse_args()
+    proxy = FaultProxy(a.target, a.delay, a.bandwidth, jitter=a.jitter, loss=a.loss, listen=a.listen)
+    print(READY + proxy.start(), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead", "tokens_computed", "tokens_sampled", "inline_steps", "weight_bytes", "weights", "resident_bytes", "device_name", "device_memory_used", "device_memory_total", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached", "prefix_hit_tokens", "prefixes_shared")
+    __slots__ = ("model_name", "model_fingerprint", "start_layer", "end_layer", "num_layers", "hidden_size", "vocab_size", "dtype", "device", "wire_dtype", "next_address", "kv_bytes_total", "kv_bytes_used", "open_sessions", "max_message_bytes", "kv_bytes_per_token", "version", "max_length", "compute_seconds", "steps_computed", "batched_steps", "queued_steps", "peak_queued_steps", "max_queued_steps", "peak_queued_results", "max_loop_ahead", "tokens_computed", "tokens_sampled", "inline_steps", "weight_bytes", "weights", "resident_bytes", "device_name", "device_memory_used", "device_memory_total", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "kv_blocks_cached", "prefix_hit_tokens", "prefixes_shared", "tokens_drafted", "tokens_accepted")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,8 @@ class StageInfo(_message.Message):
     KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIXES_SHARED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_fingerprint: str
     start_layer: int
@@ -95,7 +97,9 @@ class StageInfo(_message.Message):
     kv_blocks_cached: int
     prefix_hit_tokens: int
     prefixes_shared: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ..., tokens_computed: _Optional[int] = ..., tokens_sampled: _Optional[int] = ..., inline_steps: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefixes_shared: _Optional[bool] = ...) -> None: ...
+    tokens_drafted: int
+    tokens_accepted: int
+    def __init__(self, model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., next_address: _Optional[str] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., open_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., steps_computed: _Optional[int] = ..., batched_steps: _Optional[int] = ..., queued_steps: _Optional[int] = ..., peak_queued_steps: _Optional[int] = ..., max_queued_steps: _Optional[int] = ..., peak_queued_results: _Optional[int] = ..., max_loop_ahead: _Optional[int] = ..., tokens_computed: _Optional[int] = ..., tokens_sampled: _Optional[int] = ..., inline_steps: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., device_memory_used: _Optional[int] = ..., device_memory_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefixes_shared: _Optional[bool] = ..., tokens_drafted: _Optional[int] = ..., tokens_accepted: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "draws")
@@ -158,7 +162,7 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets", "burst", "client_key")
+    __slots__ = ("session_id", "seq", "positions", "tokens", "hidden", "rows", "sample", "sampling", "truncate", "loop", "looped", "targets", "burst", "client_key", "drafts")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +177,7 @@ class Step(_message.Message):
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     BURST_FIELD_NUMBER: _ClassVar[int]
     CLIENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     positions: _tensor_pb2.Tensor
@@ -187,19 +192,24 @@ class Step(_message.Message):
     targets: _tensor_pb2.Tensor
     burst: int
     client_key: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., looped: _Optional[bool] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., burst: _Optional[int] = ..., client_key: _Optional[str] = ...) -> None: ...
+    drafts: int
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., positions: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rows: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., truncate: _Optional[int] = ..., loop: _Optional[_Union[Loop, _Mapping]] = ..., looped: _Optional[bool] = ..., targets: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., burst: _Optional[int] = ..., client_key: _Optional[str] = ..., drafts: _Optional[int] = ...) -> None: ...
 
 class Loop(_message.Message):
-    __slots__ = ("address", "session_id", "max_new_tokens", "stop_token_ids")
+    __slots__ = ("address", "session_id", "max_new_tokens", "stop_token_ids", "speculate", "speculate_k")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_K_FIELD_NUMBER: _ClassVar[int]
     address: str
     session_id: str
     max_new_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    speculate: str
+    speculate_k: int
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., speculate: _Optional[str] = ..., speculate_k: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("session_id", "seq", "code", "message", "stage", "client_key")
@@ -226,7 +236,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., client_key: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("seq", "token_ids", "rows", "done", "lengths", "code", "message", "stage", "logprobs")
+    __slots__ = ("seq", "token_ids", "rows", "done", "lengths", "code", "message", "stage", "logprobs", "drafted")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +246,7 @@ class Result(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     rows: _containers.RepeatedScalarFieldContainer[int]
@@ -245,7 +256,8 @@ class Result(_message.Message):
     message: str
     stage: str
     logprobs: _tensor_pb2.Tensor
-    def __init__(self, seq: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., lengths: _Optional[_Iterable[int]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stage: _Optional[str] = ..., logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    drafted: int
+    def __init__(self, seq: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., lengths: _Optional[_Iterable[int]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stage: _Optional[str] = ..., logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., drafted: _Optional[int] = ...) -> None: ...
 
 class PrefixRequest(_message.Message):
     __slots__ = ("session_id", "client_key", "tokens", "rows")

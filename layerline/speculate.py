@@ -1,0 +1,70 @@
+"""Speculative decoding's proposals, without torch (the client and the last stage both use it): prompt lookup, which
+proposes the tokens that followed the last occurrence of the text's last few tokens, and the adaptive number of
+proposals per round.
+
+A round sends the last sampled token and k proposals through the chain as one (k + 1)-token step; the last stage
+verifies them against its logits (`layerline.sampling.verify`) and answers the accepted run plus one token, so a
+round costs one pass through the pipeline however many tokens it yields. Every stage rolls its KV cache back past
+the rejected proposals when the next step arrives (`Step.truncate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+METHODS = ("ngram",)  # proposers a stage (and the client) runs by name
+MAX_DRAFTS = 64  # proposals one step may carry
+START_K = 4  # an adaptive k's first value
+MAX_NGRAM = 3  # the longest tail prompt lookup matches
+
+
+def ngram_propose(tokens: Sequence[int], k: int, max_n: int = MAX_NGRAM) -> list[int]:
+    """Up to `k` tokens that followed the most recent earlier occurrence of the last n tokens of `tokens` (n from
+    `max_n` down to 1: the longest tail that occurred before wins); [] when no tail occurred before."""
+    total = len(tokens)
+    if k <= 0 or total < 2:
+        return []
+    tokens = list(tokens)
+    for n in range(min(max_n, total - 1), 0, -1):
+        tail = tokens[total - n :]
+        last = tail[-1]
+        # the tail's occurrences ending before the text's end, most recent first
+        for end in range(total - 2, n - 2, -1):
+            if tokens[end] == last and tokens[end - n + 1 : end + 1] == tail:
+                return tokens[end + 1 : end + 1 + k]
+    return []
+
+
+@dataclass
+class AdaptiveK:
+    """Proposals per round: a fixed `k`, or (fixed None) one that grows by 2 while every proposal is accepted, halves
+    when none is, and becomes accepted + 1 when some are, between 1 and `hi`."""
+
+    fixed: int | None = None
+    hi: int = 16
+    k: int = START_K
+
+    def __post_init__(self) -> None:
+        if self.fixed is not None:
+            self.k = self.fixed
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if self.fixed is not None or proposed == 0:
+            return
+        if accepted >= proposed:
+            self.k = min(self.hi, self.k + 2)
+        elif accepted == 0:
+            self.k = max(1, self.k // 2)
+        else:
+            self.k = max(1, min(self.hi, accepted + 1))
+
+
+def check(method: str | None, k: int | None) -> list[str]:
+    """What is wrong with these speculation settings (empty: nothing)."""
+    problems = []
+    if method not in (None, "", *METHODS):
+        problems.append(f"speculate must be one of {', '.join(METHODS)} (or empty), got {method!r}")
+    if k is not None and not 1 <= k <= MAX_DRAFTS:
+        problems.append(f"speculate_k must be in [1, {MAX_DRAFTS}] (or None: adaptive), got {k}")
+    return problems

@@ -1,0 +1,213 @@
+"""Speculative decoding through the pipeline: a round sends the last token and k proposals (prompt lookup) through
+the chain as one step, the last stage verifies them and answers the accepted run plus one token, and every stage
+rolls its cache back past the rejected ones. Greedy output must be what non-speculative greedy decoding and
+transformers give, with the server loop (the last stage proposes) and the client loop (the client proposes); the
+sampling rule must leave each token's distribution unchanged; stop tokens, stop strings, max_new_tokens, the
+session's continuation and bad steps behave as without speculation."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import grpc
+import pytest
+import torch
+from stage_wire import TIMEOUT, connect, first_step, infos, open_chain
+
+from layerline.client import Client, ClientConfig, RPCError
+from layerline.sampling import SamplingParams, verify
+from layerline.speculate import AdaptiveK, ngram_propose
+from layerline.v1 import stage_pb2
+from tiny_models import TinySpec, hf_greedy
+
+SPEC = TinySpec("llama", layers=4, kv_heads=2)
+SPLITS = {"1": [(0, 4)], "2": [(0, 2), (2, 4)], "3": [(0, 1), (1, 3), (3, 4)]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint(SPEC)
+
+
+@pytest.fixture(scope="module")
+def routes(tiny, stage_cluster) -> dict[str, list[str]]:
+    return {name: stage_cluster(tiny[0], ranges) for name, ranges in SPLITS.items()}
+
+
+def repetitive_prompt(seed: int) -> list[int]:
+    """A prompt whose text repeats (as code being edited does): prompt lookup finds its continuations."""
+    g = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(3, 300, (9,), generator=g).tolist()
+    return phrase + torch.randint(3, 300, (3,), generator=g).tolist() + phrase[:4]
+
+
+# ---- the proposer and the rule, alone ------------------------------------------------------------------------------
+
+
+def test_prompt_lookup_proposes_what_followed_the_longest_most_recent_tail():
+    assert ngram_propose([1, 2, 3, 4, 9, 2, 3], 2) == [4, 9]  # tail [2, 3] occurred at 1..2
+    assert ngram_propose([5, 1, 2, 7, 8, 1, 2, 6, 1, 2], 3) == [6, 1, 2]  # the most recent occurrence wins
+    assert ngram_propose([1, 2, 3, 1, 9, 2, 3], 4) == [1, 9, 2, 3]  # [2, 3] before the shorter tail [3]
+    assert ngram_propose([4, 5, 6], 3) == []  # nothing occurred before
+    assert ngram_propose([4, 5, 4], 8) == [5, 4]  # cut at the end of the text
+    assert ngram_propose([4, 5, 4], 0) == [] and ngram_propose([4], 3) == []
+
+
+def test_adaptive_k_grows_while_accepted_and_shrinks_when_not():
+    k = AdaptiveK()
+    start = k.k
+    k.update(start, start)
+    assert k.k == start + 2
+    k.update(k.k, 0)
+    assert k.k == (start + 2) // 2
+    k.update(3, 1)
+    assert k.k == 2
+    k.update(0, 0)  # nothing proposed: nothing learned
+    assert k.k == 2
+    for _ in range(20):
+        k.update(k.k, k.k)
+    assert k.k == k.hi
+    fixed = AdaptiveK(fixed=5)
+    fixed.update(5, 0)
+    assert fixed.k == 5
+
+
+def test_greedy_verification_accepts_the_argmax_run_and_adds_the_model_token():
+    logits = torch.full((4, 10), -5.0)
+    for i, best in enumerate([7, 2, 4, 9]):
+        logits[i, best] = 5.0
+    greedy = SamplingParams()
+    assert verify(logits, [7, 2, 4], greedy) == [7, 2, 4, 9]  # all accepted, and the next one
+    assert verify(logits, [7, 3, 4], greedy) == [7, 2]  # the second disagrees: the model's token instead
+    assert verify(logits[:1], [], greedy) == [7]
+    # a repetition penalty sees the accepted run: token 7 penalised at the second position changes nothing here,
+    # but a history that holds 2 makes position 1 pick its runner-up
+    logits[1, 5] = 4.0
+    assert verify(logits, [7, 2, 4], SamplingParams(repetition_penalty=3.0), history=[2]) == [7, 5]
+
+
+def test_sampled_verification_keeps_the_distribution():
+    """Each output token is distributed as the model's p, whatever was proposed: P(out = x) = p(d) [x = d] +
+    (1 - p(d)) p(x) [x != d] / (1 - p(d)) = p(x). Checked on 6000 seeds per proposal, within 5 standard errors."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6) * 1.5
+    params = SamplingParams(temperature=1.0)
+    p = logits[0].softmax(-1)
+    n = 6000
+    for d in (int(p.argmax()), int(p.argmin())):
+        counts = collections.Counter(verify(logits, [d], params, seed=s)[0] for s in range(n))
+        for x in range(6):
+            sigma = (p[x] * (1 - p[x]) / n) ** 0.5
+            assert abs(counts[x] / n - p[x]) < 5 * sigma + 1e-3, (d, x, counts[x] / n, float(p[x]))
+    # top-k: a proposal outside the kept tokens is never accepted
+    outs = {verify(logits, [int(p.argmin())], SamplingParams(temperature=1.0, top_k=2), seed=s)[0] for s in range(200)}
+    assert outs <= set(p.topk(2).indices.tolist())
+
+
+# ---- through stage servers -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stages", list(SPLITS))
+@pytest.mark.parametrize("server_loop", [True, False])
+def test_speculative_greedy_equals_plain_greedy_and_transformers(tiny, routes, stages, server_loop):
+    route = routes[stages]
+    p = repetitive_prompt(1)
+    want = hf_greedy(tiny[1], p, 40)
+    before = infos(route)[-1]
+    with Client(route, config=ClientConfig(server_loop=server_loop)) as client:
+        plain = client.generate(p, max_new_tokens=40, stop_token_ids=[], stream=False)
+        outs = {}
+        for k in (None, 1, 3):
+            with client.session() as s:
+                outs[k] = s.generate(p, max_new_tokens=40, stop_token_ids=[], speculate="ngram", speculate_k=k)
+                outs[k] = [piece.token_id for piece in outs[k]]
+                if not server_loop:
+                    assert s.drafted > 0 and 0 < s.accepted <= s.drafted
+    after = infos(route)[-1]
+    assert plain.token_ids == want
+    for k, ids in outs.items():
+        assert ids == want, k
+    drafted = after.tokens_drafted - before.tokens_drafted
+    accepted = after.tokens_accepted - before.tokens_accepted
+    assert drafted > 0 and 0 < accepted <= drafted
+    # every accepted proposal saved a pass through the chain: fewer steps than tokens
+    assert after.tokens_sampled - before.tokens_sampled == 4 * 40
+    assert after.steps_computed - before.steps_computed <= 4 * 40 - accepted
+
+
+@pytest.mark.parametrize("server_loop", [True, False])
+def test_limits_stops_and_the_conversation_hold_with_speculation(tiny, routes, server_loop):
+    route, ref = routes["2"], tiny[1]
+    p = repetitive_prompt(2)
+    free = hf_greedy(ref, p, 30)
+    opts = dict(speculate="ngram", speculate_k=6)
+    with Client(route, config=ClientConfig(server_loop=server_loop)) as client:
+        for n in (1, 2, 7):  # never more tokens than asked, even when a round would give more
+            out = client.generate(p, max_new_tokens=n, stop_token_ids=[], stream=False, **opts)
+            assert out.token_ids == free[:n] and out.finish_reason == "length"
+        stop = free[12]  # a stop token inside an accepted run ends the generation right after it
+        out = client.generate(p, max_new_tokens=30, stop_token_ids=[stop], stream=False, **opts)
+        assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
+        with client.session(max_length=len(p) + 9) as s:  # max_length bounds the proposals too
+            capped = s.generate(p, max_new_tokens=50, stop_token_ids=[], stream=False, **opts)
+            assert capped.token_ids == free[:10] and capped.finish_reason == "length"
+        # a conversation continued after speculative turns (stopped early, rejected proposals in the caches)
+        # gives what the same conversation gives without speculation
+        second = repetitive_prompt(3)[:5]
+        turns = {}
+        for spec in (opts, {}):
+            with client.session() as s:
+                a = s.generate(p, max_new_tokens=8, stop_token_ids=[], stream=False, **spec)
+                b = s.generate(second, max_new_tokens=12, stop_token_ids=[], stream=False, **spec)
+                turns[bool(spec)] = (a.token_ids, b.token_ids)
+        assert turns[True] == turns[False]
+        assert turns[False][1] == hf_greedy(ref, p + turns[False][0] + second, 12)
+
+
+def test_speculative_sampling_is_seeded_and_valid(tiny, routes):
+    route = routes["3"]
+    p = repetitive_prompt(4)
+    sampled = dict(max_new_tokens=24, temperature=0.7, top_k=20, seed=11, stop_token_ids=[])
+    with Client(route) as client:
+        a = client.generate(p, stream=False, speculate="ngram", **sampled).token_ids
+        b = client.generate(p, stream=False, speculate="ngram", **sampled).token_ids
+    assert a == b and len(a) == 24 and all(0 <= t < SPEC.vocab for t in a)
+
+
+def test_bad_speculation_is_refused_and_the_stage_serves_on(tiny, routes):
+    route = routes["1"]
+    with Client(route) as client:
+        with pytest.raises(RPCError) as e:
+            client.generate([5, 6, 7], speculate="draft-of-nothing", stream=False)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "speculate" in str(e.value)
+        with pytest.raises(RPCError) as e:
+            client.generate([5, 6, 7], speculate="ngram", speculate_k=0, stream=False)
+        assert "speculate_k" in str(e.value)
+
+    async def raw():
+        async with connect(route) as stubs:
+            (sid,) = await open_chain(stubs, route, 64)
+            call = stubs[0].Push()
+            cases = [
+                (first_step(sid, [5, 6, 7], drafts=3), "drafts: 3 proposals in a step of 3 tokens"),
+                (first_step(sid, [5, 6, 7], sample=False, drafts=1), "only a step that samples"),
+                (
+                    first_step(
+                        sid,
+                        [5, 6],
+                        loop=stage_pb2.Loop(address=route[0], session_id=sid, max_new_tokens=4, speculate="lookahead"),
+                    ),
+                    "speculate must be one of",
+                ),
+            ]
+            for seq, (step, words) in enumerate(cases, 1):
+                step.seq = seq
+                await call.write(step)
+                reply = await asyncio.wait_for(call.read(), TIMEOUT)
+                assert reply.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and words in reply.message, reply
+            call.cancel()
+
+    asyncio.run(asyncio.wait_for(raw(), 30))
+    with Client(route) as client:  # and it serves on
+        assert len(client.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[], stream=False).token_ids) == 3
