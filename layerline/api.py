@@ -125,9 +125,11 @@ class Api:
         route: list[str] | None = None,
         security: Security | None = None,
         api_key: str = "",
+        speculate: str = "",
     ) -> None:
         self.client = client
         self.model_name = model_name
+        self.speculate = speculate  # every generation's speculative decoding ("ngram"; "" = none)
         self.coordinator = coordinator
         self.route = list(route or [])
         self.security = security or Security()
@@ -357,6 +359,8 @@ class Api:
             "top_k": _integer(body.get("top_k", 0), "top_k", 0),
             "repetition_penalty": _number(body.get("repetition_penalty", 1.0), "repetition_penalty", 1e-6, 100.0),
         }
+        if self.speculate:
+            options["speculate"] = self.speculate
         seed = body.get("seed")
         if seed is not None:
             options["seed"] = _integer(seed, "seed", -(1 << 63), (1 << 64) - 1)
@@ -662,13 +666,15 @@ async def serve_api(
     security: Security | None = None,
     api_key: str = "",
     connect_timeout: float = 300.0,
+    speculate: str = "",
     on_ready: Callable[[str, int, str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Listen on host:port at once, then wait (up to `connect_timeout` s) for the cluster to have a working route,
     answering /v1 and /health with 503 and the reason meanwhile; `on_ready(host, port, model name)` once it does.
-    Serve until `stop` is set (or forever). `model_name` "": the name of the checkpoint the stages serve."""
-    api = Api(client, model_name, coordinator, route, security, api_key)
+    Serve until `stop` is set (or forever). `model_name` "": the name of the checkpoint the stages serve;
+    `speculate`: every generation's speculative decoding ("ngram"; "" = none)."""
+    api = Api(client, model_name, coordinator, route, security, api_key, speculate)
     api.waiting = "connecting to the cluster"
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _NotHttpOneLine) for f in server_log.filters):

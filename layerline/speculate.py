@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 METHODS = ("ngram",)  # proposers a stage (and the client) runs by name
-MAX_DRAFTS = 64  # proposals one step may carry
+MAX_DRAFTS = 16  # proposals one step may carry (its columns then take the decode kernel: quant/decode.py)
 START_K = 4  # an adaptive k's first value
 MAX_NGRAM = 3  # the longest tail prompt lookup matches
 

@@ -17,6 +17,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+from stage_wire import infos
 from transformers import AutoTokenizer
 
 from layerline.local_cluster import LocalApi, LocalCluster
@@ -81,6 +82,20 @@ def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_a_server_side_speculation_default_keeps_the_answers(cluster):
+    """`layerline api --speculate ngram`: every generation proposes by prompt lookup; greedy answers are unchanged
+    and the last stage verified proposals."""
+    _, _, stages, _ = cluster
+    prompt = "one two three one two three one two"
+    with LocalApi(route=stages.route, extra_args=["--speculate", "ngram"]) as api:
+        fast = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        name = fast.models.list().data[0].id
+        before = infos(stages.route)[-1].tokens_drafted
+        out = fast.completions.create(model=name, prompt=prompt, max_tokens=16, temperature=0)
+        assert out.choices[0].text == oracle(cluster, prompt_ids(cluster, prompt), 16)[0]
+        assert infos(stages.route)[-1].tokens_drafted > before
 
 
 def test_models(client, cluster):

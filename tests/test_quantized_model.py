@@ -115,6 +115,35 @@ def test_batched_sessions_on_quantized_weights_equal_each_session_alone(tiny_ggu
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_short_step_of_one_row_computes_what_its_decode_steps_do(tiny_gguf, qtype, paged):
+    """A speculative decoding step (the last token and its proposals as one step of a few columns) must give, at
+    each position, the logits the decode steps of those tokens one by one give: the same kernels in the same order,
+    so that greedy verification accepts exactly what plain greedy decoding would have produced."""
+    from layerline.paged_kv import BlockPool, PagedCache
+
+    stage = load_stage(tiny_gguf(TinySpec("llama", layers=4, kv_heads=2), qtype), 0, 4)
+    c = stage.config
+
+    def cache():
+        if not paged:
+            return stage.new_cache(1, 64)
+        pool = BlockPool(stage.num_layers, c.num_kv_heads, c.head_dim, 8, 16)
+        return PagedCache(pool, 1, 64)
+
+    g = torch.Generator().manual_seed(3)
+    prompt, step = torch.randint(0, 300, (1, 14), generator=g), torch.randint(0, 300, (1, 6), generator=g)
+    one, many = cache(), cache()
+    stage.forward(prompt, cache=one)
+    stage.forward(prompt, cache=many)
+    singles = [stage.forward(step[:, t : t + 1], cache=one) for t in range(step.shape[1])]  # positions 14, 15, ...
+    together = stage.forward(step, cache=many)  # across a block boundary (16) when paged
+    for t, single in enumerate(singles):
+        assert torch.equal(together[:, t], single[:, 0]), t
+    assert many.lengths == one.lengths == [20]
+
+
 @pytest.mark.parametrize("how, layer_bytes_per_32", [("int8", 34), ("int4", 20)])
 def test_a_float_checkpoint_quantizes_at_load(tiny_checkpoint, how, layer_bytes_per_32):
     spec = TinySpec("llama", layers=4, kv_heads=2, hidden=64, intermediate=128)

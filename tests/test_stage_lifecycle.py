@@ -152,6 +152,13 @@ def test_generate_command_streams_from_a_running_route(folder, stage_cluster):
     js = subprocess.run(cmd + ["--max-new-tokens", "8", "--json", "hello"], capture_output=True, text=True, timeout=120)
     assert streamed.returncode == 0 and js.returncode == 0, streamed.stderr + js.stderr
     assert streamed.stdout == json.loads(js.stdout)["text"] + "\n"
+    # speculative decoding from the CLI: the same greedy answer; a bad --speculate-k is a usage error
+    spec = cmd + ["--max-new-tokens", "8", "--json", "--speculate", "ngram", "--speculate-k", "3", "hello"]
+    fast = subprocess.run(spec, capture_output=True, text=True, timeout=120)
+    assert fast.returncode == 0, fast.stderr
+    assert json.loads(fast.stdout)["token_ids"] == json.loads(js.stdout)["token_ids"]
+    zero = subprocess.run(cmd + ["--speculate-k", "0", "hello"], capture_output=True, text=True, timeout=120)
+    assert zero.returncode == 2 and "--speculate-k" in zero.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "layerline.cli", "generate", "--route", route[1], "hello"],
         capture_output=True,

@@ -31,6 +31,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
         default=300.0,
         help="seconds to wait at start for the cluster to have a working route, answering 503 meanwhile (300)",
     )
+    api.add_argument(
+        "--speculate",
+        choices=["ngram"],
+        default=None,
+        help="speculative decoding for every generation: ngram = prompt lookup (greedy output unchanged)",
+    )
     return {"api": cmd_api}
 
 
@@ -75,6 +81,7 @@ def cmd_api(args: argparse.Namespace) -> int:
             security=security,
             api_key=api_key,
             connect_timeout=args.connect_timeout,
+            speculate=args.speculate or "",
             on_ready=ready,
             stop=stop,
         )

@@ -17,6 +17,7 @@ from layerline.cli.common import (
     add_batch_args,
     add_generation_args,
     add_route_args,
+    add_speculation_args,
     add_split_args,
     ask_coordinator,
     generation_options,
@@ -38,6 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
     )
     add_route_args(gen)
     add_generation_args(gen)
+    add_speculation_args(gen)
     add_batch_args(gen, "prompts, one per line (- = stdin): answered in micro-batches, printed in order")
     gen.add_argument("prompt", nargs="?", help="the prompt (or give --file)")
 
@@ -66,6 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
         "hurt bigger ones that need memory bandwidth more than cache",
     )
     add_generation_args(local)
+    add_speculation_args(local)
     local.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the question (default: a sample one)")
     return {"generate": cmd_generate, "score": cmd_score, "local": cmd_local}
 

@@ -156,6 +156,17 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculate",
+        choices=["ngram"],
+        default=None,
+        help="speculative decoding: ngram = prompt lookup, k proposals per pass through the stages, verified by the "
+        "last stage (greedy output unchanged; sampling keeps its distribution)",
+    )
+    p.add_argument("--speculate-k", type=positive, default=None, help="proposals per pass (default: adaptive, 1..16)")
+
+
 def add_route_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route", default="", help="the stages in order: host:port,host:port,...")
     p.add_argument("--coordinator", default="", help="host:port of a coordinator that names the stages")
@@ -201,6 +212,7 @@ def generation_options(args: argparse.Namespace) -> dict:
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop": args.stop,
+        **({"speculate": args.speculate, "speculate_k": args.speculate_k} if getattr(args, "speculate", None) else {}),
     }
 
 

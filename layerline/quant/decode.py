@@ -11,9 +11,10 @@ step across threads once there are a few dozen, so its rounding depends on the t
 last-bit difference becomes a different rounding now and then, and a replica with another thread count would
 generate other tokens than the stage it replaces. Here every (row, KV head) is one task summing in a fixed order.
 
-`DecodeRows.of` says where each row of a step keeps its K/V (rows may be different sessions' caches), or None when
-the step is not one this path takes (more than one column, a padding row, an unusual cache), and the stage then
-goes layer by layer.
+`DecodeRows.of` says where each row of a step keeps its K/V (rows may be different sessions' caches, or the columns of
+one session's short step: a speculative decoding step then computes each position as a decode step would), or None
+when the step is not one this path takes (a long step, several rows of several columns, a padding row, an unusual
+cache), and the stage then goes layer by layer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from layerline.paged_kv import PagedCache
 from layerline.quant.build import kernels
 
 MAX_HEAD_DIM = 512  # the kernel keeps one rotated query head on its stack
+# the most columns of one row a step may have to go this way: a speculative step (the last token and up to 16
+# proposals) gets the numbers of the decode steps it stands for; longer steps (prompts) go layer by layer
+MAX_COLUMNS = 17
 
 
 class _Layer(ctypes.Structure):
@@ -70,15 +74,17 @@ class DecodeRows:
     ) -> DecodeRows | None:
         rows = []
         for plan, cache in zip(plans, caches, strict=True):
-            if cache is None or plan.width != 1 or head_dim > MAX_HEAD_DIM:
+            if cache is None or plan.width > MAX_COLUMNS or head_dim > MAX_HEAD_DIM:
                 return None
+            if plan.width > 1 and (len(plans) > 1 or plan.batch > 1):
+                return None  # several columns: one row of one session (a speculative step, a short prompt)
             store = cache.pool.k if isinstance(cache, PagedCache) else cache.k
             if store.dtype != torch.float32 or store.device.type != "cpu" or not store.is_contiguous():
                 return None
             for r, n in zip(plan.cache_rows, plan.new_lengths, strict=True):
-                if cache.lengths[r] != n - 1:
-                    return None  # a padding row (it adds no position)
-                rows.append((cache, r, n - 1))
+                if cache.lengths[r] != n - plan.width:
+                    return None  # a padding row (it adds fewer positions)
+                rows.extend((cache, r, p) for p in range(n - plan.width, n))
         return DecodeRows(rows)
 
 
@@ -108,8 +114,8 @@ class StageDecoder:
             d.window = b.window or 0
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> None:
-        """h [B, 1, hidden] (float32, contiguous, the stage's own: updated in place); cos, sin: [B, ..., D] at each
-        row's position."""
+        """h [B, T, hidden] (float32, contiguous, the stage's own: updated in place), B * T = rows.count (T > 1:
+        one row's columns); cos, sin: [B, ..., T, D] at each row's position."""
         B, D = rows.count, self.head_dim
         cos, sin = cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()
         need = self.lib.ll_decode_scratch_bytes(

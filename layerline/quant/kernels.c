@@ -1299,9 +1299,10 @@ static inline int64_t kv_slot(const ll_kvrow *kv, int64_t layer, int64_t h, int6
 /* One (row, kv head) of a decode step's attention in layer `layer`: rotary on k (written to the cache at pos)
    and on the G query heads of this kv head, softmax(q k / sqrt(D)) v over slots [lo, pos] in a fixed order.
    x: the row's projections [(H + 2 Hkv) * D]; c, s: the rotary table at pos; out: the row's [H * D]. */
-static void attend_head(const float *x, const float *c, const float *s, const ll_kvrow *kv, int64_t layer,
-                        int64_t lo, int64_t H, int64_t Hkv, int64_t D, int64_t h, float scale, float *out) {
-    const int64_t G = H / Hkv, half = D / 2;
+/* The rotated key and the value of KV head h of a row's new position, into its cache slot. */
+static void store_head(const float *x, const float *c, const float *s, const ll_kvrow *kv, int64_t layer, int64_t H,
+                       int64_t Hkv, int64_t D, int64_t h) {
+    const int64_t half = D / 2;
     const float *kn = x + (H + h) * D, *vn = x + (H + Hkv + h) * D;
     float *kslot = kv->k + kv_slot(kv, layer, h, kv->pos), *vslot = kv->v + kv_slot(kv, layer, h, kv->pos);
     for (int64_t d = 0; d < D; d++) {
@@ -1309,6 +1310,12 @@ static void attend_head(const float *x, const float *c, const float *s, const ll
         kslot[d] = kn[d] * c[d] + swapped * s[d];
         vslot[d] = vn[d];
     }
+}
+
+/* Attention of the query heads of KV head h of a row over its cache slots lo..pos (already stored). */
+static void attend_head(const float *x, const float *c, const float *s, const ll_kvrow *kv, int64_t layer,
+                        int64_t lo, int64_t H, int64_t Hkv, int64_t D, int64_t h, float scale, float *out) {
+    const int64_t G = H / Hkv, half = D / 2;
     const int64_t n = kv->pos - lo + 1;
     float qr[512], p_stack[2048];
     float *p = n <= 2048 ? p_stack : (float *)malloc((size_t)n * sizeof(float));
@@ -1374,7 +1381,8 @@ int64_t ll_decode_scratch_bytes(const ll_layer *L, int64_t nlayers, int64_t rows
     return 4 * rows * ((H + 2 * Hkv) * D + H * D + 2 * inter) + lin + 256;
 }
 
-/* A decode step (one new position per row) through `nlayers` quantized layers, in place on h [rows, hidden]:
+/* A decode step (one new position per row; rows may be sessions, or the columns of one session's step) through
+   `nlayers` quantized layers, in place on h [rows, hidden]:
    per layer h += o(attention(rotary(qkv(rmsnorm(h))))) and h += down(swiglu(gate_up(rmsnorm(h)))), the same calls
    in the same order as the layer-by-layer path, so the numbers are the same; cos, sin: [rows, D] at each row's
    position; kv: where each row keeps its K/V. One call instead of a few dozen from Python per token. */
@@ -1390,6 +1398,11 @@ void ll_decode_layers(const ll_layer *L, int64_t nlayers, float *h, int64_t rows
         add_bias(qkv, l->qkv_bias, rows, nqkv);
         int64_t longest = 0;
         for (int64_t b = 0; b < rows; b++) longest = kv[b].pos > longest ? kv[b].pos : longest;
+        /* every row's new K/V first: rows may be consecutive positions of one sequence (a speculative step's
+           columns), each attending to the ones before it */
+        for (int64_t task = 0; task < rows * Hkv; task++)
+            store_head(qkv + (task / Hkv) * nqkv, cos + (task / Hkv) * D, sin + (task / Hkv) * D, &kv[task / Hkv], i,
+                       H, Hkv, D, task % Hkv);
 #pragma omp parallel for schedule(static) num_threads(nthreads) \
     if (nthreads > 1 && rows * Hkv > 1 && rows * Hkv * (longest + 1) * D > (1 << 16))
         for (int64_t task = 0; task < rows * Hkv; task++) {
