@@ -49,7 +49,7 @@ def count_all(values):
         count = count + 1
     return count
 """
-TASK = f"Rewrite this Python code exactly, but rename the variable `value` to `item`:\n\n{CODE}"
+TASK = f"```python\n{CODE}```\nFix the style of this code and show the full file."
 SPLIT = ["0:10", "10:20", "20:30"]
 
 
@@ -75,14 +75,14 @@ def worker(args: argparse.Namespace) -> None:
             out["prefill_s"] = statistics.median(times)
         else:
             opts = {"speculate": job["speculate"]} if job.get("speculate") else {}
-            c.chat(messages, max_new_tokens=2, stop_token_ids=[], stream=False, **opts)  # warm-up
+            c.chat(messages, max_new_tokens=2, stream=False, **opts)  # warm-up
             ones, ns, ids = [], [], []
             for _ in range(job["repeats"]):
                 t = time.perf_counter()
-                c.chat(messages, max_new_tokens=1, stop_token_ids=[], stream=False, **opts)
+                c.chat(messages, max_new_tokens=1, stream=False, **opts)
                 ones.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                g = c.chat(messages, max_new_tokens=job["tokens"], stop_token_ids=[], stream=False, **opts)
+                g = c.chat(messages, max_new_tokens=job["tokens"], stream=False, **opts)  # to its end
                 ns.append(time.perf_counter() - t)
                 ids = g.token_ids
             out["tok_s"] = (len(ids) - 1) / max(1e-9, statistics.median(ns) - statistics.median(ones))
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="embedded model name, HF folder or GGUF file (30 layers)")
     ap.add_argument("--delay", type=float, default=0.01, help="one-way seconds per link")
     ap.add_argument("--mbit", type=float, default=100.0, help="rate of every link, Mbit/s")
-    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=128, help="tokens at most (the answer ends before)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all configurations")
     ap.add_argument("--out", default=None)
@@ -172,8 +172,9 @@ def report(results: dict[str, list[dict]], args) -> list[str]:
     lines = [
         f"Machine: {benchlib.machine()}. SmolLM2-135M-Instruct (Q4_1 GGUF) in 3 stages of 10 layers, each on a test "
         f"host of its own, the client on a fourth; every link {args.delay * 1000:g} ms one way and "
-        f"{args.mbit:g} Mbit/s. Task: rewrite a 12-line function pair with one name changed (greedy), "
-        f"{args.tokens} tokens; medians of {args.repeats} x {args.rounds} interleaved repeats.",
+        f"{args.mbit:g} Mbit/s. Task (a chat, greedy): 'Fix the style of this code and show the full file' on a 12-line "
+        f"pair of functions; the answer ({len(plain)} tokens) restates the code. Medians of {args.repeats} x "
+        f"{args.rounds} interleaved repeats.",
         "",
         "| setup | decode tok/s | vs server loop | same tokens | proposals accepted |",
         "|---|---|---|---|---|",

@@ -685,11 +685,13 @@ class StageModel(nn.Module):
         cache: KVCache | None = None,
         rows: list[int] | None = None,
         last_only: bool = False,
+        decode_columns: bool = False,
     ) -> torch.Tensor:
         """x: token ids [B, T] (first stage) or hidden states [B, T, hidden] (later stages).
         positions: [B, T] int64, -1 marks padding; None = continue each row from its cache length (or 0).
         Returns hidden states [B, T, hidden], or float32 logits [B, T|1, vocab] at the last stage
-        (only the last column with `last_only`)."""
+        (only the last column with `last_only`). `decode_columns`: the T columns (one row) stand for T decode
+        steps (speculative decoding) and are computed as those would be (quantized weights: the decode kernel)."""
         x = self._check_input(x)
         B, T = x.shape[:2]
         if positions is None:
@@ -705,7 +707,9 @@ class StageModel(nn.Module):
             plan = cache.plan(positions, rows, self.windows)
         h = self._embed(x)
         cos, sin = self.rotary.lookup(plan.positions, self.dtype, top=plan.top)
-        rows = DecodeRows.of([plan], [cache], self.config.head_dim) if self.decoder is not None else None
+        rows = None
+        if self.decoder is not None:
+            rows = DecodeRows.of([plan], [cache], self.config.head_dim, decode_columns)
         if rows is not None:  # a decode step: all layers in one call (quant/decode.py)
             self.decoder(h, cos, sin, rows)
         else:

@@ -38,8 +38,8 @@ def ngram_propose(tokens: Sequence[int], k: int, max_n: int = MAX_NGRAM) -> list
 
 @dataclass
 class AdaptiveK:
-    """Proposals per round: a fixed `k`, or (fixed None) one that grows by 2 while every proposal is accepted, halves
-    when none is, and becomes accepted + 1 when some are, between 1 and `hi`."""
+    """Proposals per round: a fixed `k`, or (fixed None) one that doubles while every proposal is accepted, halves
+    when none is, and becomes accepted + 2 when some are, between 1 and `hi`."""
 
     fixed: int | None = None
     hi: int = 16
@@ -53,11 +53,11 @@ class AdaptiveK:
         if self.fixed is not None or proposed == 0:
             return
         if accepted >= proposed:
-            self.k = min(self.hi, self.k + 2)
+            self.k = min(self.hi, self.k * 2)
         elif accepted == 0:
             self.k = max(1, self.k // 2)
         else:
-            self.k = max(1, min(self.hi, accepted + 1))
+            self.k = max(1, min(self.hi, accepted + 2))
 
 
 def check(method: str | None, k: int | None) -> list[str]:

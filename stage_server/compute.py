@@ -116,7 +116,9 @@ class StepCompute:
             last_only = step.sample and item.targets is None and not step.drafts
             before = cache.promised
             try:
-                out = session.model(item.x, item.positions, cache, item.rows, last_only=last_only)
+                out = session.model(
+                    item.x, item.positions, cache, item.rows, last_only=last_only, decode_columns=step.drafts > 0
+                )
             finally:  # the blocks promised to the step and not taken go back
                 cache.end_promise(item.kv_promised - (before - cache.promised))
                 item.kv_promised = 0

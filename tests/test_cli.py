@@ -112,6 +112,21 @@ def test_stage_flags_and_stage_config_share_their_defaults():
     assert "(default 600)" in text and "(default 64MiB)" in text and "(default 1)" in text, text
 
 
+def test_the_wire_dtype_follows_a_16_bit_compute_dtype_unless_given():
+    from layerline.cli import build_parser
+    from layerline.cli.stage import wire_dtype_of
+
+    parser = build_parser()
+
+    def wire(*flags: str) -> str:
+        return wire_dtype_of(parser.parse_args(["stage", "--layers", "0:1", *flags]))
+
+    assert wire() == "float32"  # the file's weights (quantized blocks compute in float32)
+    assert wire("--dtype", "bfloat16") == "bfloat16" and wire("--dtype", "float16") == "float16"
+    assert wire("--dtype", "float32") == "float32"
+    assert wire("--dtype", "bfloat16", "--wire-dtype", "float32") == "float32"
+
+
 def test_stage_refuses_packed_weights_it_cannot_use(tiny_checkpoint):
     folder, _ = tiny_checkpoint(TinySpec("qwen2", layers=4))
     out = layerline("stage", "--model", folder, "--layers", "0:2", "--pack-weights", "--dtype", "bfloat16")

@@ -117,7 +117,7 @@ def test_batched_sessions_on_quantized_weights_equal_each_session_alone(tiny_ggu
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_a_short_step_of_one_row_computes_what_its_decode_steps_do(tiny_gguf, qtype, paged):
+def test_a_speculative_step_computes_what_its_decode_steps_do(tiny_gguf, qtype, paged):
     """A speculative decoding step (the last token and its proposals as one step of a few columns) must give, at
     each position, the logits the decode steps of those tokens one by one give: the same kernels in the same order,
     so that greedy verification accepts exactly what plain greedy decoding would have produced."""
@@ -138,7 +138,7 @@ def test_a_short_step_of_one_row_computes_what_its_decode_steps_do(tiny_gguf, qt
     stage.forward(prompt, cache=one)
     stage.forward(prompt, cache=many)
     singles = [stage.forward(step[:, t : t + 1], cache=one) for t in range(step.shape[1])]  # positions 14, 15, ...
-    together = stage.forward(step, cache=many)  # across a block boundary (16) when paged
+    together = stage.forward(step, cache=many, decode_columns=True)  # across a block boundary (16) when paged
     for t, single in enumerate(singles):
         assert torch.equal(together[:, t], single[:, 0]), t
     assert many.lengths == one.lengths == [20]

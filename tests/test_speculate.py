@@ -58,16 +58,19 @@ def test_adaptive_k_grows_while_accepted_and_shrinks_when_not():
     k = AdaptiveK()
     start = k.k
     k.update(start, start)
-    assert k.k == start + 2
+    assert k.k == 2 * start
     k.update(k.k, 0)
-    assert k.k == (start + 2) // 2
+    assert k.k == start
     k.update(3, 1)
-    assert k.k == 2
+    assert k.k == 3  # accepted + 2
     k.update(0, 0)  # nothing proposed: nothing learned
-    assert k.k == 2
+    assert k.k == 3
     for _ in range(20):
         k.update(k.k, k.k)
     assert k.k == k.hi
+    for _ in range(20):
+        k.update(k.k, 0)
+    assert k.k == 1
     fixed = AdaptiveK(fixed=5)
     fixed.update(5, 0)
     assert fixed.k == 5

@@ -81,8 +81,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
     stage.add_argument(
         "--wire-dtype",
         choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="dtype of the hidden states sent to the next stage (default float32)",
+        default="",
+        help="dtype of the hidden states sent to the next stage (default: the stage's compute dtype given by "
+        "--dtype bfloat16 or float16, else float32; quantized weights compute in float32)",
     )
     stage.add_argument(
         "--cpus",
@@ -107,6 +108,12 @@ def fewer_malloc_arenas() -> None:
         ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def wire_dtype_of(args: argparse.Namespace) -> str:
+    """--wire-dtype, or the dtype the stage computes in when that is a 16-bit one (a bfloat16 stage's hidden states
+    lose nothing on a bfloat16 wire and take half the bytes); quantized and float32 stages send float32."""
+    return args.wire_dtype or (args.dtype if args.dtype in ("bfloat16", "float16") else "float32")
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -143,7 +150,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             end=end,
             dtype=FLOAT_DTYPES[args.dtype] if args.dtype else None,
             quantize=args.quantize,
-            wire_dtype=FLOAT_DTYPES[args.wire_dtype],
+            wire_dtype=FLOAT_DTYPES[wire_dtype_of(args)],
             **given,
             security=security_of(args),
         )

@@ -12,9 +12,9 @@ last-bit difference becomes a different rounding now and then, and a replica wit
 generate other tokens than the stage it replaces. Here every (row, KV head) is one task summing in a fixed order.
 
 `DecodeRows.of` says where each row of a step keeps its K/V (rows may be different sessions' caches, or the columns of
-one session's short step: a speculative decoding step then computes each position as a decode step would), or None
-when the step is not one this path takes (a long step, several rows of several columns, a padding row, an unusual
-cache), and the stage then goes layer by layer.
+one session's speculative decoding step, each position then computed as the decode step it stands for would be), or
+None when the step is not one this path takes (a prompt's columns, a padding row, an unusual cache), and the stage
+then goes layer by layer.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from layerline.paged_kv import PagedCache
 from layerline.quant.build import kernels
 
 MAX_HEAD_DIM = 512  # the kernel keeps one rotated query head on its stack
-# the most columns of one row a step may have to go this way: a speculative step (the last token and up to 16
-# proposals) gets the numbers of the decode steps it stands for; longer steps (prompts) go layer by layer
+# the most columns of a speculative step (the last token and up to 16 proposals), which goes this way to get the
+# numbers of the decode steps it stands for (a prompt's columns go layer by layer, as they always have)
 MAX_COLUMNS = 17
 
 
@@ -70,14 +70,19 @@ class DecodeRows:
 
     @staticmethod
     def of(
-        plans: Sequence[ForwardPlan], caches: Sequence[KVCache | PagedCache | None], head_dim: int
+        plans: Sequence[ForwardPlan],
+        caches: Sequence[KVCache | PagedCache | None],
+        head_dim: int,
+        columns: bool = False,
     ) -> DecodeRows | None:
+        """`columns`: a step of several columns stands for that many decode steps (speculative decoding) and goes
+        this way too (one row of one session, at most MAX_COLUMNS); else only one-column steps do."""
         rows = []
         for plan, cache in zip(plans, caches, strict=True):
-            if cache is None or plan.width > MAX_COLUMNS or head_dim > MAX_HEAD_DIM:
+            if cache is None or plan.width > (MAX_COLUMNS if columns else 1) or head_dim > MAX_HEAD_DIM:
                 return None
             if plan.width > 1 and (len(plans) > 1 or plan.batch > 1):
-                return None  # several columns: one row of one session (a speculative step, a short prompt)
+                return None
             store = cache.pool.k if isinstance(cache, PagedCache) else cache.k
             if store.dtype != torch.float32 or store.device.type != "cpu" or not store.is_contiguous():
                 return None
