@@ -376,7 +376,7 @@ class AsyncSession:
                 truncate = self.fed = attached
         if self._spill and truncate is None:  # roll back what a speculative step left past `fed`
             truncate = self.fed
-            self._spill = False
+        self._spill = False  # the first chunk's truncate leaves the caches holding `fed` positions exactly
         pending = self.history[self.fed :]
         loop = self._loop(opts.max_new_tokens - drawn, stop_ids, opts)
         for c0 in range(0, len(pending), self._chunk):
