@@ -311,17 +311,15 @@ class AsyncSession:
                                 break
                         if self.phase is Phase.DONE:
                             break
-                        run = []
-                        if self._looping:
-                            run = await self._next_tokens(seq)
-                        else:  # feed the token back ourselves (no server loop, or it ended), with proposals
+                        drafts = 0
+                        if not self._looping:  # feed the token back ourselves (no server loop, or it ended)
                             seq, drafts = await self._step_on(opts, len(out_ids), stop_ids, adaptive)
-                            run = await self._next_tokens(seq)
-                            if drafts:
-                                self.fed += len(run) - 1  # the accepted proposals are in the caches
-                                self.drafted += drafts
-                                self.accepted += len(run) - 1
-                                adaptive.update(drafts, len(run) - 1)  # type: ignore[union-attr]
+                        run = await self._next_tokens(seq)
+                        if drafts:
+                            self.fed += len(run) - 1  # the accepted proposals are in the caches
+                            self.drafted += drafts
+                            self.accepted += len(run) - 1
+                            adaptive.update(drafts, len(run) - 1)  # type: ignore[union-attr]
                     except RPCError as e:
                         await move(e)
                         truncate = None
