@@ -103,14 +103,16 @@ class AsyncSession:
         self.max_length = self.max_length or min(limit, 4096)
         cfg = self.client.config
         t = tensor_pb2
-        wire = {"": 0, "float32": t.FLOAT32, "float16": t.FLOAT16, "bfloat16": t.BFLOAT16}.get(cfg.wire_dtype)
+        wire = {"": 0, "float32": t.FLOAT32, "float16": t.FLOAT16, "bfloat16": t.BFLOAT16, "int8": t.INT8_ROWS}.get(
+            cfg.wire_dtype
+        )
         if wire is None:
-            raise RPCError(INVALID, f"wire_dtype {cfg.wire_dtype!r} is not float32, float16 or bfloat16")
+            raise RPCError(INVALID, f"wire_dtype {cfg.wire_dtype!r} is not float32, float16, bfloat16 or int8")
         # prompt chunks small enough that the hidden states of one chunk fit every stage's message limit
         limit = min(
             [cfg.max_message_bytes] + [link.info.max_message_bytes for link in links if link.info.max_message_bytes]
         )
-        itemsize = 2 if wire in (t.FLOAT16, t.BFLOAT16) else 4  # stage defaults: assume float32
+        itemsize = {t.FLOAT16: 2, t.BFLOAT16: 2, t.INT8_ROWS: 1}.get(wire, 4)  # stage defaults: assume float32
         per_token = (itemsize * links[0].info.hidden_size + 64) * self.rows  # + positions, token id, framing
         self._chunk = max(1, min(cfg.prefill_chunk, int(limit * 0.8) // per_token))
         ids = [""] * len(links)

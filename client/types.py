@@ -26,7 +26,9 @@ class ClientConfig:
     connect_timeout: float = 15.0  # seconds for Info / OpenSession / CloseSession calls
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest message sent or received
     prefill_chunk: int = 512  # prompt tokens per step (fewer when the hidden states would not fit a message)
-    wire_dtype: str = ""  # "float32", "float16" or "bfloat16" for hidden states between stages; "" = stage default
+    # "float32", "float16", "bfloat16" or "int8" (a scale per token: a quarter of float32's bytes, for slow links)
+    # for hidden states between stages; "" = stage default
+    wire_dtype: str = ""
     server_loop: bool = True  # the last stage feeds sampled tokens back to the first (N hops per token); False: the
     # client feeds each token back itself (N + 1 hops; kept for comparison and for stages without loops)
     # a new session (or one moved to another chain) first asks each stage for the longest prefix of its tokens the

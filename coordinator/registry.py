@@ -5,8 +5,10 @@ Rules (the coordinator is never on the token path, and its state is soft):
 - A stage registers with its measured capacity and what it serves now, and heartbeats every `heartbeat_s`; one
   that misses `miss_limit` heartbeats is dropped. A stage registering again from the same address replaces its old
   entry.
-- Plans change only when membership does: a stage of the plan dropped (a new plan is made at once), or a stage
-  joined and a new plan would be at least `min_gain` faster at the bottleneck. A new plan gets the next version;
+- Plans optimise the registry's `objective` (placement.py: "latency", one session's time per token around the
+  ring, single-node first; or "throughput", the bottleneck of pipelined sessions). Plans change only when
+  membership does: a stage of the plan dropped (a new plan is made at once), or a stage joined and a new plan would
+  be at least `min_gain` better by the objective. A new plan gets the next version;
   each stage learns its new range from its next heartbeat.
 - The first plan waits `settle_s` after the first registration (or for `expected_stages`), so that stages starting
   together are placed together. After a coordinator restart the stages register again with the ranges they serve:
@@ -22,8 +24,14 @@ Rules (the coordinator is never on the token path, and its state is soft):
   serves, and keeps the ratio (its load factor, smoothed, at least 1: slower than it measured alone is real, faster
   is a lightly loaded stage that a plan must not count on) on the measured figures. Planning,
   predictions and routes use the measured figures times the factor. At most every `refine_s` seconds, when a
-  fresh plan from the refined figures is at least `min_gain` faster at the bottleneck than the plan in force (also
-  judged by the refined figures), it is installed like a plan for a join.
+  fresh plan from the refined figures is at least `min_gain` better than the plan in force (also judged by the
+  refined figures), it is installed like a plan for a join.
+- Links: each stage measures its links to the others (the coordinator names them in its heartbeat answers) and
+  heartbeats them; plans weigh each hop's latency and the hidden state's bytes over its bandwidth, and choose the
+  chain's order. New link figures are a refinement like the load factor (at most every `refine_s`).
+- Measured pace: a chain's first stage heartbeats its server-loop rounds (one token of one session back at the
+  first stage) and its prompts (first chunk in to first token back) with the time they took; the coordinator keeps
+  the rate of the last window of each, which status shows next to the prediction.
 - The route is the fastest chain of ready stages by what they serve now (the plan's, once its stages have loaded
   their ranges; until then the chain they still serve), each stage's predicted time weighted by the sessions it
   already has, so that new sessions spread over replica chains - the coordinator never sends clients to a stage
@@ -40,13 +48,16 @@ from dataclasses import dataclass, field, replace
 
 from layerline.config import ModelConfig
 from layerline.coordinator.placement import (
-    Assignment,
+    OBJECTIVES,
+    Link,
     ModelShape,
+    Network,
     PlacementError,
     Plan,
     StageCapacity,
     WeightBytes,
     assign_replicas,
+    chain_plan,
     place,
     stage_cost,
 )
@@ -75,6 +86,11 @@ class StageEntry:
     load_factor: float = 1.0  # observed / predicted decode time per step under load (1: not observed yet)
     observed: tuple[int, float] | None = None  # the decode counters (steps, seconds) of the last observation
     factor_seen: bool = False  # load_factor comes from an observation
+    links: dict[str, Link] = field(default_factory=dict)  # to other stages, by their address, as it measured them
+    pace: tuple[int, float, int, float] = (0, 0.0, 0, 0.0)  # its last pace counters (rounds, s, prompt tokens, s)
+    decode_rate: float = 0.0  # tokens/s of one session at this first stage, over the last window (0: none) ...
+    prefill_rate: float = 0.0  # ... and prompt tokens/s ...
+    paced_at: tuple[float, float] = (-math.inf, -math.inf)  # ... measured then (registry clock)
 
     @property
     def held(self) -> tuple[int, int]:
@@ -108,6 +124,12 @@ class Registry:
     observe_steps: int = 32  # decode steps a load-factor observation needs at least
     refine_s: float = 30.0  # seconds between re-plans from refined capacities, at least (0: never refine)
     last_refined: float = 0.0
+    objective: str = "latency"  # what plans optimise (placement.OBJECTIVES)
+    pace_rounds: int = 8  # server-loop rounds a measured decode rate needs at least
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
     # ---- membership ----------------------------------------------------------------------------------------------
 
@@ -174,6 +196,8 @@ class Registry:
         resident_bytes: int = 0,
         device_memory: tuple[int, int] = (0, 0),
         kv_blocks: tuple[int, int, int] = (0, 0, 0),
+        links: dict[str, Link] | None = None,
+        pace: tuple[int, float, int, float] = (0, 0.0, 0, 0.0),
     ) -> StageEntry:
         self.expire()
         entry = self.stages.get(stage_id)
@@ -186,6 +210,11 @@ class Registry:
             raise BadInputError("decode_steps and decode_seconds must be non-negative counters")
         if min(weight_bytes, resident_bytes, kv_bytes_used, *device_memory, *kv_blocks) < 0:
             raise BadInputError("memory figures must not be negative")
+        if not all(math.isfinite(x) and x >= 0 for x in pace):
+            raise BadInputError("pace counters must be finite and non-negative")
+        for address, link in (links or {}).items():
+            if not (0 <= link.rtt_s < 600 and 0 <= link.bytes_per_s < 1e15):  # also NaN
+                raise BadInputError(f"link to {address}: rtt_s and bytes_per_s must be finite and non-negative")
         if serving != entry.serving:
             entry.observed = None  # other layers: observe afresh
         entry.serving, entry.ready = serving, ready and serving != (0, 0)
@@ -193,9 +222,45 @@ class Registry:
         entry.weight_bytes, entry.resident_bytes = weight_bytes, resident_bytes
         entry.device_memory, entry.kv_blocks = device_memory, kv_blocks
         entry.last_seen = self.clock()
-        if self._observe(entry, decode_steps, decode_seconds):
+        self._pace(entry, pace)
+        moved = links is not None and _links_moved(entry.links, links)
+        if links is not None:
+            entry.links = dict(links)
+        if self._observe(entry, decode_steps, decode_seconds) or moved:
             self._refine()
         return entry
+
+    def _pace(self, entry: StageEntry, pace: tuple[int, float, int, float]) -> None:
+        """The rates of the window since the last heartbeat that brought enough rounds (or a prompt)."""
+        rounds, spent, tokens, prefill = pace
+        last = entry.pace
+        if rounds < last[0] or tokens < last[2]:  # a restarted stage
+            entry.pace = pace
+            return
+        n, s = rounds - last[0], spent - last[1]
+        t, p = tokens - last[2], prefill - last[3]
+        now = self.clock()
+        if n >= self.pace_rounds and s > 0:
+            entry.decode_rate, entry.paced_at = n / s, (now, entry.paced_at[1])
+            entry.pace = (rounds, spent, *entry.pace[2:])
+        if t > 0 and p > 0:
+            entry.prefill_rate, entry.paced_at = t / p, (entry.paced_at[0], now)
+            entry.pace = (*entry.pace[:2], tokens, prefill)
+
+    def peers(self, stage_id: str) -> list[str]:
+        """The addresses a stage should measure its links to: every other stage."""
+        return sorted(s.address for s in self.stages.values() if s.id != stage_id)
+
+    def network(self) -> Network:
+        """The links the stages measured, by stage id."""
+        ids = {s.address: s.id for s in self.stages.values()}
+        links = {
+            (s.id, ids[address]): link
+            for s in self.stages.values()
+            for address, link in s.links.items()
+            if address in ids and ids[address] != s.id
+        }
+        return Network(links, self.model.hidden_size)
 
     def _observe(self, entry: StageEntry, steps: int, seconds: float) -> bool:
         """Fold a heartbeat's decode counters into the stage's load factor; True when it changed."""
@@ -239,9 +304,35 @@ class Registry:
             new = self.dry_run()
         except PlacementError:
             return
-        if new.ranges() != self.plan.ranges() and new.bottleneck_s < self.bottleneck() * (1 - self.min_gain):
+        if new.ranges() != self.plan.ranges() and new.score() < self.score() * (1 - self.min_gain):
             self.last_refined = now
             self._install(new)
+
+    def current(self) -> Plan | None:
+        """The plan in force with its predicted figures by the refined capacities and the links now (None without
+        a plan, or while a stage of it is gone)."""
+        if self.plan is None or not all(a.name in self.stages for a in self.plan.assignments):
+            return None
+        chain = [(self.stages[a.name].capacity, a.start, a.end) for a in self.plan.assignments]
+        return chain_plan(self.model, chain, self.network(), self.objective)
+
+    def score(self) -> float:
+        """What the objective minimises, for the plan in force now (inf: no whole plan)."""
+        plan = self.current()
+        return plan.score() if plan is not None else math.inf
+
+    def measured(self) -> tuple[float, float]:
+        """(decode tokens/s of one session, prefill tokens/s) as last measured at a first stage of the plan's
+        chain or of a replica chain (0: none yet)."""
+        if self.plan is None:
+            return 0.0, 0.0
+        span = (self.plan.assignments[0].start, self.plan.assignments[0].end)
+        firsts = [s for s in self.stages.values() if s.id == self.plan.assignments[0].name or s.serving == span]
+        if not firsts:
+            return 0.0, 0.0
+        decode = max(firsts, key=lambda s: s.paced_at[0])
+        prefill = max(firsts, key=lambda s: s.paced_at[1])
+        return decode.decode_rate, prefill.prefill_rate
 
     def bottleneck(self) -> float:
         """The plan in force's slowest stage per token, by the refined capacities (0 without a plan)."""
@@ -288,7 +379,7 @@ class Registry:
 
     def dry_run(self) -> Plan:
         """What would be assigned now (PlacementError when nothing fits)."""
-        return place(self.model, [s.capacity for s in self._ordered()])
+        return place(self.model, [s.capacity for s in self._ordered()], self.network(), self.objective)
 
     def _ordered(self) -> list[StageEntry]:
         return sorted(self.stages.values(), key=lambda s: s.address)
@@ -304,7 +395,7 @@ class Registry:
             return
         self.problem = ""
         intact = self.plan is not None and all(a.name in self.stages for a in self.plan.assignments)
-        if intact and joined and new.bottleneck_s > self.bottleneck() * (1 - self.min_gain):
+        if intact and joined and new.score() > self.score() * (1 - self.min_gain):
             self._assign_standby()
             return
         if intact and new.ranges() == self.plan.ranges():  # type: ignore[union-attr]
@@ -351,7 +442,7 @@ class Registry:
         chain = []
         for a in plan.assignments:
             if a.name in self.stages:
-                chain.append(a)
+                chain.append((self.stages[a.name].capacity, a.start, a.end))
                 continue
             costs = {
                 s.id: stage_cost(s.capacity, a.end - a.start, a.start == 0, a.end == L)
@@ -362,8 +453,12 @@ class Registry:
                 return False
             stand_in = min(costs, key=costs.__getitem__)
             used.add(stand_in)
-            chain.append(Assignment(stand_in, a.start, a.end, costs[stand_in], a.prefill_s_per_token, a.weight_bytes))
-        promoted = Plan(tuple(chain), {s.id: "replica" for s in self.stages.values() if s.id not in used})
+            chain.append((self.stages[stand_in].capacity, a.start, a.end))
+        used |= {s.name for s, _, _ in chain}
+        promoted = replace(
+            chain_plan(self.model, chain, self.network(), self.objective),
+            left_out={s.id: "replica" for s in self.stages.values() if s.id not in used},
+        )
         self._install(promoted)
         self._replan(joined=True)  # a better plan without the dead stages, if one is worth the reload
         return True
@@ -373,18 +468,10 @@ class Registry:
         chain = self._fastest_chain(lambda s: s.serving != (0, 0))
         if chain is None:
             return False
-        assignments = []
-        for sid in chain:
-            s = self.stages[sid]
-            a, b = s.serving
-            first, last = a == 0, b == self.model.num_layers
-            assignments.append((sid, a, b, stage_cost(s.capacity, b - a, first, last)))
-        plan = Plan(
-            tuple(
-                Assignment(sid, a, b, cost, 0.0, 0)  # weights are already loaded: not re-counted
-                for sid, a, b, cost in assignments
-            ),
-            {s.id: "not in the adopted chain" for s in self.stages.values() if s.id not in chain},
+        served = [(self.stages[sid].capacity, *self.stages[sid].serving) for sid in chain]
+        plan = replace(
+            chain_plan(self.model, served, self.network(), self.objective),
+            left_out={s.id: "not in the adopted chain" for s in self.stages.values() if s.id not in chain},
         )
         self.problem = ""
         self._install(plan)
@@ -489,7 +576,26 @@ def model_shape(config: ModelConfig, stored: dict[str, str] | None = None) -> Mo
     quantized = {
         name: WeightBytes(*model_bytes(config, from_name(name), stored)) for name in ("stored", "int8", "int4")
     }
-    return ModelShape(config.num_layers, layer, embed, head, tied=config.tie_word_embeddings, quantized=quantized)
+    return ModelShape(
+        config.num_layers,
+        layer,
+        embed,
+        head,
+        tied=config.tie_word_embeddings,
+        quantized=quantized,
+        hidden_size=config.hidden_size,
+    )
+
+
+def _links_moved(old: dict[str, Link], new: dict[str, Link]) -> bool:
+    """New links, or a round trip or bandwidth that changed by more than a fifth: worth a look at the plan."""
+    if set(old) != set(new):
+        return True
+
+    def far(a: float, b: float) -> bool:
+        return abs(a - b) > 0.2 * max(a, b)
+
+    return any(far(old[k].rtt_s, new[k].rtt_s) or far(old[k].bytes_per_s, new[k].bytes_per_s) for k in new)
 
 
 def _check_capacity(c: StageCapacity) -> None:

@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,7 +25,15 @@ from prometheus_client import CollectorRegistry
 
 from layerline.checkpoint import open_checkpoint
 from layerline.config import ModelConfig, config_to_json, model_fingerprint
-from layerline.coordinator.placement import PlacementError, StageCapacity, assign_replicas, stage_cost
+from layerline.coordinator.placement import (
+    Alternative,
+    Link,
+    PlacementError,
+    Plan,
+    StageCapacity,
+    assign_replicas,
+    stage_cost,
+)
 from layerline.coordinator.registry import Registry, StageEntry, model_shape
 from layerline.coordinator.weights import check_request, stream_tensors
 from layerline.errors import BadInputError, CheckpointError, LayerlineError
@@ -64,7 +72,40 @@ def capacity_from_report(report: coordinator_pb2.StageReport) -> StageCapacity:
         prefill_s_per_layer=report.prefill_s_per_layer_token,
         kv_block_size=max(report.kv_block_size, 0),
         kv_bytes_per_layer_position=max(report.kv_bytes_per_layer_position, 0),
+        wire_bytes=report.wire_bytes if report.wire_bytes in (1, 2, 4) else 4,
     )
+
+
+def links_from(reports: Sequence[coordinator_pb2.LinkReport]) -> dict[str, Link]:
+    links = {}
+    for r in reports:
+        if not r.address or not (math.isfinite(r.rtt_s) and math.isfinite(r.bytes_per_s)):
+            raise BadInputError(f"link report {r.address!r}: an address and finite figures are needed")
+        links[r.address] = Link(r.rtt_s, r.bytes_per_s)
+    return links
+
+
+def figures_of(plan: Plan, label: str, addresses: dict[str, str], note: str = "") -> coordinator_pb2.PlanFigures:
+    return coordinator_pb2.PlanFigures(
+        label=label,
+        addresses=[addresses.get(a.name, a.name) for a in plan.assignments],
+        boundaries=[0] + [a.end for a in plan.assignments],
+        decode_tokens_per_s=plan.decode_tokens_per_s,
+        prefill_tokens_per_s=plan.prefill_tokens_per_s,
+        bottleneck_s=plan.bottleneck_s,
+        note=note,
+    )
+
+
+def alternatives_of(
+    alternatives: Sequence[Alternative], addresses: dict[str, str]
+) -> list[coordinator_pb2.PlanFigures]:
+    return [
+        figures_of(alt.plan, alt.label, addresses)
+        if alt.plan is not None
+        else coordinator_pb2.PlanFigures(label=alt.label, note=alt.note)
+        for alt in alternatives
+    ]
 
 
 def _assignment(entry: StageEntry) -> coordinator_pb2.Assignment:
@@ -146,10 +187,17 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 request.resident_bytes,
                 (request.device_memory_used, request.device_memory_total),
                 (request.kv_blocks_total, request.kv_blocks_used, request.kv_blocks_cached),
+                links_from(request.links) if request.links else None,
+                (
+                    request.pace.decode_rounds,
+                    request.pace.decode_seconds,
+                    request.pace.prefill_tokens,
+                    request.pace.prefill_seconds,
+                ),
             )
         except LayerlineError as e:
             await self._fail(context, e)
-        return coordinator_pb2.HeartbeatResponse(assignment=_assignment(entry))
+        return coordinator_pb2.HeartbeatResponse(assignment=_assignment(entry), peers=self.registry.peers(entry.id))
 
     async def Leave(
         self, request: coordinator_pb2.LeaveRequest, context: grpc.aio.ServicerContext
@@ -205,11 +253,36 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     resident_bytes=s.resident_bytes,
                     device_memory_used=s.device_memory[0],
                     device_memory_total=s.device_memory[1],
+                    links=[
+                        coordinator_pb2.LinkReport(address=a, rtt_s=link.rtt_s, bytes_per_s=link.bytes_per_s)
+                        for a, link in sorted(s.links.items())
+                    ],
                 )
             )
+        out.objective = reg.objective
         if reg.plan is not None:
             out.predicted_bottleneck_s = reg.bottleneck()
             out.predicted_total_s = sum(s.predicted_decode_s for s in out.stages if not s.replica)
+            addresses = {s.id: s.address for s in reg.stages.values()}
+            current = reg.current()
+            if current is not None:
+                out.figures.append(figures_of(current, "plan in force", addresses))
+                with contextlib.suppress(PlacementError):
+                    fresh = reg.dry_run()
+                    if fresh.ranges() != current.ranges():
+                        note = (
+                            "better by less than the margin that is worth a move"
+                            if fresh.score() < current.score()
+                            else ""
+                        )
+                        out.figures.append(figures_of(fresh, "a plan made now", addresses, note))
+                    out.figures.extend(
+                        alternatives_of(
+                            [a for a in fresh.alternatives if a.plan is None or a.plan.ranges() != current.ranges()],
+                            addresses,
+                        )
+                    )
+            out.measured_decode_tokens_per_s, out.measured_prefill_tokens_per_s = reg.measured()
         with contextlib.suppress(LayerlineError):
             choice = reg.route()
             out.route.CopyFrom(
@@ -275,6 +348,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             predicted_bottleneck_s=plan.bottleneck_s,
             predicted_total_s=plan.total_s,
             explanation=text,
+            figures=[figures_of(plan, "plan", addresses), *alternatives_of(plan.alternatives, addresses)],
         )
 
 
@@ -306,6 +380,7 @@ async def start_coordinator(
     metrics_port: int = -1,
     refine_s: float = 30.0,
     weights: WeightFormat | None = None,
+    objective: str = "latency",
 ) -> RunningCoordinator:
     """Serve the coordinator (and the gRPC health and reflection services) on host:port; with `metrics_port` >= 0
     (0: any free port), Prometheus metrics on host:metrics_port."""
@@ -324,6 +399,7 @@ async def start_coordinator(
         settle_s=settle_s,
         expected_stages=expected_stages,
         refine_s=refine_s,
+        objective=objective,
     )
     served = ServedModel(
         model,

@@ -281,9 +281,11 @@ class LocalCoordinator(_Child):
         startup_timeout: float = 60.0,
         env: dict[str, str] | None = None,
         extra_args: Sequence[str] = (),
+        objective: str = "latency",
     ) -> None:
         super().__init__(startup_timeout, env)
-        self.args = ["--heartbeat", str(heartbeat), "--settle", str(settle), "--expect", str(expect), *extra_args]
+        self.args = ["--heartbeat", str(heartbeat), "--settle", str(settle), "--expect", str(expect)]
+        self.args += ["--objective", objective, *extra_args]
         self.model = model
         self.address = ""
         self.metrics = ""  # host:port of its Prometheus metrics, when started with --metrics-port

@@ -143,10 +143,54 @@ def footer(status: coordinator_pb2.ClusterStatus) -> list[str]:
             f"predicted bottleneck {1e3 * status.predicted_bottleneck_s:.2f} ms/token, one token through the chain "
             f"{1e3 * status.predicted_total_s:.2f} ms"
         )
+    lines += plan_lines(status)
+    links = [f"{s.report.address} -> {link.address} {link_text(link)}" for s in status.stages for link in s.links]
+    if links:
+        lines.append("links: " + "; ".join(links))
     if status.route.addresses:
         lines.append("route: " + ",".join(status.route.addresses))
     else:
         lines.append("route: none yet" + (f" ({status.problem})" if status.problem else ""))
+    return lines
+
+
+def rate(x: float) -> str:
+    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def link_text(link: coordinator_pb2.LinkReport) -> str:
+    bw = f", {8 * link.bytes_per_s / 1e6:.0f} Mbit/s" if link.bytes_per_s else ""
+    return f"{1e3 * link.rtt_s:.2f} ms round trip{bw}"
+
+
+def figures_text(f: coordinator_pb2.PlanFigures) -> str:
+    if not f.addresses:
+        return f"{f.label}: {f.note}"
+    chain = ", ".join(f"{a} {f.boundaries[i]}:{f.boundaries[i + 1]}" for i, a in enumerate(f.addresses))
+    note = f" ({f.note})" if f.note else ""
+    return (
+        f"{f.label} [{chain}]: predicted decode {rate(f.decode_tokens_per_s)} tokens/s, prefill "
+        f"{rate(f.prefill_tokens_per_s)} tokens/s{note}"
+    )
+
+
+def plan_lines(status: coordinator_pb2.ClusterStatus) -> list[str]:
+    """The plan in force's predicted figures (and the measured ones, once traffic went through its first stage),
+    then the alternatives it was chosen over."""
+    if not status.figures:
+        return []
+    lines = [f"objective {status.objective}: " + figures_text(status.figures[0])]
+    measured = [
+        f"{what} {rate(x)} tokens/s"
+        for what, x in (
+            ("decode", status.measured_decode_tokens_per_s),
+            ("prefill", status.measured_prefill_tokens_per_s),
+        )
+        if x
+    ]
+    if measured:
+        lines.append("measured at the first stage: " + ", ".join(measured))
+    lines += ["rejected " + figures_text(f) for f in status.figures[1:]]
     return lines
 
 

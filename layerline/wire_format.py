@@ -22,6 +22,7 @@ NAMES: dict[int, str] = {
     tensor_pb2.BFLOAT16: "bfloat16",
     tensor_pb2.INT64: "int64",
     tensor_pb2.INT32: "int32",
+    tensor_pb2.INT8_ROWS: "int8 rows",
 }
 ITEMSIZE: dict[int, int] = {
     tensor_pb2.FLOAT32: 4,
@@ -29,6 +30,7 @@ ITEMSIZE: dict[int, int] = {
     tensor_pb2.BFLOAT16: 2,
     tensor_pb2.INT64: 8,
     tensor_pb2.INT32: 4,
+    tensor_pb2.INT8_ROWS: 1,  # and a float32 scale per row (`data_bytes`)
 }
 MAX_DIMS = 4
 MAX_DIM = 1 << 31  # per dimension; also keeps zero-element shapes with huge other dims out of torch's layout maths
@@ -57,12 +59,22 @@ def checked_shape(
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise BadInputError(f"{field}: {count} elements is more than the {max_elements} allowed")
-    itemsize = ITEMSIZE[msg.dtype]
-    if len(msg.data) != count * itemsize:
+    if msg.dtype == tensor_pb2.INT8_ROWS and not shape:
+        raise BadInputError(f"{field}: {name} needs at least one dimension")
+    expected = data_bytes(msg.dtype, shape)
+    if len(msg.data) != expected:
         raise BadInputError(
-            f"{field}: {len(msg.data)} bytes of data for shape {list(shape)} of {name} (expected {count * itemsize})"
+            f"{field}: {len(msg.data)} bytes of data for shape {list(shape)} of {name} (expected {expected})"
         )
     return shape, count
+
+
+def data_bytes(dtype: int, shape: Sequence[int]) -> int:
+    """Bytes of data a message of that dtype and shape carries."""
+    count = math.prod(shape)
+    if dtype == tensor_pb2.INT8_ROWS:
+        return count + 4 * (count // shape[-1] if shape[-1] else 0)
+    return count * ITEMSIZE[dtype]
 
 
 def int64_rows(rows: Sequence[Sequence[int]]) -> tensor_pb2.Tensor:

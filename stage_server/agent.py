@@ -29,6 +29,7 @@ from layerline.devices import device_name
 from layerline.errors import LayerlineError
 from layerline.security import Security
 from layerline.stage_server.capacity import Capacity, cpu_quota, device_memory, resident_bytes
+from layerline.stage_server.links import LinkProber
 from layerline.stage_server.running import RunningStage, load_layers
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -43,6 +44,7 @@ class AgentConfig:
     max_backoff: float = 10.0
     security: Security = field(default_factory=Security)
     on_layers: Callable[[int, int], None] | None = None  # called once the stage serves the layers it was assigned
+    probe_interval: float = 10.0  # seconds between measurements of the links to the other stages (0: never)
 
 
 class CoordinatorAgent:
@@ -62,6 +64,9 @@ class CoordinatorAgent:
         self.load_error = ""
         self.registered = asyncio.Event()
         self.remeasuring: asyncio.Task | None = None
+        self.prober = LinkProber(
+            config.security, stage.service.config.max_message_bytes, interval_s=config.probe_interval or 1.0
+        )
 
     def report(self) -> coordinator_pb2.StageReport:
         c, service = self.capacity, self.stage.service
@@ -92,6 +97,7 @@ class CoordinatorAgent:
             * mc.num_kv_heads
             * mc.head_dim
             * torch.empty((), dtype=kv_dtype).element_size(),
+            wire_bytes=torch.empty((), dtype=service.config.wire_dtype).element_size(),
         )
 
     async def run(self) -> None:
@@ -152,10 +158,14 @@ class CoordinatorAgent:
                 resident_bytes=resident_bytes(),
                 device_memory_used=memory.used,
                 device_memory_total=memory.total,
+                links=self.prober.reports(),
+                pace=service.pace.report(),
             ),
             timeout=timeout,
         )
         self._apply(resp.assignment)
+        if self.config.probe_interval > 0:
+            self.prober.set_peers(resp.peers, own=self.stage.address)
 
     def _check_quota(self) -> None:
         """When the CPU quota changed, measure again in the background (heartbeats go on meanwhile, so the stage is
@@ -212,6 +222,7 @@ class CoordinatorAgent:
             )
 
     async def stop(self) -> None:
+        await self.prober.stop()
         for task in (self.loading, self.remeasuring):
             if task is not None:
                 task.cancel()

@@ -131,7 +131,9 @@ class StepCompute:
         """After the forward pass: the message for the next stage, or (last stage) sampling and the loop."""
         step, session = item.step, item.session
         if not session.model.is_last:
-            hidden = wire.encode(session.model.staging.to_host(out, session.wire_dtype))
+            to = session.wire_dtype
+            host = session.model.staging.to_host(out, None if to == torch.int8 else to)
+            hidden = wire.encode(host, to)
             return onward_step(step, session.next_session_id, hidden)
         sampler = session.sampler
         if item.sampling is not None:

@@ -37,13 +37,15 @@ async def serve(
     connect_timeout: float = 20.0,
     capacity_file: str = "",
     on_layers: Callable[[RunningStage, str], None] | None = None,
+    probe_links: float = 10.0,
 ) -> None:
     """Run a stage until SIGTERM or SIGINT (or the end of a Drain), then shut down gracefully: a stage with a
     coordinator leaves it first, so routes stop naming it at once. With `coordinator`, the stage measures its
     capacity (cached on disk), registers, heartbeats and loads the layers it is assigned (`agent.py`). With a
     coordinator and no model (`config.model` empty), the model's description and the assigned layers' tensors come
     from the coordinator into the weight cache under `cache_dir` (`fetch.py`). With `capacity_file`, the stage reports
-    the figures in that file (a capacity entry as the cache holds it) instead of measuring."""
+    the figures in that file (a capacity entry as the cache holds it) instead of measuring. Every `probe_links`
+    seconds (0: never) it measures its links to the other stages the coordinator names, for the plan (`links.py`)."""
     pinned = read_capacity(capacity_file) if capacity_file else None  # a bad file fails before anything starts
     fetcher = None
     if not config.model:
@@ -114,6 +116,7 @@ async def serve(
                     memory,
                     security=config.security,
                     on_layers=(lambda *_: on_layers(stage, coordinator)) if on_layers is not None else None,
+                    probe_interval=probe_links,
                 ),
                 measure_again,
             )

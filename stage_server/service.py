@@ -51,6 +51,7 @@ from layerline.stage_server.capacity import device_memory, resident_bytes
 from layerline.stage_server.compute import StepCompute
 from layerline.stage_server.config import StageConfig
 from layerline.stage_server.kv import StageKV
+from layerline.stage_server.pace import Pace
 from layerline.stage_server.relay import SHUTDOWN, Relay, closed_error, put_latest
 from layerline.stage_server.scheduler import Scheduler
 from layerline.stage_server.sessions import Sampler, Session, SessionTable
@@ -124,6 +125,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         # the four jobs besides the RPCs, each in its own module: admission.py (event loop), compute.py (compute
         # thread), scheduler.py (between the two), relay.py (event loop)
         self.compute = StepCompute()
+        self.pace = Pace()  # first stage: server-loop rounds and prompts, for the coordinator's measured figures
         self.scheduler = Scheduler(
             config, self.compute, lambda *a: self.relay.dispatch(*a), lambda: self.model, self.pass_seconds
         )
@@ -294,7 +296,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             wire_dtype = wire.FROM_WIRE.get(request.wire_dtype)
             if wire_dtype not in wire.WIRE_DTYPES.values():
                 await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"wire_dtype {request.wire_dtype} is not a float type"
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"wire_dtype {request.wire_dtype} is not float32, float16, bfloat16 or int8 rows",
                 )
         try:
             kv_bytes = self.kv.reserve(m, rows, request.max_length)
@@ -572,7 +575,13 @@ class StageService(stage_pb2_grpc.StageServicer):
             raise UnavailableError(f"{self.label} is shutting down: the session must move to another stage")
         if not step.looped:  # failures of loop steps go back to the loop's stage, not to the client's stream
             session.reply_to = replies
-        return admit(step, session, replies, self.label)
+        item = admit(step, session, replies, self.label)
+        if session.model is not None and session.model.is_first:
+            self.pace.note(session.pace, step, item.positions.numel(), time.perf_counter())
+        return item
+
+    async def Probe(self, request: stage_pb2.ProbeRequest, context: grpc.aio.ServicerContext) -> stage_pb2.ProbeReply:
+        return stage_pb2.ProbeReply(received_bytes=len(request.payload))
 
     async def _last_stage_session(self, session_id: str, key: str, context: grpc.aio.ServicerContext) -> Session:
         """The session, for an RPC only the last stage answers."""

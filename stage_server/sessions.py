@@ -25,6 +25,7 @@ from layerline.kv_cache import KVCache
 from layerline.paged_kv import PagedCache
 from layerline.sampling import SamplingParams
 from layerline.speculate import AdaptiveK
+from layerline.stage_server.pace import Track
 from layerline.v1 import stage_pb2
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Session:
     parked: WorkItem | None = None  # last stage only: the loop's next step, held back while the subscriber is behind
     model: StageModel | None = None  # the StageModel this session computes with (the stage's layers when it was opened)
     owner: str = ""  # the client key it was opened with: every call and step of the session must carry it
+    pace: Track = field(default_factory=Track)  # first stage: its rounds and prompts (pace.py)
 
 
 def new_session_id() -> str:

@@ -166,11 +166,13 @@ class NetBed:
             raise RuntimeError(f"the relay on host {host} did not start: {line!r}")
         return listen
 
-    def stage(self, host: int, model: str, layers: str, *extra: str, timeout: float = 120.0) -> str:
-        """A stage server on host `host` serving `layers` ("A:B") of `model`, behind the host's link; returns the
-        address it advertises (the relay's)."""
+    def stage(self, host: int, model: str, layers: str | None, *extra: str, timeout: float = 120.0) -> str:
+        """A stage server on host `host` serving `layers` ("A:B") of `model` (None: what the coordinator in
+        `extra`, `--coordinator HOST:PORT`, assigns), behind the host's link; returns the address it advertises
+        (the relay's)."""
         address = f"{self.hosts[host].ip}:{RELAY_PORT}"
-        argv = [sys.executable, "-m", "layerline.cli", "stage", "--model", model, "--layers", layers,
+        span = ["--layers", layers] if layers is not None else []
+        argv = [sys.executable, "-m", "layerline.cli", "stage", "--model", model, *span,
                 "--host", "127.0.0.1", "--port", str(SERVER_PORT), "--advertise", address, "--threads", "1", *extra]  # fmt: skip
         p = self.popen(host, argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         line = _readline(p, timeout, STAGE_READY)

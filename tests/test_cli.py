@@ -205,7 +205,20 @@ def test_coordinator_status_and_plan_commands(tiny_checkpoint, capsys, tmp_path,
 
     folder, _ = tiny_checkpoint(TinySpec("llama", layers=4))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "layerline.cli", "coordinator", "--model", folder, "--port", "0", "--settle", "0"],
+        [
+            sys.executable,
+            "-m",
+            "layerline.cli",
+            "coordinator",
+            "--model",
+            folder,
+            "--port",
+            "0",
+            "--settle",
+            "0",
+            "--objective",
+            "throughput",
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -5,6 +5,9 @@ killed stage is dropped and the survivors take over its layers."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -69,7 +72,7 @@ def equal(tmp_path) -> list[str]:
 def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, cache_env, equal, caplog):
     folder, ref = tiny_checkpoint(SPEC)
     expected = hf_greedy(ref, PROMPT, 12)
-    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
+    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2, objective="throughput") as coordinator:
         address = coordinator.address
         with Client(coordinator=address) as early:
             with pytest.raises(RPCError) as err:
@@ -131,10 +134,18 @@ def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_chec
     spec = TinySpec("llama", layers=2, kv_heads=2)  # 2 layers: a chain of 2 stages at most, the third is spare
     folder, ref = tiny_checkpoint(spec)
     expected = hf_greedy(ref, PROMPT, 8)
-    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=3) as coordinator:
+    # the plan stays (no refinement from load, no links measured): the spare's twin is the plan's stage
+    with LocalCoordinator(
+        folder, heartbeat=0.5, settle=30, expect=3, objective="throughput", extra_args=["--refine", "0"]
+    ) as coordinator:
         address = coordinator.address
         with LocalCluster(
-            folder, [None, None, None], coordinator=address, threads=1, env=cache_env, extra_args=equal
+            folder,
+            [None, None, None],
+            coordinator=address,
+            threads=1,
+            env=cache_env,
+            extra_args=[*equal, "--probe-links", "0"],
         ) as trio:
 
             def replica_ready() -> pb.StageStatus | None:
@@ -170,3 +181,50 @@ def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_chec
             assert not after.replica and (after.serving_start, after.serving_end) == span and after.ready
             with Client(coordinator=address) as client:
                 assert client.generate(PROMPT, max_new_tokens=8, stop_token_ids=[], stream=False).token_ids == expected
+
+
+def test_by_default_a_model_that_fits_one_stage_is_served_by_one_and_the_links_are_measured(
+    tiny_checkpoint, cache_env, equal
+):
+    """The default objective (one session's speed): two equal stages, the model fits either, so one serves it all
+    and the other is a replica (a second chain); the stages measure the link between them and report it; after a
+    generation with the server loop the first stage's measured pace shows in Status next to the prediction, and the
+    CLI prints both with the alternatives the plan was chosen over."""
+    folder, ref = tiny_checkpoint(SPEC)
+    expected = hf_greedy(ref, PROMPT, 12)
+    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
+        address = coordinator.address
+        with LocalCluster(folder, [None, None], coordinator=address, threads=1, env=cache_env, extra_args=equal):
+            route = wait_for_route(address, 1)
+            assert list(route.boundaries) == [0, SPEC.layers]
+            deadline = time.monotonic() + 60
+            while not all(s.links and s.links[0].rtt_s > 0 for s in status(address).stages):
+                assert time.monotonic() < deadline, status(address)
+                time.sleep(0.2)
+            st = status(address)
+            assert sorted(s.replica for s in st.stages) == [False, True]
+            for s in st.stages:
+                (link,) = s.links
+                assert link.address != s.report.address and link.bytes_per_s > 0
+            with Client(coordinator=address) as client:
+                for _ in range(2):
+                    out = client.generate(PROMPT, max_new_tokens=12, stop_token_ids=[], stream=False)
+                    assert out.token_ids == expected
+            deadline = time.monotonic() + 30
+            while not status(address).measured_decode_tokens_per_s:
+                assert time.monotonic() < deadline, status(address)
+                time.sleep(0.2)
+            st = status(address)
+            assert st.measured_prefill_tokens_per_s > 0
+            assert st.figures[0].label == "plan in force" and st.figures[0].decode_tokens_per_s > 0
+            cli = subprocess.run(
+                [sys.executable, "-m", "layerline.cli", "status", "--coordinator", address],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "COLUMNS": "80"},
+            )
+            assert cli.returncode == 0, cli.stderr
+            assert "objective latency: plan in force" in cli.stdout and "measured at the first stage" in cli.stdout
+            assert "rejected" in cli.stdout and "ms round trip" in cli.stdout
+            assert max(len(line) for line in cli.stdout.splitlines()) <= 80

@@ -94,7 +94,7 @@ def test_stages_register_heartbeat_and_clients_get_a_route(model):
         assert all(s.ready and s.open_sessions == 2 and s.report.device == "cpu" for s in status.stages)
         assert list(status.route.addresses) == list(route.addresses)
 
-    run(with_coordinator(folder, body, settle_s=0.0))
+    run(with_coordinator(folder, body, settle_s=0.0, objective="throughput"))
 
 
 def test_bad_requests_get_clear_statuses_and_the_coordinator_keeps_serving(model):
@@ -163,4 +163,67 @@ def test_a_silent_stage_is_dropped_and_the_plan_moves_to_the_rest(model):
         assert [s.stage_id for s in status.stages] == [a.stage_id] and status.plan_version > version
         assert (beat.assignment.start_layer, beat.assignment.end_layer) == (0, SPEC.layers)
 
-    run(with_coordinator(folder, body, heartbeat_s=0.2, miss_limit=3, settle_s=0.0))
+    run(with_coordinator(folder, body, heartbeat_s=0.2, miss_limit=3, settle_s=0.0, objective="throughput"))
+
+
+def test_heartbeats_carry_links_and_pace_and_status_shows_predicted_and_measured_figures(model):
+    """The default objective serves the tiny model from one stage; the heartbeat answer names the other stage to
+    measure; the links and pace a stage reports come back in Status, with the plan in force's predicted figures, the
+    rejected alternatives and the measured rates."""
+    folder, fp = model
+
+    async def body(stub) -> None:
+        a = await stub.Register(pb.RegisterRequest(stage=report("127.0.0.1:7001", fp)), timeout=TIMEOUT)
+        b = await stub.Register(pb.RegisterRequest(stage=report("127.0.0.1:7002", fp)), timeout=TIMEOUT)
+        beat = await stub.Heartbeat(pb.HeartbeatRequest(stage_id=a.stage_id), timeout=TIMEOUT)
+        assert list(beat.peers) == ["127.0.0.1:7002"]
+        first = a if beat.assignment.end_layer else b
+        link = pb.LinkReport(address="127.0.0.1:7002", rtt_s=4e-3, bytes_per_s=12.5e6, probes=3)
+        pace = pb.PaceReport(decode_rounds=40, decode_seconds=1.0, prefill_tokens=100, prefill_seconds=0.25)
+        for sid in (a.stage_id, b.stage_id):
+            r = (await stub.Heartbeat(pb.HeartbeatRequest(stage_id=sid), timeout=TIMEOUT)).assignment
+            await stub.Heartbeat(
+                pb.HeartbeatRequest(
+                    stage_id=sid,
+                    serving_start=r.start_layer,
+                    serving_end=r.end_layer,
+                    ready=True,
+                    links=[link] if sid == a.stage_id else [],
+                    pace=pace if sid == first.stage_id else None,
+                ),
+                timeout=TIMEOUT,
+            )
+        status = await stub.Status(pb.StatusRequest(), timeout=TIMEOUT)
+        assert status.objective == "latency"
+        assert status.figures[0].label == "plan in force" and len(status.figures[0].addresses) == 1
+        assert status.figures[0].decode_tokens_per_s > 0 and status.figures[0].prefill_tokens_per_s > 0
+        assert any("pipelined" in f.label for f in status.figures[1:])
+        by_id = {s.stage_id: s for s in status.stages}
+        assert [(x.address, x.rtt_s) for x in by_id[a.stage_id].links] == [("127.0.0.1:7002", 4e-3)]
+        # counters since the stage started: the first window is from there
+        assert status.measured_decode_tokens_per_s == pytest.approx(40.0)
+        assert status.measured_prefill_tokens_per_s == pytest.approx(400.0)
+        rounds = pb.PaceReport(decode_rounds=100, decode_seconds=1.5, prefill_tokens=300, prefill_seconds=0.45)
+        s = by_id[first.stage_id]
+        await stub.Heartbeat(
+            pb.HeartbeatRequest(
+                stage_id=first.stage_id,
+                serving_start=s.serving_start,
+                serving_end=s.serving_end,
+                ready=True,
+                pace=rounds,
+            ),
+            timeout=TIMEOUT,
+        )
+        status = await stub.Status(pb.StatusRequest(), timeout=TIMEOUT)
+        assert status.measured_decode_tokens_per_s == pytest.approx(60 / 0.5)  # the last window's
+        assert status.measured_prefill_tokens_per_s == pytest.approx(200 / 0.2)
+        plan = await stub.Plan(pb.PlanRequest(), timeout=TIMEOUT)
+        assert plan.figures[0].label == "plan" and "objective latency: predicted decode" in plan.explanation
+        bad = pb.LinkReport(address="", rtt_s=1.0)
+        got, message = await status_code(
+            stub.Heartbeat(pb.HeartbeatRequest(stage_id=a.stage_id, links=[bad]), timeout=TIMEOUT)
+        )
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and "link report" in message
+
+    run(with_coordinator(folder, body, settle_s=0.0))

@@ -60,7 +60,10 @@ def test_the_dashboard_shows_the_stages_and_their_layer_ranges(tiny_checkpoint, 
 
     folder, _ = tiny_checkpoint(SPEC)
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
+    # a plan that stays while the page is read (no refinement from measured links or load)
+    with LocalCoordinator(
+        folder, heartbeat=0.5, settle=30, expect=2, objective="throughput", extra_args=["--refine", "0"]
+    ) as coordinator:
         with LocalCluster(folder, [None, None], coordinator=coordinator.address, threads=1, env=env):
             st = wait_for_chain(coordinator.address)
             ranges = {s.report.address: f"{s.serving_start}:{s.serving_end}" for s in st.stages}

@@ -90,7 +90,7 @@ def cache_env(tmp_path):
 def test_a_killed_stage_is_routed_around_and_the_tokens_are_unchanged(tiny_checkpoint, cache_env):
     folder, ref = tiny_checkpoint(SPEC)
     expected = hf_greedy(ref, PROMPT, TOKENS)
-    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=4) as coordinator:
+    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=4, objective="throughput") as coordinator:
         address = coordinator.address
         with LocalCluster(
             folder, [None] * 4, coordinator=address, threads=1, env=cache_env, extra_args=STAGE_ARGS
@@ -163,7 +163,7 @@ def test_with_a_fixed_route_a_dead_stage_is_a_clear_error_not_a_hang(tiny_checkp
 def test_a_coordinator_killed_mid_generation_disturbs_nothing_and_the_stages_come_back(tiny_checkpoint, cache_env):
     folder, ref = tiny_checkpoint(SPEC)
     expected = hf_greedy(ref, PROMPT, TOKENS)
-    first = LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2)
+    first = LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2, objective="throughput")
     first.start()
     address = first.address
     try:
@@ -188,7 +188,12 @@ def test_a_coordinator_killed_mid_generation_disturbs_nothing_and_the_stages_com
             assert got == expected and moves == 0 and before == after  # the token path never touched it
             # a new coordinator on the same address: the stages register again and it adopts their chain
             again = LocalCoordinator(
-                folder, heartbeat=0.5, settle=30, expect=2, extra_args=["--port", address.split(":")[1]]
+                folder,
+                heartbeat=0.5,
+                settle=30,
+                expect=2,
+                objective="throughput",
+                extra_args=["--port", address.split(":")[1]],
             )
             again.start()
             try:
@@ -226,7 +231,7 @@ def test_layerline_drain_mid_generation_hands_the_session_over(tiny_checkpoint, 
     folder, ref = tiny_checkpoint(SPEC)
     expected = hf_greedy(ref, PROMPT, TOKENS)
     # heartbeats every 3 s: missing 3 of them takes 9 s, so a stage gone from the status within 3 s has left
-    with LocalCoordinator(folder, heartbeat=3.0, settle=30, expect=4) as coordinator:
+    with LocalCoordinator(folder, heartbeat=3.0, settle=30, expect=4, objective="throughput") as coordinator:
         address = coordinator.address
         with LocalCluster(
             folder, [None] * 4, coordinator=address, threads=1, env=cache_env, extra_args=STAGE_ARGS

@@ -86,7 +86,9 @@ def test_half_the_cpu_gets_about_half_the_layers_and_the_plan_follows_changes(ti
     quota = CpuQuota(0.5, tag="layerline-test")
     slow = None
     try:
-        with LocalCoordinator(folder, heartbeat=0.5, settle=120, expect=2, env=env) as coordinator:
+        with LocalCoordinator(
+            folder, heartbeat=0.5, settle=120, expect=2, objective="throughput", env=env
+        ) as coordinator:
             address = coordinator.address
             with LocalCluster(folder, [None], coordinator=address, threads=1, env=env) as fast:
                 argv = LocalCluster(folder, [None], coordinator=address, threads=1).command(None)

@@ -67,7 +67,9 @@ def test_a_blackholed_stage_is_detected_and_routed_around(tiny_checkpoint, tmp_p
     expected = hf_greedy(ref, PROMPT, 40)
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     with contextlib.ExitStack() as stack:
-        coordinator = stack.enter_context(LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=3))
+        coordinator = stack.enter_context(
+            LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=3, objective="throughput")
+        )
         # three stages, each advertising its proxy: everyone (client and stages) reaches it through the proxy
         proxies = [stack.enter_context(FaultProxy()) for _ in range(3)]
         for proxy in proxies:

@@ -116,7 +116,9 @@ def test_reflection_and_health_as_grpcurl_uses_them(stages, tiny_checkpoint):
 def test_coordinator_metrics_follow_the_cluster(tiny_checkpoint, tmp_path):
     folder, _ = tiny_checkpoint(SPEC)
     env = {"XDG_CACHE_HOME": str(tmp_path)}
-    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2, extra_args=["--metrics-port", "0"]) as c:
+    with LocalCoordinator(
+        folder, heartbeat=0.5, settle=30, expect=2, objective="throughput", extra_args=["--metrics-port", "0"]
+    ) as c:
         with LocalCluster(folder, [None, None], coordinator=c.address, threads=1, env=env):
             deadline = time.monotonic() + 90
             while scrape(c.metrics).get("layerline_coordinator_ready_stages") != 2:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from layerline.config import ModelConfig
-from layerline.coordinator.placement import ModelShape, StageCapacity
+from layerline.coordinator.placement import Link, ModelShape, StageCapacity
 from layerline.coordinator.registry import Registry, model_shape
 from layerline.errors import AbortedError, BadInputError, FailedPreconditionError, NotFoundError
 
@@ -28,8 +28,16 @@ def cap(per_layer: float = 1e-3, memory: int = GB, head: float = 0.0) -> StageCa
 
 
 def registry(clock: Clock | None = None, settle_s: float = 0.0, expected: int = 0) -> Registry:
+    """Plans for pipelined sessions (the throughput objective): the chain mechanics below need chains."""
     return Registry(
-        MODEL, "fp", heartbeat_s=1.0, miss_limit=3, settle_s=settle_s, expected_stages=expected, clock=clock or Clock()
+        MODEL,
+        "fp",
+        heartbeat_s=1.0,
+        miss_limit=3,
+        settle_s=settle_s,
+        expected_stages=expected,
+        clock=clock or Clock(),
+        objective="throughput",
     )
 
 
@@ -190,6 +198,7 @@ def two_layer_registry(clock: Clock) -> Registry:
         miss_limit=3,
         settle_s=0.0,
         clock=clock,
+        objective="throughput",
     )
 
 
@@ -241,7 +250,7 @@ def test_without_a_ready_replica_a_dead_stage_means_a_new_plan():
 
 def test_a_route_can_avoid_stages_a_client_found_dead_and_says_which_layers_are_missing():
     shape = ModelShape(num_layers=2, layer_params=1000, embed_params=2000, head_params=2000)
-    reg = Registry(shape, "fp", heartbeat_s=1.0, miss_limit=3, settle_s=0.0, clock=Clock())
+    reg = Registry(shape, "fp", heartbeat_s=1.0, miss_limit=3, settle_s=0.0, clock=Clock(), objective="throughput")
     a = reg.register("h:1", "fp", cap(1e-3))
     b = reg.register("h:2", "fp", cap(1.5e-3))
     spare = reg.register("h:3", "fp", cap(1.5e-3))  # 2 layers on 2 stages: the third is a replica
@@ -318,3 +327,71 @@ def test_capacity_is_refined_under_load_and_the_plan_follows():
         reg.heartbeat(a.id, a.serving, True, decode_steps=-1)
     with pytest.raises(BadInputError):
         reg.heartbeat(a.id, a.serving, True, decode_steps=50, decode_seconds=float("nan"))
+
+
+def test_latency_objective_serves_a_model_that_fits_one_stage_from_one_and_keeps_the_others_as_replicas():
+    reg = Registry(MODEL, "fp", heartbeat_s=1.0, settle_s=0.0, clock=Clock())  # the default objective
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(1e-3))
+    assert [x.name for x in reg.plan.assignments] == [a.id] and a.assignment == (0, 12)
+    assert b.replica and b.assignment == (0, 12)  # a second chain for sessions, and failover
+    assert reg.peers(a.id) == ["h:2"] and reg.peers(b.id) == ["h:1"]
+    current = reg.current()
+    assert current is not None and current.ranges() == [(a.id, 0, 12)]
+    assert reg.score() == pytest.approx(12e-3)
+    labels = [alt.label for alt in reg.dry_run().alternatives]
+    assert labels == ["most tokens/s of pipelined sessions = even split over all 2 stages"]
+    with pytest.raises(ValueError, match="objective"):
+        Registry(MODEL, "fp", objective="fastest")
+
+
+def test_links_enter_the_plan_by_the_next_refinement_and_pick_the_chain_order():
+    """Memory forces three stages; the stages' link reports show one slow link: the next refinement orders the
+    chain around it (and not before refine_s has passed since the last)."""
+    clock = Clock()
+    small = 4 * 1000 * 5 + 4 * 2000  # 5 layers with the embedding or the head, never the whole model
+    reg = Registry(MODEL, "fp", heartbeat_s=1.0, settle_s=0.0, clock=clock, expected_stages=3, refine_s=10.0)
+    stages = [reg.register(f"h:{i}", "fp", cap(1e-3, memory=small)) for i in (1, 2, 3)]
+    load(reg)
+    assert len(reg.plan.assignments) == 3
+    version = reg.plan_version
+    order = [x.name for x in reg.plan.assignments]
+    address = {s.id: s.address for s in stages}
+    # the first stage's link to the second is 20x slower than every other
+    slow = (address[order[0]], address[order[1]])
+    for s in stages:
+        links = {p: Link(rtt_s=40e-3 if (s.address, p) == slow else 2e-3, bytes_per_s=12.5e6) for p in reg.peers(s.id)}
+        reg.heartbeat(s.id, s.serving, True, links=links)
+    assert reg.plan_version == version + 1  # new links are a refinement (the first one may come at once)
+    new = [address[x.name] for x in reg.plan.assignments]
+    hops = list(zip(new, new[1:] + new[:1], strict=True))
+    assert slow not in hops
+    assert reg.network().links[(order[0], order[1])].rtt_s == 40e-3
+    # figures that move again wait for refine_s
+    clock.now += 1.0
+    for s in stages:
+        reg.heartbeat(s.id, s.assignment, True, links={p: Link(2e-3, 12.5e6) for p in reg.peers(s.id)})
+    assert reg.plan_version == version + 1
+    with pytest.raises(BadInputError, match="link to h:2"):
+        reg.heartbeat(stages[0].id, stages[0].serving, True, links={"h:2": Link(float("nan"), 0.0)})
+
+
+def test_measured_pace_comes_from_the_first_stage_by_windows():
+    reg = registry()
+    a = reg.register("h:1", "fp", cap(1e-3))
+    b = reg.register("h:2", "fp", cap(2e-3))
+    load(reg)
+    first = reg.plan.assignments[0].name
+    other = b.id if first == a.id else a.id
+    assert reg.measured() == (0.0, 0.0)
+    serving = reg.stages[first].serving
+    reg.heartbeat(first, serving, True, pace=(4, 0.1, 512, 0.5))  # 4 rounds: fewer than a window needs
+    assert reg.measured() == (0.0, 512 / 0.5)
+    reg.heartbeat(first, serving, True, pace=(20, 0.5, 512, 0.5))
+    assert reg.measured() == (pytest.approx(20 / 0.5), 512 / 0.5)
+    reg.heartbeat(first, serving, True, pace=(30, 1.0, 1512, 2.5))  # the last window's rates
+    assert reg.measured() == (pytest.approx(10 / 0.5), pytest.approx(1000 / 2.0))
+    reg.heartbeat(other, reg.stages[other].serving, True, pace=(99, 0.1, 0, 0.0))  # not the first: not shown
+    assert reg.measured()[0] == pytest.approx(20.0)
+    with pytest.raises(BadInputError, match="pace"):
+        reg.heartbeat(first, serving, True, pace=(1, -1.0, 0, 0.0))

@@ -62,6 +62,37 @@ def test_bfloat16_wire_equals_rounding_hidden_states_in_process(tiny_checkpoint,
     assert got == expected
 
 
+def test_int8_wire_equals_its_round_trip_in_process(tiny_checkpoint, stage_cluster):
+    """Hidden states sent as int8 rows (a scale per token) are the float32 ones through that codec and back: the
+    oracle is the in-process pipeline with the codec between the stages; asked by the stages' flag or by the
+    client for its session."""
+    from layerline import wire
+    from layerline.client import ClientConfig
+    from layerline.pipeline import LocalPipeline
+
+    spec = TINY[1]
+    folder, _ = tiny_checkpoint(spec)
+    pipe = LocalPipeline.load(folder, [(0, 3), (3, 6)])
+    prompt = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(9)).tolist()
+    caches = pipe.new_caches(1, 64)
+    expected, ids, error = [], torch.tensor([prompt]), 0.0
+    for _ in range(16):
+        h = pipe.stages[0](ids, cache=caches[0])
+        sent = wire.decode(wire.encode(h, torch.int8), "hidden")
+        error = max(error, float(((sent - h).abs() / h.abs().amax(-1, keepdim=True)).max()))
+        logits = pipe.stages[1](sent, cache=caches[1], last_only=True)
+        expected.append(int(logits[0, -1].argmax()))
+        ids = torch.tensor([[expected[-1]]])
+    assert 0 < error <= 0.5 / 127 + 1e-6  # at most half a step of the row's scale
+    for route, cfg in (
+        (stage_cluster(folder, [(0, 3), (3, 6)], "--wire-dtype", "int8"), ClientConfig()),
+        (stage_cluster(folder, [(0, 3), (3, 6)]), ClientConfig(wire_dtype="int8")),
+    ):
+        with Client(route, config=cfg) as client:
+            got = client.generate(prompt, max_new_tokens=16, stop_token_ids=[], stream=False).token_ids
+        assert got == expected
+
+
 def test_long_prompt_is_prefilled_in_chunks(tiny_checkpoint, stage_cluster):
     from layerline.client import ClientConfig
 

@@ -237,7 +237,7 @@ def test_stages_without_the_checkpoint_fetch_only_their_layers(tiny_checkpoint, 
     expected = hf_greedy(ref, PROMPT, 10)
     caches = [tmp_path / "a", tmp_path / "b"]
     prefixes = [["env", f"XDG_CACHE_HOME={c}"] for c in caches]
-    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
+    with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2, objective="throughput") as coordinator:
         with LocalCluster(None, [None, None], coordinator=coordinator.address, threads=1, prefixes=prefixes) as pair:
             deadline = time.monotonic() + 120
             while True:
@@ -289,7 +289,7 @@ def test_stages_fetching_a_gguf_files_blocks_give_its_quantized_tokens(gguf_path
     expected = list(LocalPipeline.load(gguf_path, [(0, SPEC.layers)]).generate(PROMPT, 10))
     caches = [tmp_path / "a", tmp_path / "b"]
     prefixes = [["env", f"XDG_CACHE_HOME={c}"] for c in caches]
-    with LocalCoordinator(gguf_path, heartbeat=0.5, settle=30, expect=2) as coordinator:
+    with LocalCoordinator(gguf_path, heartbeat=0.5, settle=30, expect=2, objective="throughput") as coordinator:
         with LocalCluster(None, [None, None], coordinator=coordinator.address, threads=1, prefixes=prefixes):
             deadline = time.monotonic() + 120
             while True:

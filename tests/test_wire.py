@@ -262,3 +262,36 @@ def test_fuzz_random_fields():
         msg = tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data)
         decodes_or_refuses(msg)
         decodes_or_refuses(msg, dtypes=(torch.bfloat16, torch.int64), ndim=rng.randint(0, 4), max_elements=6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 3, 576), (5, 7), (3, 0), (0, 4)], ids=str)
+def test_int8_rows_round_trip_within_half_a_step_of_each_rows_scale(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 3, shape[-1] or 1)[-1]
+    if x.numel():
+        x.view(-1, shape[-1])[0] = 0.0  # an all-zero row
+    msg = wire.encode(x, torch.int8)
+    assert msg.dtype == tensor_pb2.INT8_ROWS and list(msg.shape) == list(shape)
+    rows = x.numel() // shape[-1] if shape[-1] else 0
+    assert len(msg.data) == x.numel() + 4 * rows  # about a quarter of float32's bytes
+    y = wire.decode(msg, "hidden", dtypes=(torch.int8,), ndim=len(shape))
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    if x.numel():
+        step = x.abs().amax(-1, keepdim=True) / 127
+        assert bool(((y - x).abs() <= step / 2 + 1e-6 * step).all())
+        assert bool((y.view(-1, shape[-1])[0] == 0).all())
+        # the largest magnitude of each row is sent exactly (to float rounding)
+        i = x.abs().argmax(-1, keepdim=True)
+        assert torch.allclose(y.gather(-1, i), x.gather(-1, i), rtol=1e-6)
+
+
+def test_int8_rows_are_checked_like_any_message():
+    msg = wire.encode(torch.randn(2, 3, 8), torch.int8)
+    short = tensor_pb2.Tensor(dtype=msg.dtype, shape=msg.shape, data=msg.data[:-1])
+    assert "expected 72" in refused(short)  # 48 values, 6 scales
+    assert "at least one dimension" in refused(tensor_pb2.Tensor(dtype=tensor_pb2.INT8_ROWS, shape=[], data=b"x"))
+    bad = bytearray(msg.data)
+    bad[0:4] = np.float32(np.nan).tobytes()
+    assert "scale" in refused(tensor_pb2.Tensor(dtype=msg.dtype, shape=msg.shape, data=bytes(bad)))
+    assert "not allowed" in refused(msg, dtypes=(torch.float32,))
+    with pytest.raises(ValueError, match="wire"):
+        wire.encode(torch.zeros(3, dtype=torch.int8))  # int8 rows are made from floats

@@ -178,7 +178,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_local(args: argparse.Namespace) -> int:
     """`--split 5,2,4`: exactly that split. Otherwise a coordinator places `--stages N` stages (default 3) by their
-    measured capacity, as on a real cluster."""
+    measured capacity, as on a real cluster, for pipelined sessions (the throughput objective), so that all N take
+    part: a coordinator's default objective would serve a model that fits one stage from one."""
     from layerline.checkpoint import load_config
     from layerline.local_cluster import LocalCluster, LocalCoordinator
     from layerline.model_source import resolve_model
@@ -202,7 +203,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     if stages > config.num_layers:
         raise LayerlineError(f"{stages} stages for a model of {config.num_layers} layers: use at most that many")
     devices = stage_devices(args.devices, stages)
-    with LocalCoordinator(path, heartbeat=1.0, settle=120.0, expect=stages) as coordinator:
+    with LocalCoordinator(path, heartbeat=1.0, settle=120.0, expect=stages, objective="throughput") as coordinator:
         with LocalCluster(
             path,
             [None] * stages,

@@ -27,8 +27,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
         "coordinator",
         help="run the coordinator: registry of stages and planner of their layer ranges",
         description="Serve the Coordinator service for one model: stages register with their measured capacity and "
-        "heartbeat; it assigns contiguous layer ranges (slowest stage as fast as possible, within each stage's "
-        "memory) and answers clients' route requests. Stage hosts without the checkpoint fetch their layers from it.",
+        "heartbeat; it assigns contiguous layer ranges within each stage's memory (by default the fastest "
+        "decoding of one session, weighing every hop's measured link: a model that fits one stage is served by one, "
+        "the others become replicas) and answers clients' route requests. Stage hosts without the checkpoint fetch their layers from it.",
         epilog="example: layerline coordinator --model smollm2 --host 0.0.0.0 --port 7000",
     )
     add_model_args(coord)
@@ -42,6 +43,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
         type=float,
         default=30.0,
         help="re-plan at most this often (seconds) from the stages' speed observed under load (30; 0: never)",
+    )
+    coord.add_argument(
+        "--objective",
+        choices=("latency", "throughput"),
+        default="latency",
+        help="what plans optimise: latency (default: one session's tokens/s, single stage first) or throughput "
+        "(pipelined sessions: the slowest stage as fast as possible, every stage that helps in the chain)",
     )
     add_weight_args(coord)  # the weights' form for stages that fetch them and give none of their own
     add_metrics_args(coord)
@@ -116,6 +124,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             refine_s=args.refine,
             weights=weight_format(args),
+            objective=args.objective,
         )
     )
     return 0

@@ -65,6 +65,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
     stage.add_argument("--max-memory", type=size, default=0, help="memory for weights + KV (default: free memory)")
     stage.add_argument("--remeasure", action="store_true", help="measure capacity again instead of using the cache")
     stage.add_argument(
+        "--probe-links",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --coordinator: measure the links to the other stages this often, for the plan (10; 0: never)",
+    )
+    stage.add_argument(
         "--capacity",
         default="",
         metavar="FILE",
@@ -80,10 +87,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
     add_weight_args(stage)
     stage.add_argument(
         "--wire-dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=["float32", "bfloat16", "float16", "int8"],
         default="",
         help="dtype of the hidden states sent to the next stage (default: the stage's compute dtype given by "
-        "--dtype bfloat16 or float16, else float32; quantized weights compute in float32)",
+        "--dtype bfloat16 or float16, else float32; quantized weights compute in float32; int8: a scale per token, "
+        "a quarter of float32's bytes, for slow links)",
     )
     stage.add_argument(
         "--cpus",
@@ -119,6 +127,7 @@ def wire_dtype_of(args: argparse.Namespace) -> str:
 def cmd_stage(args: argparse.Namespace) -> int:
     import asyncio
 
+    from layerline import wire
     from layerline.local_cluster import die_with_parent
     from layerline.model import FLOAT_DTYPES
     from layerline.model_source import DEFAULT_MODEL, resolve_model
@@ -150,7 +159,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             end=end,
             dtype=FLOAT_DTYPES[args.dtype] if args.dtype else None,
             quantize=args.quantize,
-            wire_dtype=FLOAT_DTYPES[wire_dtype_of(args)],
+            wire_dtype=wire.WIRE_DTYPES[wire_dtype_of(args)],
             **given,
             security=security_of(args),
         )
@@ -171,6 +180,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             capacity_file=args.capacity,
             on_layers=print_serving,
+            probe_links=args.probe_links,
         )
     )
     return 0

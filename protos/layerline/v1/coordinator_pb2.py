@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elayerline/v1/coordinator.proto\x12\x0clayerline.v1\"\xb7\x03\n\x0bStageReport\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x1a\n\x12\x64\x65\x63ode_s_per_layer\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_s_fixed\x18\x07 \x01(\x01\x12!\n\x19prefill_s_per_layer_token\x18\x08 \x01(\x01\x12\x15\n\rhead_decode_s\x18\t \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x03\x12\x17\n\x0f\x62ytes_per_param\x18\x0c \x01(\x01\x12\x15\n\rserving_start\x18\r \x01(\x05\x12\x13\n\x0bserving_end\x18\x0e \x01(\x05\x12\x0f\n\x07version\x18\x0f \x01(\t\x12\x0f\n\x07weights\x18\x10 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x11 \x01(\t\x12\x15\n\rkv_block_size\x18\x12 \x01(\x05\x12#\n\x1bkv_bytes_per_layer_position\x18\x13 \x01(\x03\"J\n\nAssignment\x12\x14\n\x0cplan_version\x18\x01 \x01(\x03\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\";\n\x0fRegisterRequest\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.layerline.v1.StageReport\"m\n\x10RegisterResponse\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12,\n\nassignment\x18\x02 \x01(\x0b\x32\x18.layerline.v1.Assignment\x12\x19\n\x11heartbeat_seconds\x18\x03 \x01(\x01\"\xed\x02\n\x10HeartbeatRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x15\n\rserving_start\x18\x02 \x01(\x05\x12\x13\n\x0bserving_end\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x15\n\ropen_sessions\x18\x05 \x01(\x05\x12\x15\n\rkv_bytes_used\x18\x06 \x01(\x03\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x07 \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x08 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\t \x01(\x03\x12\x16\n\x0eresident_bytes\x18\n \x01(\x03\x12\x1a\n\x12\x64\x65vice_memory_used\x18\x0b \x01(\x03\x12\x1b\n\x13\x64\x65vice_memory_total\x18\x0c \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18\x0e \x01(\x03\x12\x18\n\x10kv_blocks_cached\x18\x0f \x01(\x03\"A\n\x11HeartbeatResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x18.layerline.v1.Assignment\" \n\x0cLeaveRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\x1e\n\rLeaveResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x1f\n\x0cRouteRequest\x12\x0f\n\x07\x65xclude\x18\x01 \x03(\t\"D\n\x05Route\x12\x11\n\taddresses\x18\x01 \x03(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x03\x12\x12\n\nboundaries\x18\x03 \x03(\x05\"\x0f\n\rStatusRequest\"\xf6\x03\n\x0bStageStatus\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12)\n\x06report\x18\x02 \x01(\x0b\x32\x19.layerline.v1.StageReport\x12,\n\nassignment\x18\x03 \x01(\x0b\x32\x18.layerline.v1.Assignment\x12\x15\n\rserving_start\x18\x04 \x01(\x05\x12\x13\n\x0bserving_end\x18\x05 \x01(\x05\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x15\n\ropen_sessions\x18\x07 \x01(\x05\x12\x15\n\rkv_bytes_used\x18\x08 \x01(\x03\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\x12\x1a\n\x12predicted_decode_s\x18\n \x01(\x01\x12\x0f\n\x07replica\x18\x0b \x01(\x08\x12\x13\n\x0bload_factor\x18\x0c \x01(\x01\x12\x14\n\x0cweight_bytes\x18\r \x01(\x03\x12\x16\n\x0eresident_bytes\x18\x0e \x01(\x03\x12\x1a\n\x12\x64\x65vice_memory_used\x18\x0f \x01(\x03\x12\x1b\n\x13\x64\x65vice_memory_total\x18\x10 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x11 \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18\x12 \x01(\x03\x12\x18\n\x10kv_blocks_cached\x18\x13 \x01(\x03\"\xe8\x01\n\rClusterStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12)\n\x06stages\x18\x03 \x03(\x0b\x32\x19.layerline.v1.StageStatus\x12\x14\n\x0cplan_version\x18\x04 \x01(\x03\x12\x1e\n\x16predicted_bottleneck_s\x18\x05 \x01(\x01\x12\x19\n\x11predicted_total_s\x18\x06 \x01(\x01\x12\"\n\x05route\x18\x07 \x01(\x0b\x32\x13.layerline.v1.Route\x12\x0f\n\x07problem\x18\x08 \x01(\t\"\r\n\x0bPlanRequest\"\x98\x01\n\x0cPlanResponse\x12\x11\n\tstage_ids\x18\x01 \x03(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x12\n\nboundaries\x18\x03 \x03(\x05\x12\x1e\n\x16predicted_bottleneck_s\x18\x04 \x01(\x01\x12\x19\n\x11predicted_total_s\x18\x05 \x01(\x01\x12\x13\n\x0b\x65xplanation\x18\x06 \x01(\t\"\x0e\n\x0cModelRequest\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x19\n\x11stored_types_json\x18\x06 \x01(\t\x12\x0f\n\x07weights\x18\x07 \x01(\t\"\\\n\x0c\x46\x65tchRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x03\"|\n\x0bWeightChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06sha256\x18\x07 \x01(\t2\xb2\x04\n\x0b\x43oordinator\x12I\n\x08Register\x12\x1d.layerline.v1.RegisterRequest\x1a\x1e.layerline.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.layerline.v1.HeartbeatRequest\x1a\x1f.layerline.v1.HeartbeatResponse\x12@\n\x05Leave\x12\x1a.layerline.v1.LeaveRequest\x1a\x1b.layerline.v1.LeaveResponse\x12;\n\x08GetRoute\x12\x1a.layerline.v1.RouteRequest\x1a\x13.layerline.v1.Route\x12\x42\n\x06Status\x12\x1b.layerline.v1.StatusRequest\x1a\x1b.layerline.v1.ClusterStatus\x12=\n\x04Plan\x12\x19.layerline.v1.PlanRequest\x1a\x1a.layerline.v1.PlanResponse\x12?\n\x08GetModel\x12\x1a.layerline.v1.ModelRequest\x1a\x17.layerline.v1.ModelInfo\x12G\n\x0c\x46\x65tchWeights\x12\x1a.layerline.v1.FetchRequest\x1a\x19.layerline.v1.WeightChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elayerline/v1/coordinator.proto\x12\x0clayerline.v1\"\xcb\x03\n\x0bStageReport\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x1a\n\x12\x64\x65\x63ode_s_per_layer\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_s_fixed\x18\x07 \x01(\x01\x12!\n\x19prefill_s_per_layer_token\x18\x08 \x01(\x01\x12\x15\n\rhead_decode_s\x18\t \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x03\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x03\x12\x17\n\x0f\x62ytes_per_param\x18\x0c \x01(\x01\x12\x15\n\rserving_start\x18\r \x01(\x05\x12\x13\n\x0bserving_end\x18\x0e \x01(\x05\x12\x0f\n\x07version\x18\x0f \x01(\t\x12\x0f\n\x07weights\x18\x10 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x11 \x01(\t\x12\x15\n\rkv_block_size\x18\x12 \x01(\x05\x12#\n\x1bkv_bytes_per_layer_position\x18\x13 \x01(\x03\x12\x12\n\nwire_bytes\x18\x14 \x01(\x05\"Q\n\nLinkReport\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05rtt_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x62ytes_per_s\x18\x03 \x01(\x01\x12\x0e\n\x06probes\x18\x04 \x01(\r\"l\n\nPaceReport\x12\x15\n\rdecode_rounds\x18\x01 \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\"J\n\nAssignment\x12\x14\n\x0cplan_version\x18\x01 \x01(\x03\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\";\n\x0fRegisterRequest\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.layerline.v1.StageReport\"m\n\x10RegisterResponse\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12,\n\nassignment\x18\x02 \x01(\x0b\x32\x18.layerline.v1.Assignment\x12\x19\n\x11heartbeat_seconds\x18\x03 \x01(\x01\"\xbe\x03\n\x10HeartbeatRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x15\n\rserving_start\x18\x02 \x01(\x05\x12\x13\n\x0bserving_end\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x15\n\ropen_sessions\x18\x05 \x01(\x05\x12\x15\n\rkv_bytes_used\x18\x06 \x01(\x03\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x07 \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x08 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\t \x01(\x03\x12\x16\n\x0eresident_bytes\x18\n \x01(\x03\x12\x1a\n\x12\x64\x65vice_memory_used\x18\x0b \x01(\x03\x12\x1b\n\x13\x64\x65vice_memory_total\x18\x0c \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18\x0e \x01(\x03\x12\x18\n\x10kv_blocks_cached\x18\x0f \x01(\x03\x12\'\n\x05links\x18\x10 \x03(\x0b\x32\x18.layerline.v1.LinkReport\x12&\n\x04pace\x18\x11 \x01(\x0b\x32\x18.layerline.v1.PaceReport\"P\n\x11HeartbeatResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x18.layerline.v1.Assignment\x12\r\n\x05peers\x18\x02 \x03(\t\" \n\x0cLeaveRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\x1e\n\rLeaveResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x1f\n\x0cRouteRequest\x12\x0f\n\x07\x65xclude\x18\x01 \x03(\t\"D\n\x05Route\x12\x11\n\taddresses\x18\x01 \x03(\t\x12\x14\n\x0cplan_version\x18\x02 \x01(\x03\x12\x12\n\nboundaries\x18\x03 \x03(\x05\"\x0f\n\rStatusRequest\"\x9f\x04\n\x0bStageStatus\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12)\n\x06report\x18\x02 \x01(\x0b\x32\x19.layerline.v1.StageReport\x12,\n\nassignment\x18\x03 \x01(\x0b\x32\x18.layerline.v1.Assignment\x12\x15\n\rserving_start\x18\x04 \x01(\x05\x12\x13\n\x0bserving_end\x18\x05 \x01(\x05\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x15\n\ropen_sessions\x18\x07 \x01(\x05\x12\x15\n\rkv_bytes_used\x18\x08 \x01(\x03\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\x12\x1a\n\x12predicted_decode_s\x18\n \x01(\x01\x12\x0f\n\x07replica\x18\x0b \x01(\x08\x12\x13\n\x0bload_factor\x18\x0c \x01(\x01\x12\x14\n\x0cweight_bytes\x18\r \x01(\x03\x12\x16\n\x0eresident_bytes\x18\x0e \x01(\x03\x12\x1a\n\x12\x64\x65vice_memory_used\x18\x0f \x01(\x03\x12\x1b\n\x13\x64\x65vice_memory_total\x18\x10 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x11 \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18\x12 \x01(\x03\x12\x18\n\x10kv_blocks_cached\x18\x13 \x01(\x03\x12\'\n\x05links\x18\x14 \x03(\x0b\x32\x18.layerline.v1.LinkReport\"\xa2\x01\n\x0bPlanFigures\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x12\n\nboundaries\x18\x03 \x03(\x05\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x04 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x05 \x01(\x01\x12\x14\n\x0c\x62ottleneck_s\x18\x06 \x01(\x01\x12\x0c\n\x04note\x18\x07 \x01(\t\"\xf4\x02\n\rClusterStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12)\n\x06stages\x18\x03 \x03(\x0b\x32\x19.layerline.v1.StageStatus\x12\x14\n\x0cplan_version\x18\x04 \x01(\x03\x12\x1e\n\x16predicted_bottleneck_s\x18\x05 \x01(\x01\x12\x19\n\x11predicted_total_s\x18\x06 \x01(\x01\x12\"\n\x05route\x18\x07 \x01(\x0b\x32\x13.layerline.v1.Route\x12\x0f\n\x07problem\x18\x08 \x01(\t\x12\x11\n\tobjective\x18\t \x01(\t\x12*\n\x07\x66igures\x18\n \x03(\x0b\x32\x19.layerline.v1.PlanFigures\x12$\n\x1cmeasured_decode_tokens_per_s\x18\x0b \x01(\x01\x12%\n\x1dmeasured_prefill_tokens_per_s\x18\x0c \x01(\x01\"\r\n\x0bPlanRequest\"\xc4\x01\n\x0cPlanResponse\x12\x11\n\tstage_ids\x18\x01 \x03(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x12\n\nboundaries\x18\x03 \x03(\x05\x12\x1e\n\x16predicted_bottleneck_s\x18\x04 \x01(\x01\x12\x19\n\x11predicted_total_s\x18\x05 \x01(\x01\x12\x13\n\x0b\x65xplanation\x18\x06 \x01(\t\x12*\n\x07\x66igures\x18\x07 \x03(\x0b\x32\x19.layerline.v1.PlanFigures\"\x0e\n\x0cModelRequest\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x19\n\x11stored_types_json\x18\x06 \x01(\t\x12\x0f\n\x07weights\x18\x07 \x01(\t\"\\\n\x0c\x46\x65tchRequest\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x03\"|\n\x0bWeightChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06sha256\x18\x07 \x01(\t2\xb2\x04\n\x0b\x43oordinator\x12I\n\x08Register\x12\x1d.layerline.v1.RegisterRequest\x1a\x1e.layerline.v1.RegisterResponse\x12L\n\tHeartbeat\x12\x1e.layerline.v1.HeartbeatRequest\x1a\x1f.layerline.v1.HeartbeatResponse\x12@\n\x05Leave\x12\x1a.layerline.v1.LeaveRequest\x1a\x1b.layerline.v1.LeaveResponse\x12;\n\x08GetRoute\x12\x1a.layerline.v1.RouteRequest\x1a\x13.layerline.v1.Route\x12\x42\n\x06Status\x12\x1b.layerline.v1.StatusRequest\x1a\x1b.layerline.v1.ClusterStatus\x12=\n\x04Plan\x12\x19.layerline.v1.PlanRequest\x1a\x1a.layerline.v1.PlanResponse\x12?\n\x08GetModel\x12\x1a.layerline.v1.ModelRequest\x1a\x17.layerline.v1.ModelInfo\x12G\n\x0c\x46\x65tchWeights\x12\x1a.layerline.v1.FetchRequest\x1a\x19.layerline.v1.WeightChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,43 +32,49 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'layerline.v1.coordinator_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STAGEREPORT']._serialized_start=49
-  _globals['_STAGEREPORT']._serialized_end=488
-  _globals['_ASSIGNMENT']._serialized_start=490
-  _globals['_ASSIGNMENT']._serialized_end=564
-  _globals['_REGISTERREQUEST']._serialized_start=566
-  _globals['_REGISTERREQUEST']._serialized_end=625
-  _globals['_REGISTERRESPONSE']._serialized_start=627
-  _globals['_REGISTERRESPONSE']._serialized_end=736
-  _globals['_HEARTBEATREQUEST']._serialized_start=739
-  _globals['_HEARTBEATREQUEST']._serialized_end=1104
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1106
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1171
-  _globals['_LEAVEREQUEST']._serialized_start=1173
-  _globals['_LEAVEREQUEST']._serialized_end=1205
-  _globals['_LEAVERESPONSE']._serialized_start=1207
-  _globals['_LEAVERESPONSE']._serialized_end=1237
-  _globals['_ROUTEREQUEST']._serialized_start=1239
-  _globals['_ROUTEREQUEST']._serialized_end=1270
-  _globals['_ROUTE']._serialized_start=1272
-  _globals['_ROUTE']._serialized_end=1340
-  _globals['_STATUSREQUEST']._serialized_start=1342
-  _globals['_STATUSREQUEST']._serialized_end=1357
-  _globals['_STAGESTATUS']._serialized_start=1360
-  _globals['_STAGESTATUS']._serialized_end=1862
-  _globals['_CLUSTERSTATUS']._serialized_start=1865
-  _globals['_CLUSTERSTATUS']._serialized_end=2097
-  _globals['_PLANREQUEST']._serialized_start=2099
-  _globals['_PLANREQUEST']._serialized_end=2112
-  _globals['_PLANRESPONSE']._serialized_start=2115
-  _globals['_PLANRESPONSE']._serialized_end=2267
-  _globals['_MODELREQUEST']._serialized_start=2269
-  _globals['_MODELREQUEST']._serialized_end=2283
-  _globals['_MODELINFO']._serialized_start=2286
-  _globals['_MODELINFO']._serialized_end=2447
-  _globals['_FETCHREQUEST']._serialized_start=2449
-  _globals['_FETCHREQUEST']._serialized_end=2541
-  _globals['_WEIGHTCHUNK']._serialized_start=2543
-  _globals['_WEIGHTCHUNK']._serialized_end=2667
-  _globals['_COORDINATOR']._serialized_start=2670
-  _globals['_COORDINATOR']._serialized_end=3232
+  _globals['_STAGEREPORT']._serialized_end=508
+  _globals['_LINKREPORT']._serialized_start=510
+  _globals['_LINKREPORT']._serialized_end=591
+  _globals['_PACEREPORT']._serialized_start=593
+  _globals['_PACEREPORT']._serialized_end=701
+  _globals['_ASSIGNMENT']._serialized_start=703
+  _globals['_ASSIGNMENT']._serialized_end=777
+  _globals['_REGISTERREQUEST']._serialized_start=779
+  _globals['_REGISTERREQUEST']._serialized_end=838
+  _globals['_REGISTERRESPONSE']._serialized_start=840
+  _globals['_REGISTERRESPONSE']._serialized_end=949
+  _globals['_HEARTBEATREQUEST']._serialized_start=952
+  _globals['_HEARTBEATREQUEST']._serialized_end=1398
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1400
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1480
+  _globals['_LEAVEREQUEST']._serialized_start=1482
+  _globals['_LEAVEREQUEST']._serialized_end=1514
+  _globals['_LEAVERESPONSE']._serialized_start=1516
+  _globals['_LEAVERESPONSE']._serialized_end=1546
+  _globals['_ROUTEREQUEST']._serialized_start=1548
+  _globals['_ROUTEREQUEST']._serialized_end=1579
+  _globals['_ROUTE']._serialized_start=1581
+  _globals['_ROUTE']._serialized_end=1649
+  _globals['_STATUSREQUEST']._serialized_start=1651
+  _globals['_STATUSREQUEST']._serialized_end=1666
+  _globals['_STAGESTATUS']._serialized_start=1669
+  _globals['_STAGESTATUS']._serialized_end=2212
+  _globals['_PLANFIGURES']._serialized_start=2215
+  _globals['_PLANFIGURES']._serialized_end=2377
+  _globals['_CLUSTERSTATUS']._serialized_start=2380
+  _globals['_CLUSTERSTATUS']._serialized_end=2752
+  _globals['_PLANREQUEST']._serialized_start=2754
+  _globals['_PLANREQUEST']._serialized_end=2767
+  _globals['_PLANRESPONSE']._serialized_start=2770
+  _globals['_PLANRESPONSE']._serialized_end=2966
+  _globals['_MODELREQUEST']._serialized_start=2968
+  _globals['_MODELREQUEST']._serialized_end=2982
+  _globals['_MODELINFO']._serialized_start=2985
+  _globals['_MODELINFO']._serialized_end=3146
+  _globals['_FETCHREQUEST']._serialized_start=3148
+  _globals['_FETCHREQUEST']._serialized_end=3240
+  _globals['_WEIGHTCHUNK']._serialized_start=3242
+  _globals['_WEIGHTCHUNK']._serialized_end=3366
+  _globals['_COORDINATOR']._serialized_start=3369
+  _globals['_COORDINATOR']._serialized_end=3931
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from layerline.v1 import tensor_pb2 as layerline_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18layerline/v1/stage.proto\x12\x0clayerline.v1\x1a\x19layerline/v1/tensor.proto\"\r\n\x0bInfoRequest\"\x82\x08\n\tStageInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\'\n\nwire_dtype\x18\n \x01(\x0e\x32\x13.layerline.v1.DType\x12\x14\n\x0cnext_address\x18\x0b \x01(\t\x12\x16\n\x0ekv_bytes_total\x18\x0c \x01(\x03\x12\x15\n\rkv_bytes_used\x18\r \x01(\x03\x12\x15\n\ropen_sessions\x18\x0e \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x0f \x01(\x03\x12\x1a\n\x12kv_bytes_per_token\x18\x10 \x01(\x03\x12\x0f\n\x07version\x18\x11 \x01(\t\x12\x12\n\nmax_length\x18\x12 \x01(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x13 \x01(\x01\x12\x16\n\x0esteps_computed\x18\x14 \x01(\x04\x12\x15\n\rbatched_steps\x18\x15 \x01(\x04\x12\x14\n\x0cqueued_steps\x18\x16 \x01(\x05\x12\x19\n\x11peak_queued_steps\x18\x17 \x01(\x05\x12\x18\n\x10max_queued_steps\x18\x18 \x01(\x05\x12\x1b\n\x13peak_queued_results\x18\x19 \x01(\x05\x12\x16\n\x0emax_loop_ahead\x18\x1a \x01(\x05\x12\x17\n\x0ftokens_computed\x18\x1b \x01(\x04\x12\x16\n\x0etokens_sampled\x18\x1c \x01(\x04\x12\x14\n\x0cinline_steps\x18\x1d \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x1e \x01(\x03\x12\x0f\n\x07weights\x18\x1f \x01(\t\x12\x16\n\x0eresident_bytes\x18  \x01(\x03\x12\x13\n\x0b\x64\x65vice_name\x18! \x01(\t\x12\x1a\n\x12\x64\x65vice_memory_used\x18\" \x01(\x03\x12\x1b\n\x13\x64\x65vice_memory_total\x18# \x01(\x03\x12\x15\n\rkv_block_size\x18$ \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18% \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18& \x01(\x03\x12\x18\n\x10kv_blocks_cached\x18\' \x01(\x03\x12\x19\n\x11prefix_hit_tokens\x18( \x01(\x04\x12\x17\n\x0fprefixes_shared\x18) \x01(\x08\x12\x16\n\x0etokens_drafted\x18* \x01(\x04\x12\x17\n\x0ftokens_accepted\x18+ \x01(\x04\"\x8a\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05\x64raws\x18\x06 \x01(\x04\x42\x07\n\x05_seed\"\xca\x01\n\x12OpenSessionRequest\x12\x12\n\nmax_length\x18\x01 \x01(\x05\x12\x0c\n\x04rows\x18\x02 \x01(\x05\x12\x14\n\x0cnext_address\x18\x03 \x01(\t\x12\x17\n\x0fnext_session_id\x18\x04 \x01(\t\x12\'\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x13.layerline.v1.DType\x12\x12\n\nclient_key\x18\x06 \x01(\t\x12\x13\n\x0bstart_layer\x18\x07 \x01(\x05\x12\x11\n\tend_layer\x18\x08 \x01(\x05\"P\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"=\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x9a\x03\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\tpositions\x18\x03 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12$\n\x06tokens\x18\x04 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12$\n\x06hidden\x18\x05 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x0c\n\x04rows\x18\x06 \x03(\x05\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x12.\n\x08sampling\x18\x08 \x01(\x0b\x32\x1c.layerline.v1.SamplingParams\x12\x15\n\x08truncate\x18\t \x01(\x03H\x00\x88\x01\x01\x12 \n\x04loop\x18\n \x01(\x0b\x32\x12.layerline.v1.Loop\x12\x0e\n\x06looped\x18\x0b \x01(\x08\x12%\n\x07targets\x18\x0c \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\r\n\x05\x62urst\x18\r \x01(\r\x12\x12\n\nclient_key\x18\x0e \x01(\t\x12\x0e\n\x06\x64rafts\x18\x0f \x01(\rB\x0b\n\t_truncate\"\x83\x01\n\x04Loop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x03\x12\x11\n\tspeculate\x18\x05 \x01(\t\x12\x13\n\x0bspeculate_k\x18\x06 \x01(\r\"n\n\tPushReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x12\n\nclient_key\x18\x06 \x01(\t\":\n\x10SubscribeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\"\xbc\x01\n\x06Result\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04rows\x18\x03 \x03(\x05\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0f\n\x07lengths\x18\x05 \x03(\x03\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05stage\x18\x08 \x01(\t\x12&\n\x08logprobs\x18\t \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x0f\n\x07\x64rafted\x18\n \x01(\r\"U\n\rPrefixRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\x03\x12\x0c\n\x04rows\x18\x04 \x03(\x05\"#\n\x0ePrefixResponse\x12\x11\n\tpositions\x18\x01 \x01(\x03\"5\n\x0bHaltRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\"$\n\x0c\x44rainRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"5\n\rDrainResponse\x12\x15\n\ropen_sessions\x18\x01 \x01(\x05\x12\r\n\x05stage\x18\x02 \x01(\t\"\x1f\n\x0cHaltResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\" \n\x10TokenizerRequest\x12\x0c\n\x04zlib\x18\x01 \x01(\x08\"H\n\x11TokenizerResponse\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x1b\n\x13tokenizer_json_zlib\x18\x02 \x01(\x0c\x32\x89\x05\n\x05Stage\x12:\n\x04Info\x12\x19.layerline.v1.InfoRequest\x1a\x17.layerline.v1.StageInfo\x12R\n\x0bOpenSession\x12 .layerline.v1.OpenSessionRequest\x1a!.layerline.v1.OpenSessionResponse\x12U\n\x0c\x43loseSession\x12!.layerline.v1.CloseSessionRequest\x1a\".layerline.v1.CloseSessionResponse\x12\x37\n\x04Push\x12\x12.layerline.v1.Step\x1a\x17.layerline.v1.PushReply(\x01\x30\x01\x12\x43\n\tSubscribe\x12\x1e.layerline.v1.SubscribeRequest\x1a\x14.layerline.v1.Result0\x01\x12O\n\x0cGetTokenizer\x12\x1e.layerline.v1.TokenizerRequest\x1a\x1f.layerline.v1.TokenizerResponse\x12=\n\x04Halt\x12\x19.layerline.v1.HaltRequest\x1a\x1a.layerline.v1.HaltResponse\x12@\n\x05\x44rain\x12\x1a.layerline.v1.DrainRequest\x1a\x1b.layerline.v1.DrainResponse\x12I\n\x0c\x41ttachPrefix\x12\x1b.layerline.v1.PrefixRequest\x1a\x1c.layerline.v1.PrefixResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18layerline/v1/stage.proto\x12\x0clayerline.v1\x1a\x19layerline/v1/tensor.proto\"\r\n\x0bInfoRequest\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"$\n\nProbeReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\"\x82\x08\n\tStageInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\'\n\nwire_dtype\x18\n \x01(\x0e\x32\x13.layerline.v1.DType\x12\x14\n\x0cnext_address\x18\x0b \x01(\t\x12\x16\n\x0ekv_bytes_total\x18\x0c \x01(\x03\x12\x15\n\rkv_bytes_used\x18\r \x01(\x03\x12\x15\n\ropen_sessions\x18\x0e \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x0f \x01(\x03\x12\x1a\n\x12kv_bytes_per_token\x18\x10 \x01(\x03\x12\x0f\n\x07version\x18\x11 \x01(\t\x12\x12\n\nmax_length\x18\x12 \x01(\x05\x12\x17\n\x0f\x63ompute_seconds\x18\x13 \x01(\x01\x12\x16\n\x0esteps_computed\x18\x14 \x01(\x04\x12\x15\n\rbatched_steps\x18\x15 \x01(\x04\x12\x14\n\x0cqueued_steps\x18\x16 \x01(\x05\x12\x19\n\x11peak_queued_steps\x18\x17 \x01(\x05\x12\x18\n\x10max_queued_steps\x18\x18 \x01(\x05\x12\x1b\n\x13peak_queued_results\x18\x19 \x01(\x05\x12\x16\n\x0emax_loop_ahead\x18\x1a \x01(\x05\x12\x17\n\x0ftokens_computed\x18\x1b \x01(\x04\x12\x16\n\x0etokens_sampled\x18\x1c \x01(\x04\x12\x14\n\x0cinline_steps\x18\x1d \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x1e \x01(\x03\x12\x0f\n\x07weights\x18\x1f \x01(\t\x12\x16\n\x0eresident_bytes\x18  \x01(\x03\x12\x13\n\x0b\x64\x65vice_name\x18! \x01(\t\x12\x1a\n\x12\x64\x65vice_memory_used\x18\" \x01(\x03\x12\x1b\n\x13\x64\x65vice_memory_total\x18# \x01(\x03\x12\x15\n\rkv_block_size\x18$ \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18% \x01(\x03\x12\x16\n\x0ekv_blocks_used\x18& \x01(\x03\x12\x18\n\x10kv_blocks_cached\x18\' \x01(\x03\x12\x19\n\x11prefix_hit_tokens\x18( \x01(\x04\x12\x17\n\x0fprefixes_shared\x18) \x01(\x08\x12\x16\n\x0etokens_drafted\x18* \x01(\x04\x12\x17\n\x0ftokens_accepted\x18+ \x01(\x04\"\x8a\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05\x64raws\x18\x06 \x01(\x04\x42\x07\n\x05_seed\"\xca\x01\n\x12OpenSessionRequest\x12\x12\n\nmax_length\x18\x01 \x01(\x05\x12\x0c\n\x04rows\x18\x02 \x01(\x05\x12\x14\n\x0cnext_address\x18\x03 \x01(\t\x12\x17\n\x0fnext_session_id\x18\x04 \x01(\t\x12\'\n\nwire_dtype\x18\x05 \x01(\x0e\x32\x13.layerline.v1.DType\x12\x12\n\nclient_key\x18\x06 \x01(\t\x12\x13\n\x0bstart_layer\x18\x07 \x01(\x05\x12\x11\n\tend_layer\x18\x08 \x01(\x05\"P\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"=\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x9a\x03\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\tpositions\x18\x03 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12$\n\x06tokens\x18\x04 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12$\n\x06hidden\x18\x05 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x0c\n\x04rows\x18\x06 \x03(\x05\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x12.\n\x08sampling\x18\x08 \x01(\x0b\x32\x1c.layerline.v1.SamplingParams\x12\x15\n\x08truncate\x18\t \x01(\x03H\x00\x88\x01\x01\x12 \n\x04loop\x18\n \x01(\x0b\x32\x12.layerline.v1.Loop\x12\x0e\n\x06looped\x18\x0b \x01(\x08\x12%\n\x07targets\x18\x0c \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\r\n\x05\x62urst\x18\r \x01(\r\x12\x12\n\nclient_key\x18\x0e \x01(\t\x12\x0e\n\x06\x64rafts\x18\x0f \x01(\rB\x0b\n\t_truncate\"\x83\x01\n\x04Loop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x03\x12\x11\n\tspeculate\x18\x05 \x01(\t\x12\x13\n\x0bspeculate_k\x18\x06 \x01(\r\"n\n\tPushReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x12\n\nclient_key\x18\x06 \x01(\t\":\n\x10SubscribeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\"\xbc\x01\n\x06Result\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04rows\x18\x03 \x03(\x05\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0f\n\x07lengths\x18\x05 \x03(\x03\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05stage\x18\x08 \x01(\t\x12&\n\x08logprobs\x18\t \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x0f\n\x07\x64rafted\x18\n \x01(\r\"U\n\rPrefixRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\x03\x12\x0c\n\x04rows\x18\x04 \x03(\x05\"#\n\x0ePrefixResponse\x12\x11\n\tpositions\x18\x01 \x01(\x03\"5\n\x0bHaltRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nclient_key\x18\x02 \x01(\t\"$\n\x0c\x44rainRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"5\n\rDrainResponse\x12\x15\n\ropen_sessions\x18\x01 \x01(\x05\x12\r\n\x05stage\x18\x02 \x01(\t\"\x1f\n\x0cHaltResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\" \n\x10TokenizerRequest\x12\x0c\n\x04zlib\x18\x01 \x01(\x08\"H\n\x11TokenizerResponse\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x1b\n\x13tokenizer_json_zlib\x18\x02 \x01(\x0c\x32\xc8\x05\n\x05Stage\x12:\n\x04Info\x12\x19.layerline.v1.InfoRequest\x1a\x17.layerline.v1.StageInfo\x12R\n\x0bOpenSession\x12 .layerline.v1.OpenSessionRequest\x1a!.layerline.v1.OpenSessionResponse\x12U\n\x0c\x43loseSession\x12!.layerline.v1.CloseSessionRequest\x1a\".layerline.v1.CloseSessionResponse\x12\x37\n\x04Push\x12\x12.layerline.v1.Step\x1a\x17.layerline.v1.PushReply(\x01\x30\x01\x12\x43\n\tSubscribe\x12\x1e.layerline.v1.SubscribeRequest\x1a\x14.layerline.v1.Result0\x01\x12O\n\x0cGetTokenizer\x12\x1e.layerline.v1.TokenizerRequest\x1a\x1f.layerline.v1.TokenizerResponse\x12=\n\x04Halt\x12\x19.layerline.v1.HaltRequest\x1a\x1a.layerline.v1.HaltResponse\x12@\n\x05\x44rain\x12\x1a.layerline.v1.DrainRequest\x1a\x1b.layerline.v1.DrainResponse\x12I\n\x0c\x41ttachPrefix\x12\x1b.layerline.v1.PrefixRequest\x1a\x1c.layerline.v1.PrefixResponse\x12=\n\x05Probe\x12\x1a.layerline.v1.ProbeRequest\x1a\x18.layerline.v1.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,44 +34,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFOREQUEST']._serialized_start=69
   _globals['_INFOREQUEST']._serialized_end=82
-  _globals['_STAGEINFO']._serialized_start=85
-  _globals['_STAGEINFO']._serialized_end=1111
-  _globals['_SAMPLINGPARAMS']._serialized_start=1114
-  _globals['_SAMPLINGPARAMS']._serialized_end=1252
-  _globals['_OPENSESSIONREQUEST']._serialized_start=1255
-  _globals['_OPENSESSIONREQUEST']._serialized_end=1457
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1459
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1539
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1541
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1602
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1604
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1642
-  _globals['_STEP']._serialized_start=1645
-  _globals['_STEP']._serialized_end=2055
-  _globals['_LOOP']._serialized_start=2058
-  _globals['_LOOP']._serialized_end=2189
-  _globals['_PUSHREPLY']._serialized_start=2191
-  _globals['_PUSHREPLY']._serialized_end=2301
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=2303
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=2361
-  _globals['_RESULT']._serialized_start=2364
-  _globals['_RESULT']._serialized_end=2552
-  _globals['_PREFIXREQUEST']._serialized_start=2554
-  _globals['_PREFIXREQUEST']._serialized_end=2639
-  _globals['_PREFIXRESPONSE']._serialized_start=2641
-  _globals['_PREFIXRESPONSE']._serialized_end=2676
-  _globals['_HALTREQUEST']._serialized_start=2678
-  _globals['_HALTREQUEST']._serialized_end=2731
-  _globals['_DRAINREQUEST']._serialized_start=2733
-  _globals['_DRAINREQUEST']._serialized_end=2769
-  _globals['_DRAINRESPONSE']._serialized_start=2771
-  _globals['_DRAINRESPONSE']._serialized_end=2824
-  _globals['_HALTRESPONSE']._serialized_start=2826
-  _globals['_HALTRESPONSE']._serialized_end=2857
-  _globals['_TOKENIZERREQUEST']._serialized_start=2859
-  _globals['_TOKENIZERREQUEST']._serialized_end=2891
-  _globals['_TOKENIZERRESPONSE']._serialized_start=2893
-  _globals['_TOKENIZERRESPONSE']._serialized_end=2965
-  _globals['_STAGE']._serialized_start=2968
-  _globals['_STAGE']._serialized_end=3617
+  _globals['_PROBEREQUEST']._serialized_start=84
+  _globals['_PROBEREQUEST']._serialized_end=115
+  _globals['_PROBEREPLY']._serialized_start=117
+  _globals['_PROBEREPLY']._serialized_end=153
+  _globals['_STAGEINFO']._serialized_start=156
+  _globals['_STAGEINFO']._serialized_end=1182
+  _globals['_SAMPLINGPARAMS']._serialized_start=1185
+  _globals['_SAMPLINGPARAMS']._serialized_end=1323
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1326
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1528
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1530
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1610
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1612
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1673
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1675
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1713
+  _globals['_STEP']._serialized_start=1716
+  _globals['_STEP']._serialized_end=2126
+  _globals['_LOOP']._serialized_start=2129
+  _globals['_LOOP']._serialized_end=2260
+  _globals['_PUSHREPLY']._serialized_start=2262
+  _globals['_PUSHREPLY']._serialized_end=2372
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=2374
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=2432
+  _globals['_RESULT']._serialized_start=2435
+  _globals['_RESULT']._serialized_end=2623
+  _globals['_PREFIXREQUEST']._serialized_start=2625
+  _globals['_PREFIXREQUEST']._serialized_end=2710
+  _globals['_PREFIXRESPONSE']._serialized_start=2712
+  _globals['_PREFIXRESPONSE']._serialized_end=2747
+  _globals['_HALTREQUEST']._serialized_start=2749
+  _globals['_HALTREQUEST']._serialized_end=2802
+  _globals['_DRAINREQUEST']._serialized_start=2804
+  _globals['_DRAINREQUEST']._serialized_end=2840
+  _globals['_DRAINRESPONSE']._serialized_start=2842
+  _globals['_DRAINRESPONSE']._serialized_end=2895
+  _globals['_HALTRESPONSE']._serialized_start=2897
+  _globals['_HALTRESPONSE']._serialized_end=2928
+  _globals['_TOKENIZERREQUEST']._serialized_start=2930
+  _globals['_TOKENIZERREQUEST']._serialized_end=2962
+  _globals['_TOKENIZERRESPONSE']._serialized_start=2964
+  _globals['_TOKENIZERRESPONSE']._serialized_end=3036
+  _globals['_STAGE']._serialized_start=3039
+  _globals['_STAGE']._serialized_end=3751
 # @@protoc_insertion_point(module_scope)

@@ -79,6 +79,11 @@ class StageStub:
                 request_serializer=layerline_dot_v1_dot_stage__pb2.PrefixRequest.SerializeToString,
                 response_deserializer=layerline_dot_v1_dot_stage__pb2.PrefixResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/layerline.v1.Stage/Probe',
+                request_serializer=layerline_dot_v1_dot_stage__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=layerline_dot_v1_dot_stage__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -152,6 +157,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """For another stage measuring its link to this one: the answer comes as soon as the payload has arrived. A small
+        payload times the round trip, a large one the bandwidth (coordinator placement weighs both).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +212,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.AttachPrefix,
                     request_deserializer=layerline_dot_v1_dot_stage__pb2.PrefixRequest.FromString,
                     response_serializer=layerline_dot_v1_dot_stage__pb2.PrefixResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=layerline_dot_v1_dot_stage__pb2.ProbeRequest.FromString,
+                    response_serializer=layerline_dot_v1_dot_stage__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +462,33 @@ class Stage:
             '/layerline.v1.Stage/AttachPrefix',
             layerline_dot_v1_dot_stage__pb2.PrefixRequest.SerializeToString,
             layerline_dot_v1_dot_stage__pb2.PrefixResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Stage/Probe',
+            layerline_dot_v1_dot_stage__pb2.ProbeRequest.SerializeToString,
+            layerline_dot_v1_dot_stage__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

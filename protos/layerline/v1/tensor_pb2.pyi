@@ -15,12 +15,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BFLOAT16: _ClassVar[DType]
     INT64: _ClassVar[DType]
     INT32: _ClassVar[DType]
+    INT8_ROWS: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
 BFLOAT16: DType
 INT64: DType
 INT32: DType
+INT8_ROWS: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
