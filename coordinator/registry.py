@@ -588,14 +588,15 @@ def model_shape(config: ModelConfig, stored: dict[str, str] | None = None) -> Mo
 
 
 def _links_moved(old: dict[str, Link], new: dict[str, Link]) -> bool:
-    """New links, or a round trip or bandwidth that changed by more than a fifth: worth a look at the plan."""
+    """New links, or a round trip (by more than a fifth and a millisecond: a fast link's noise is no news) or a
+    bandwidth (by more than a fifth) that changed: worth a look at the plan."""
     if set(old) != set(new):
         return True
 
-    def far(a: float, b: float) -> bool:
-        return abs(a - b) > 0.2 * max(a, b)
+    def far(a: float, b: float, floor: float = 0.0) -> bool:
+        return abs(a - b) > max(0.2 * max(a, b), floor)
 
-    return any(far(old[k].rtt_s, new[k].rtt_s) or far(old[k].bytes_per_s, new[k].bytes_per_s) for k in new)
+    return any(far(old[k].rtt_s, new[k].rtt_s, 1e-3) or far(old[k].bytes_per_s, new[k].bytes_per_s) for k in new)
 
 
 def _check_capacity(c: StageCapacity) -> None:

@@ -48,8 +48,9 @@ def cache_env(tmp_path):
 
 @pytest.fixture
 def equal(tmp_path) -> list[str]:
-    """Stage arguments that make every stage report the same figures: what the coordinator decides then follows
-    from the plan's rules, not from how busy the machine was while each stage measured itself."""
+    """Stage arguments that make every stage report the same figures and measure no links: what the coordinator
+    decides then follows from the plan's rules, not from how busy the machine was while each stage measured itself
+    or its links to the others."""
     figures = Capacity(
         decode_s_per_layer=4e-4,
         decode_s_fixed=5e-5,
@@ -66,7 +67,7 @@ def equal(tmp_path) -> list[str]:
     )
     path = tmp_path / "capacity.json"
     path.write_text(figures.to_json())
-    return ["--capacity", str(path)]
+    return ["--capacity", str(path), "--probe-links", "0"]
 
 
 def test_coordinator_places_stages_replans_on_join_and_leave(tiny_checkpoint, cache_env, equal, caplog):
@@ -134,7 +135,7 @@ def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_chec
     spec = TinySpec("llama", layers=2, kv_heads=2)  # 2 layers: a chain of 2 stages at most, the third is spare
     folder, ref = tiny_checkpoint(spec)
     expected = hf_greedy(ref, PROMPT, 8)
-    # the plan stays (no refinement from load, no links measured): the spare's twin is the plan's stage
+    # the plan stays (no refinement from load): the spare's twin is the plan's stage
     with LocalCoordinator(
         folder, heartbeat=0.5, settle=30, expect=3, objective="throughput", extra_args=["--refine", "0"]
     ) as coordinator:
@@ -145,7 +146,7 @@ def test_a_spare_stage_is_a_replica_that_takes_over_when_its_twin_dies(tiny_chec
             coordinator=address,
             threads=1,
             env=cache_env,
-            extra_args=[*equal, "--probe-links", "0"],
+            extra_args=equal,
         ) as trio:
 
             def replica_ready() -> pb.StageStatus | None:
@@ -194,7 +195,8 @@ def test_by_default_a_model_that_fits_one_stage_is_served_by_one_and_the_links_a
     expected = hf_greedy(ref, PROMPT, 12)
     with LocalCoordinator(folder, heartbeat=0.5, settle=30, expect=2) as coordinator:
         address = coordinator.address
-        with LocalCluster(folder, [None, None], coordinator=address, threads=1, env=cache_env, extra_args=equal):
+        links = [*equal[:2], "--probe-links", "1"]  # the same figures, links measured every second
+        with LocalCluster(folder, [None, None], coordinator=address, threads=1, env=cache_env, extra_args=links):
             route = wait_for_route(address, 1)
             assert list(route.boundaries) == [0, SPEC.layers]
             deadline = time.monotonic() + 60

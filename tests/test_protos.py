@@ -50,6 +50,7 @@ def test_stage_service_methods():
         "Halt": (False, False),
         "Drain": (False, False),
         "AttachPrefix": (False, False),
+        "Probe": (False, False),
     }
     for name in streaming:
         assert callable(getattr(stage_pb2_grpc.StageServicer, name))
