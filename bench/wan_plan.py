@@ -8,7 +8,7 @@ Printed side by side, from one run: the plan's predicted decode tokens/s (one se
 tokens/s (a 1,024-token prompt), what the client measured (decode: (n - 1) / (time for n tokens - time for 1);
 prefill: 1,024 / the time to the first token of a fresh 1,024-token prompt, which also pays the client's own two
 hops and the session's opening), and what the chain's first stage measured (coordinator Status: server-loop rounds,
-and prompts from their first chunk to their first token back). Medians of interleaved repeats.
+and a last 1,024-token prompt from its first chunk to its first token back). Medians of interleaved repeats.
 
     .venv/bin/python bench/wan_plan.py [--repeats 3] [--rounds 2] [--out docs/benchmarks.md]
 """
@@ -85,6 +85,9 @@ def worker(args: argparse.Namespace) -> None:
             c.generate(prompt, max_new_tokens=1, stop_token_ids=[], stream=False)
             times.append(time.perf_counter() - t)
         out["prefill"] = PREFILL / statistics.median(times)
+        # a prompt the first stage sees to its end: one that goes on to a second token (the server loop's first
+        # step back closes it); the rest of its last window holds nothing else
+        c.generate(prompt, max_new_tokens=2, stop_token_ids=[], stream=False)
     time.sleep(job["heartbeat"] * 3)  # the first stage's counters reach the coordinator
     st = status()
     f = st.figures[0]
@@ -124,7 +127,8 @@ def main() -> None:
         ckpt.close()
     q = shape.quantized["stored"]
     total = sum(q.layers) + q.embed + q.head
-    memory = math.ceil(0.45 * total / 0.75)  # weights take 3/4 of it (the KV budget a quarter): 45% of the model
+    kv = 96 << 20  # room for a few thousand positions of a dozen layers
+    memory = math.ceil(0.45 * total) + kv  # what the KV budget leaves holds 45% of the model's weights
     normal, slow = Link(delay=0.01, rate_mbit=100), Link(delay=0.05, rate_mbit=20)
     heartbeat = 1.0
     with NetBed([normal, normal, normal, slow]) as bed:
@@ -139,7 +143,8 @@ def main() -> None:
         if not _readline(p, 120, COORDINATOR_READY):
             raise SystemExit("the coordinator did not start")
         for host in (1, 2, 3):
-            bed.stage(host, model, None, "--coordinator", coordinator, "--max-memory", str(memory))
+            bed.stage(host, model, None, "--coordinator", coordinator, "--max-memory", str(memory),
+                      "--kv-cache-bytes", str(kv))  # fmt: skip
         job = {"coordinator": coordinator, "tokens": args.tokens, "repeats": args.repeats, "settle": 15,
                "heartbeat": heartbeat}  # fmt: skip
         runs = []
