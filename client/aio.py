@@ -16,7 +16,8 @@ and replays its tokens (the conversation so far, the tokens generated so far inc
 hold what the old ones did; then it goes on sampling where it was (`SamplingParams.draws` continues a seeded
 generation's random numbers; an unseeded sampling generation gets a random seed here so that it can). The caller's
 stream only pauses. A micro-batch of `generate_batch` or `score`, whose results are not streamed, simply runs
-again on the new chain. The client imports no torch.
+again on the new chain. The client imports no torch, unless a generation asks for a draft model
+(`speculate="smollm2"` or a path: `layerline.draft`), which it then loads once and runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class AsyncClient:
         self._banned: dict[str, float] = {}  # address -> until when (monotonic) it is left out of routes
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False
+        self._drafts: dict[str, Any] = {}  # speculate name -> its checked layerline.draft.DraftModel
+        self._draft_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
         if self.config.max_in_flight < 1:
             raise RPCError(INVALID, f"max_in_flight must be at least 1, got {self.config.max_in_flight}")
@@ -278,6 +281,24 @@ class AsyncClient:
                     raise RPCError.from_grpc(e, link.address) from None
             self._tokenizer_loaded = True
         return self._tokenizer
+
+    async def draft(self, name: str) -> Any:
+        """The draft model `name` (an embedded model's name or a path), loaded once, in a worker thread, and
+        checked against the chain's tokenizer; a draft that cannot serve is an RPCError naming why."""
+        async with self._draft_lock:
+            if name not in self._drafts:
+                from layerline.draft import DraftModel  # torch: only for a client that asks for a draft
+                from layerline.errors import CheckpointError
+
+                tokenizer = await self.tokenizer()
+                vocab = (await self.links())[0].info.vocab_size
+                try:
+                    model = await asyncio.to_thread(DraftModel, name)
+                    model.check(tokenizer, vocab)
+                except CheckpointError as e:
+                    raise RPCError(grpc.StatusCode.FAILED_PRECONDITION, f"speculate: {e}") from None
+                self._drafts[name] = model
+            return self._drafts[name]
 
     def session(self, max_length: int | None = None) -> AsyncSession:
         """`async with client.session(max_length=2048) as s:` — several generate/chat calls share one KV cache."""

@@ -25,7 +25,7 @@ import grpc
 from layerline.client.errors import RPCError
 from layerline.client.types import INVALID, Generation, Link, Options, Piece
 from layerline.grpc_status import code_from_int
-from layerline.speculate import AdaptiveK, ngram_propose
+from layerline.speculate import AdaptiveK, is_draft, ngram_propose
 from layerline.text_stream import TextStream
 from layerline.v1 import stage_pb2, tensor_pb2
 from layerline.wire_format import int64_rows
@@ -73,6 +73,7 @@ class AsyncSession:
         self._spill = False  # the stages' caches may hold positions past `fed` (proposals of speculative decoding)
         self.drafted = 0  # proposals this session's client loop sent (speculative decoding) ...
         self.accepted = 0  # ... and the last stage accepted
+        self._draft: Any = None  # a draft model's state for this conversation (layerline.draft.DraftState)
 
     async def __aenter__(self) -> AsyncSession:
         await self.open()
@@ -292,6 +293,10 @@ class AsyncSession:
             run: list[int] = []  # the tokens the last step (or loop round) gave, not streamed yet
             seq = 0
             adaptive = AdaptiveK(fixed=opts.speculate_k) if opts.speculate and self.rows == 1 else None
+            if adaptive is not None and is_draft(opts.speculate):
+                draft = await self.client.draft(opts.speculate)  # type: ignore[arg-type]
+                if self._draft is None or self._draft.draft is not draft:
+                    self._draft = draft.state()
             self.phase = Phase.FEEDING
             try:
                 while self.phase is not Phase.DONE:
@@ -333,8 +338,9 @@ class AsyncSession:
     async def _step_on(
         self, opts: Options, drawn: int, stop_ids: Sequence[int], adaptive: AdaptiveK | None
     ) -> tuple[int, int]:
-        """The client loop's next step: the last token, and with speculation prompt lookup's proposals after it
-        (never more than the tokens still to generate, nor past max_length). Returns its seq and the proposals."""
+        """The client loop's next step: the last token, and with speculation the proposals after it, prompt
+        lookup's or the draft model's (never more than the tokens still to generate, nor past max_length). Returns
+        its seq and the proposals."""
         remaining = opts.max_new_tokens - drawn
         truncate = self.fed if self._spill else None  # the previous step's rejected proposals go first
         self._spill = False
@@ -342,7 +348,12 @@ class AsyncSession:
         drafts: list[int] = []
         if adaptive is not None and loop is None:
             k = min(adaptive.k, remaining - 1, self.max_length - self.fed - 2)  # type: ignore[operator]
-            drafts = ngram_propose(self.history, k) if k > 0 else []
+            if k <= 0:
+                pass
+            elif is_draft(opts.speculate):  # the draft model's greedy continuation, computed off the event loop
+                drafts = await asyncio.to_thread(self._draft.propose, self.history, k)
+            else:
+                drafts = ngram_propose(self.history, k)
         seq = await self._send(
             [self.history[-1], *drafts], self.fed, sample=True, truncate=truncate, loop=loop, drafts=len(drafts)
         )
@@ -353,8 +364,9 @@ class AsyncSession:
 
     def _loop(self, remaining: int, stop_ids: Sequence[int], opts: Options) -> stage_pb2.Loop | None:
         """The server loop for the rest of a generation (None: this client feeds the tokens back itself); with
-        speculation (one-row sessions) the last stage proposes by prompt lookup itself."""
-        if not self.client.config.server_loop:
+        speculation (one-row sessions) the last stage proposes by prompt lookup itself. A draft model runs here,
+        so with one this client feeds every round."""
+        if not self.client.config.server_loop or (is_draft(opts.speculate) and self.rows == 1):
             return None
         loop = stage_pb2.Loop(
             address=self.links[0].address,

@@ -129,7 +129,7 @@ class Api:
     ) -> None:
         self.client = client
         self.model_name = model_name
-        self.speculate = speculate  # every generation's speculative decoding ("ngram"; "" = none)
+        self.speculate = speculate  # every generation's speculative decoding ("ngram", a draft; "" = none)
         self.coordinator = coordinator
         self.route = list(route or [])
         self.security = security or Security()
@@ -673,7 +673,7 @@ async def serve_api(
     """Listen on host:port at once, then wait (up to `connect_timeout` s) for the cluster to have a working route,
     answering /v1 and /health with 503 and the reason meanwhile; `on_ready(host, port, model name)` once it does.
     Serve until `stop` is set (or forever). `model_name` "": the name of the checkpoint the stages serve;
-    `speculate`: every generation's speculative decoding ("ngram"; "" = none)."""
+    `speculate`: every generation's speculative decoding ("ngram", a draft model's name or path; "" = none)."""
     api = Api(client, model_name, coordinator, route, security, api_key, speculate)
     api.waiting = "connecting to the cluster"
     server_log = logging.getLogger("aiohttp.server")

@@ -1,6 +1,6 @@
 """Speculative decoding's proposals, without torch (the client and the last stage both use it): prompt lookup, which
-proposes the tokens that followed the last occurrence of the text's last few tokens, and the adaptive number of
-proposals per round.
+proposes the tokens that followed the last occurrence of the text's last few tokens, the adaptive number of
+proposals per round, and the check of the settings (a draft model, which proposes instead, is `layerline.draft`).
 
 A round sends the last sampled token and k proposals through the chain as one (k + 1)-token step; the last stage
 verifies them against its logits (`layerline.sampling.verify`) and answers the accepted run plus one token, so a
@@ -10,10 +10,13 @@ the rejected proposals when the next step arrives (`Step.truncate`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-METHODS = ("ngram",)  # proposers a stage (and the client) runs by name
+from layerline.model_source import EMBEDDED_MODELS
+
+METHODS = ("ngram",)  # proposers a stage (and the client) runs by name; anything else names a draft model
 MAX_DRAFTS = 16  # proposals one step may carry (its columns then take the decode kernel: quant/decode.py)
 START_K = 4  # an adaptive k's first value
 MAX_NGRAM = 3  # the longest tail prompt lookup matches
@@ -60,11 +63,18 @@ class AdaptiveK:
             self.k = max(1, min(self.hi, accepted + 2))
 
 
+def is_draft(method: str | None) -> bool:
+    """Whether `method` names a draft model (a path, or an embedded model such as `smollm2`) rather than a
+    proposer by name; a draft runs in the client (`layerline.draft`)."""
+    return bool(method) and method not in METHODS
+
+
 def check(method: str | None, k: int | None) -> list[str]:
     """What is wrong with these speculation settings (empty: nothing)."""
     problems = []
-    if method not in (None, "", *METHODS):
-        problems.append(f"speculate must be one of {', '.join(METHODS)} (or empty), got {method!r}")
+    if is_draft(method) and method not in EMBEDDED_MODELS and not os.path.exists(method):  # type: ignore[arg-type]
+        known = ", ".join([*METHODS, *EMBEDDED_MODELS])
+        problems.append(f"speculate must be {known} or a draft model's path, got {method!r} (no such file)")
     if k is not None and not 1 <= k <= MAX_DRAFTS:
         problems.append(f"speculate_k must be in [1, {MAX_DRAFTS}] (or None: adaptive), got {k}")
     return problems

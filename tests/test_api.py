@@ -84,12 +84,13 @@ def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]
         return e.code, json.loads(e.read())
 
 
-def test_a_server_side_speculation_default_keeps_the_answers(cluster):
-    """`layerline api --speculate ngram`: every generation proposes by prompt lookup; greedy answers are unchanged
-    and the last stage verified proposals."""
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_a_server_side_speculation_default_keeps_the_answers(cluster, method):
+    """`layerline api --speculate ngram` (prompt lookup) or `--speculate PATH` (a draft model, here the served
+    checkpoint itself): greedy answers are unchanged and the last stage verified proposals."""
     _, _, stages, _ = cluster
     prompt = "one two three one two three one two"
-    with LocalApi(route=stages.route, extra_args=["--speculate", "ngram"]) as api:
+    with LocalApi(route=stages.route, extra_args=["--speculate", "ngram" if method == "ngram" else cluster[0]]) as api:
         fast = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", timeout=60, max_retries=0)
         name = fast.models.list().data[0].id
         before = infos(stages.route)[-1].tokens_drafted

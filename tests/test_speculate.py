@@ -16,10 +16,13 @@ import torch
 from stage_wire import TIMEOUT, connect, first_step, infos, open_chain
 
 from layerline.client import Client, ClientConfig, RPCError
+from layerline.draft import DraftModel
+from layerline.errors import CheckpointError
 from layerline.sampling import SamplingParams, verify
 from layerline.speculate import AdaptiveK, ngram_propose
+from layerline.tokenizer import Tokenizer
 from layerline.v1 import stage_pb2
-from tiny_models import TinySpec, hf_greedy
+from tiny_models import TinySpec, byte_tokenizer, hf_greedy, save_hf
 
 SPEC = TinySpec("llama", layers=4, kv_heads=2)
 SPLITS = {"1": [(0, 4)], "2": [(0, 2), (2, 4)], "3": [(0, 1), (1, 3), (3, 4)]}
@@ -33,6 +36,25 @@ def tiny(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def routes(tiny, stage_cluster) -> dict[str, list[str]]:
     return {name: stage_cluster(tiny[0], ranges) for name, ranges in SPLITS.items()}
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory) -> dict[str, str]:
+    """Draft models for the tiny chain: another model with its tokenizer, one whose tokenizer has a token more,
+    and one with a smaller vocabulary."""
+    made = {}
+    for name, spec, seed in [
+        ("other", SPEC, 5),
+        ("retokenized", SPEC, 5),
+        ("small", TinySpec("llama", 2, vocab=300), 5),
+    ]:
+        folder = str(tmp_path_factory.mktemp(f"draft-{name}"))
+        save_hf(spec, folder, seed=seed)
+        made[name] = folder
+    tok = byte_tokenizer()
+    tok.add_tokens(["<|draft|>"])
+    tok.save(f"{made['retokenized']}/tokenizer.json")
+    return made
 
 
 def repetitive_prompt(seed: int) -> list[int]:
@@ -108,6 +130,34 @@ def test_sampled_verification_keeps_the_distribution():
     assert outs <= set(p.topk(2).indices.tolist())
 
 
+def test_a_draft_proposes_its_greedy_continuation_and_keeps_what_its_cache_still_holds(tiny, drafts):
+    draft = DraftModel(tiny[0])
+    state = draft.state()
+    p = repetitive_prompt(5)
+    want = hf_greedy(tiny[1], p, 6)
+    assert state.propose(p, 6) == want
+    assert state.computed == len(p) + 5
+    # two proposals accepted, then the chain's own token: only that token and the new proposals are computed
+    h = p + want[:2] + [(want[2] + 1) % SPEC.vocab]
+    before = state.computed
+    assert state.propose(h, 3) == hf_greedy(tiny[1], h, 3)
+    assert state.computed - before == 1 + 2
+    # a conversation that is not a continuation starts again where the two part
+    other = repetitive_prompt(6)
+    assert state.propose(other, 2) == hf_greedy(tiny[1], other, 2)
+    assert state.propose(p, 0) == []
+    # the vocabulary and the tokenizer are checked against the chain's
+    chain_tokenizer = Tokenizer.from_path(tiny[0])
+    draft.check(chain_tokenizer, SPEC.vocab)
+    DraftModel(drafts["other"]).check(chain_tokenizer, SPEC.vocab)
+    with pytest.raises(CheckpointError, match="its tokenizer is not the chain's"):
+        DraftModel(drafts["retokenized"]).check(chain_tokenizer, SPEC.vocab)
+    with pytest.raises(CheckpointError, match="a vocabulary of 300 tokens, the chain's has 320"):
+        DraftModel(drafts["small"]).check(chain_tokenizer, SPEC.vocab)
+    with pytest.raises(CheckpointError, match="the stages serve no tokenizer"):
+        draft.check(None, SPEC.vocab)
+
+
 # ---- through stage servers -----------------------------------------------------------------------------------------
 
 
@@ -166,6 +216,48 @@ def test_limits_stops_and_the_conversation_hold_with_speculation(tiny, routes, s
                 turns[bool(spec)] = (a.token_ids, b.token_ids)
         assert turns[True] == turns[False]
         assert turns[False][1] == hf_greedy(ref, p + turns[False][0] + second, 12)
+
+
+@pytest.mark.parametrize("which", ["itself", "other"])
+def test_a_draft_model_gives_plain_greedy_tokens_through_the_chain(tiny, routes, drafts, which):
+    """A draft run by the client (the chain's own checkpoint, which agrees with it, or another model with the
+    same tokenizer, which mostly does not): the tokens are transformers' greedy ones either way, the client feeds
+    every round (also with the server loop on), and a stop token or max_new_tokens cuts a round's run."""
+    route, ref = routes["3"], tiny[1]
+    path = tiny[0] if which == "itself" else drafts["other"]
+    p = repetitive_prompt(7)
+    want = hf_greedy(ref, p, 30)
+    with Client(route) as client:
+        with client.session() as s:
+            out = s.generate(p, max_new_tokens=30, stop_token_ids=[], stream=False, speculate=path)
+            assert out.token_ids == want
+            assert s.drafted > 0
+            if which == "itself":
+                assert s.accepted == s.drafted  # the same model proposes what the chain then computes
+            else:
+                assert s.accepted < s.drafted
+            # the conversation goes on: the draft's cache continues from what it holds
+            more = s.generate([5, 6], max_new_tokens=10, stop_token_ids=[], stream=False, speculate=path)
+            assert more.token_ids == hf_greedy(ref, p + want + [5, 6], 10)
+        for n in (1, 4):
+            out = client.generate(p, max_new_tokens=n, stop_token_ids=[], stream=False, speculate=path, speculate_k=6)
+            assert out.token_ids == want[:n]
+        stop = want[9]
+        out = client.generate(p, max_new_tokens=30, stop_token_ids=[stop], stream=False, speculate=path)
+        assert out.token_ids == want[: want.index(stop) + 1] and out.finish_reason == "stop"
+        sampled = dict(max_new_tokens=16, temperature=0.8, seed=3, stop_token_ids=[], stream=False, speculate=path)
+        a, b = client.generate(p, **sampled).token_ids, client.generate(p, **sampled).token_ids
+        assert a == b and len(a) == 16
+
+
+def test_a_draft_with_another_tokenizer_is_refused_and_the_chain_serves_on(tiny, routes, drafts):
+    route = routes["2"]
+    with Client(route) as client:
+        for name, words in [("retokenized", "its tokenizer is not the chain's"), ("small", "vocabulary of 300")]:
+            with pytest.raises(RPCError) as e:
+                client.generate([5, 6, 7], speculate=drafts[name], stream=False)
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and words in str(e.value)
+        assert len(client.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[], stream=False).token_ids) == 3
 
 
 def test_speculative_sampling_is_seeded_and_valid(tiny, routes):

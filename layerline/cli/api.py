@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerline.cli.common import add_route_args, route_args, security_of
+from layerline.cli.common import add_route_args, route_args, security_of, speculation
 from layerline.errors import LayerlineError
 
 
@@ -33,9 +33,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
     )
     api.add_argument(
         "--speculate",
-        choices=["ngram"],
+        type=speculation,
         default=None,
-        help="speculative decoding for every generation: ngram = prompt lookup (greedy output unchanged)",
+        metavar="ngram|smollm2|PATH",
+        help="speculative decoding for every generation (greedy output unchanged): ngram = prompt lookup; smollm2 "
+        "or a model's path = a draft model with the same tokenizer, run by this server",
     )
     return {"api": cmd_api}
 

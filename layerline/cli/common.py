@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from layerline import speculate
 from layerline.errors import LayerlineError
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -23,6 +24,14 @@ def layer_counts(text: str) -> list[int]:
     if not counts or any(c <= 0 for c in counts):
         raise argparse.ArgumentTypeError(f"--split counts must be positive, got {text!r}")
     return counts
+
+
+def speculation(text: str) -> str:
+    """--speculate: a proposer by name (ngram), an embedded model's name or a draft model's path."""
+    problems = speculate.check(text, None)
+    if problems:
+        raise argparse.ArgumentTypeError(problems[0])
+    return text
 
 
 def positive(text: str) -> int:
@@ -159,10 +168,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def add_speculation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speculate",
-        choices=["ngram"],
+        type=speculation,
         default=None,
-        help="speculative decoding: ngram = prompt lookup, k proposals per pass through the stages, verified by the "
-        "last stage (greedy output unchanged; sampling keeps its distribution)",
+        metavar="ngram|smollm2|PATH",
+        help="speculative decoding, k proposals per pass through the stages, verified by the last stage (greedy "
+        "output unchanged; sampling keeps its distribution): ngram = prompt lookup; smollm2 or a model's path = a "
+        "draft model with the same tokenizer, run greedily by this client",
     )
     p.add_argument("--speculate-k", type=positive, default=None, help="proposals per pass (default: adaptive, 1..16)")
 
