@@ -37,12 +37,23 @@ import grpc
 from layerline.client import batch
 from layerline.client.errors import RPCError
 from layerline.client.session import AsyncSession
-from layerline.client.types import INVALID, RETRIABLE, ClientConfig, Failover, Generation, Link, Options, Piece
+from layerline.client.types import (
+    INVALID,
+    RETRIABLE,
+    ClientConfig,
+    Failover,
+    Generation,
+    Link,
+    Options,
+    Piece,
+    Scores,
+)
 from layerline.grpc_setup import channel_options
+from layerline.sampling_params import logprob_problems
 from layerline.tokenizer import Tokenizer
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
 
-__all__ = ["AsyncClient", "AsyncSession", "ClientConfig", "Failover", "Generation", "Options", "Piece"]
+__all__ = ["AsyncClient", "AsyncSession", "ClientConfig", "Failover", "Generation", "Options", "Piece", "Scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -328,6 +339,8 @@ class AsyncClient:
         pushed back to back so that every stage works at once; returns when all are done. Options as generate;
         stop strings end a row's text on the client side (its row runs on to a stop token or max_new_tokens)."""
         opts = Options.make(**options).seeded()  # a micro-batch run again after a failover samples the same
+        if opts.logprobs or opts.top_logprobs:
+            raise RPCError(INVALID, "generate_batch reports no log-probabilities: use generate (or score_top)")
         ids = await self._batch_ids(prompts, "prompt")
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
         return await batch.run_micro_batches(self, ids, size, lambda c, part: batch.generate_micro_batch(c, part, opts))
@@ -338,9 +351,21 @@ class AsyncClient:
         """Per-token log-probabilities of each sequence (text or token ids): entry i of a sequence's list is
         log P(token i+1 | tokens 0..i), so a sequence of n tokens gets n - 1 values (their sum is its
         log-likelihood; exp(-mean) its perplexity). Micro-batches as in generate_batch."""
+        return [s.logprobs for s in await self.score_top(sequences, 0, micro_batch_size=micro_batch_size)]
+
+    async def score_top(
+        self, sequences: Sequence[str | Sequence[int]], top_logprobs: int, *, micro_batch_size: int | None = None
+    ) -> list[Scores]:
+        """As `score`, and at each position the `top_logprobs` (0..20) most likely tokens with their
+        log-probabilities, computed at the last stage from the same logits (OpenAI's `echo` with `logprobs`)."""
+        problems = logprob_problems(top_logprobs)
+        if problems:
+            raise RPCError(INVALID, problems[0])
         ids = await self._batch_ids(sequences, "sequence")
         size = self.config.micro_batch_size if micro_batch_size is None else micro_batch_size
-        return await batch.run_micro_batches(self, ids, size, batch.score_micro_batch)
+        return await batch.run_micro_batches(
+            self, ids, size, lambda c, part: batch.score_micro_batch(c, part, top_logprobs)
+        )
 
     async def _batch_ids(self, items: Sequence[str | Sequence[int]], what: str) -> list[list[int]]:
         """Token ids of a batch's texts or id lists, each non-empty and in the vocabulary."""

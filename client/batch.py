@@ -21,11 +21,11 @@ import grpc
 
 from layerline.client.errors import RPCError
 from layerline.client.session import AsyncSession
-from layerline.client.types import Generation, Options
+from layerline.client.types import Generation, Options, Scores
 from layerline.errors import BadInputError
 from layerline.text_stream import TextStream
 from layerline.v1 import stage_pb2, tensor_pb2
-from layerline.wire_format import float32_rows, int64_rows
+from layerline.wire_format import flat_values, float32_rows, int64_rows
 
 if TYPE_CHECKING:
     from layerline.client.aio import AsyncClient
@@ -163,8 +163,9 @@ async def generate_micro_batch(client: AsyncClient, prompts: list[list[int]], op
     ]
 
 
-async def score_micro_batch(client: AsyncClient, seqs: list[list[int]]) -> list[list[float]]:
-    """Per-token log-probabilities of the sequences of one micro-batch (one session, a row per sequence)."""
+async def score_micro_batch(client: AsyncClient, seqs: list[list[int]], top: int = 0) -> list[Scores]:
+    """Per-token log-probabilities of the sequences of one micro-batch (one session, a row per sequence), and with
+    `top` the `top` most likely tokens at each position."""
     tokens, positions, longest = left_padded(seqs)
     limit = await client.fit(longest)
     if longest > limit:
@@ -178,6 +179,7 @@ async def score_micro_batch(client: AsyncClient, seqs: list[list[int]]) -> list[
         for i in range(len(s_) - 1):
             targets[b][pad + i] = s_[i + 1]
     got: list[list[float]] = [[] for _ in seqs]
+    alternatives: list[list[tuple[tuple[int, float], ...]]] = [[] for _ in seqs]
     async with AsyncSession(client, longest, rows=len(seqs)) as s:
         sent = []
         for c0 in range(0, longest, s._chunk):
@@ -187,10 +189,25 @@ async def score_micro_batch(client: AsyncClient, seqs: list[list[int]]) -> list[
                 positions=int64_rows([p[cols] for p in positions]),
                 tokens=int64_rows([t[cols] for t in tokens]),
                 targets=int64_rows([t[cols] for t in targets]),
+                top_logprobs=top,
             )
             sent.append((await s._write(step), step.positions.shape[1]))
         for seq, width in sent:  # results come back in the order the steps went in
             result = await s._wait(seq)
             for b, row in enumerate(float32_matrix(result.logprobs, (len(seqs), width))):
                 got[b].extend(row)
-    return [got[b][longest - len(s_) : longest - 1] for b, s_ in enumerate(seqs)]
+            if top:
+                B = len(seqs)
+                try:
+                    ids = flat_values(result.top_ids, "top_ids", tensor_pb2.INT64, [B, width, top])
+                    lps = flat_values(result.top_logprobs, "top_logprobs", tensor_pb2.FLOAT32, [B, width, top])
+                except BadInputError as e:
+                    raise RPCError(grpc.StatusCode.DATA_LOSS, f"scores: {e}", s.links[-1].address) from None
+                for b in range(B):
+                    for t in range(width):
+                        at = (b * width + t) * top
+                        alternatives[b].append(tuple(zip(ids[at : at + top], lps[at : at + top], strict=True)))
+    return [
+        Scores(got[b][longest - len(s_) : longest - 1], alternatives[b][longest - len(s_) : longest - 1] if top else [])
+        for b, s_ in enumerate(seqs)
+    ]

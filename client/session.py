@@ -24,11 +24,12 @@ import grpc
 
 from layerline.client.errors import RPCError
 from layerline.client.types import INVALID, Generation, Link, Options, Piece
+from layerline.errors import BadInputError
 from layerline.grpc_status import code_from_int
 from layerline.speculate import AdaptiveK, is_draft, ngram_propose
 from layerline.text_stream import TextStream
 from layerline.v1 import stage_pb2, tensor_pb2
-from layerline.wire_format import int64_rows
+from layerline.wire_format import flat_values, int64_rows
 
 if TYPE_CHECKING:
     from layerline.client.aio import AsyncClient
@@ -290,7 +291,9 @@ class AsyncSession:
             decoder = tok.stream_decoder(skip_special_tokens=True) if tok else None
             stream = TextStream(decoder, opts.stop, stop_ids)
             out_ids: list[int] = []
-            run: list[int] = []  # the tokens the last step (or loop round) gave, not streamed yet
+            run: list[tuple[int, float | None, tuple]] = []  # the last step's (or loop round's) tokens, not streamed
+            scores: list[float] = []  # with logprobs: each streamed token's log-probability ...
+            alternatives: list[tuple[tuple[int, float], ...]] = []  # ... and its most likely alternatives
             seq = 0
             adaptive = AdaptiveK(fixed=opts.speculate_k) if opts.speculate and self.rows == 1 else None
             if adaptive is not None and is_draft(opts.speculate):
@@ -306,14 +309,24 @@ class AsyncSession:
                             truncate = None
                             run = await self._next_tokens(seq)
                             self.phase = Phase.STREAMING
-                        for token in run:  # STREAMING: each token as it is known
+                        for token, logprob, tops in run:  # STREAMING: each token as it is known
                             out_ids.append(token)
                             self.history.append(token)
                             at_limit = len(out_ids) >= opts.max_new_tokens or len(self.history) - 1 >= self.max_length  # type: ignore[operator]
                             text = stream.push(token, at_limit)
-                            yield Piece(token, text, stream.finish_reason or "")
+                            if logprob is not None:
+                                scores.append(logprob)
+                                alternatives.append(tops)
+                            yield Piece(token, text, stream.finish_reason or "", logprob, tops)
                             if stream.finish_reason:
-                                self.last = Generation(stream.text, out_ids, prompt_ids, stream.finish_reason)
+                                self.last = Generation(
+                                    stream.text,
+                                    out_ids,
+                                    prompt_ids,
+                                    stream.finish_reason,
+                                    scores if opts.logprobs or opts.top_logprobs else None,
+                                    alternatives if opts.top_logprobs else None,
+                                )
                                 self.phase = Phase.DONE
                                 break
                         if self.phase is Phase.DONE:
@@ -442,22 +455,45 @@ class AsyncSession:
             self._inflight = None
         return result
 
-    async def _next_tokens(self, seq: int) -> list[int]:
-        """The token the next result of `seq` carries, or (speculative decoding) its accepted run and one more."""
+    async def _next_tokens(self, seq: int) -> list[tuple[int, float | None, tuple]]:
+        """The token the next result of `seq` carries, or (speculative decoding) its accepted run and one more,
+        each with its log-probability and most likely alternatives when the generation asked for them."""
         result = await self._take(seq)
         if not result.token_ids:
             raise RPCError(
                 grpc.StatusCode.INTERNAL, "the generation loop ended without a token", self.links[-1].address
             )
         if not result.drafted:
-            return [int(result.token_ids[0])]
-        if len(result.token_ids) > result.drafted + 1:
+            n = 1
+        elif len(result.token_ids) > result.drafted + 1:
             raise RPCError(
                 grpc.StatusCode.INTERNAL,
                 f"{len(result.token_ids)} tokens for a step of {result.drafted} proposals",
                 self.links[-1].address,
             )
-        return [int(t) for t in result.token_ids]
+        else:
+            n = len(result.token_ids)
+        ids = [int(t) for t in result.token_ids[:n]]
+        if not result.HasField("token_logprobs"):
+            return [(t, None, ()) for t in ids]
+        try:
+            n_all = len(result.token_ids)
+            lps = flat_values(result.token_logprobs, "token_logprobs", tensor_pb2.FLOAT32, [n_all])
+            tops: list[tuple] = [()] * n_all
+            if result.HasField("top_ids"):
+                shape = list(result.top_ids.shape)
+                top = shape[1] if len(shape) == 2 else 0
+                top_ids = flat_values(result.top_ids, "top_ids", tensor_pb2.INT64, [n_all, top])
+                top_lps = flat_values(result.top_logprobs, "top_logprobs", tensor_pb2.FLOAT32, [n_all, top])
+                tops = [
+                    tuple(zip(top_ids[i * top : (i + 1) * top], top_lps[i * top : (i + 1) * top], strict=True))
+                    for i in range(n_all)
+                ]
+        except BadInputError as e:
+            raise RPCError(
+                grpc.StatusCode.DATA_LOSS, f"a result's log-probabilities: {e}", self.links[-1].address
+            ) from None
+        return [(t, lps[i], tops[i]) for i, t in enumerate(ids)]
 
     async def _halt(self) -> None:
         """Ask the last stage to end the session's generation loop (its final Result follows on the stream)."""

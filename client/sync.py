@@ -11,7 +11,7 @@ import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
-from layerline.client.aio import AsyncClient, AsyncSession, ClientConfig, Generation, Piece
+from layerline.client.aio import AsyncClient, AsyncSession, ClientConfig, Generation, Piece, Scores
 from layerline.tokenizer import Tokenizer
 from layerline.v1 import stage_pb2
 
@@ -172,6 +172,12 @@ class Client:
     ) -> list[list[float]]:
         """Per-token log-probabilities of each sequence (see AsyncClient.score)."""
         return self._loop.run(self._aio.score(sequences, micro_batch_size=micro_batch_size))
+
+    def score_top(
+        self, sequences: Sequence[str | Sequence[int]], top_logprobs: int, *, micro_batch_size: int | None = None
+    ) -> list[Scores]:
+        """Per-token log-probabilities and the most likely tokens at each position (see AsyncClient.score_top)."""
+        return self._loop.run(self._aio.score_top(sequences, top_logprobs, micro_batch_size=micro_batch_size))
 
     def session(self, max_length: int | None = None) -> Session:
         """`with client.session(max_length=2048) as s:` — several generate/chat calls share one KV cache."""

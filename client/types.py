@@ -13,7 +13,7 @@ import grpc
 from layerline import speculate
 from layerline.client.errors import RPCError
 from layerline.grpc_setup import DEFAULT_MAX_MESSAGE_BYTES
-from layerline.sampling_params import sampling_problems
+from layerline.sampling_params import logprob_problems, sampling_problems
 from layerline.security import Security
 from layerline.v1 import stage_pb2, stage_pb2_grpc
 
@@ -79,6 +79,8 @@ class Piece:
     token_id: int
     text: str
     finish_reason: str = ""  # on a generation's last piece: "stop" or "length" (as Generation.finish_reason)
+    logprob: float | None = None  # with logprobs: its log-probability under the model (before sampling settings)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # with top_logprobs=N: the N most likely (token id, logprob)
 
 
 @dataclass
@@ -87,6 +89,16 @@ class Generation:
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens or the session's max_length)
+    logprobs: list[float] | None = None  # with logprobs: each token's log-probability (Piece.logprob)
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None  # with top_logprobs=N (Piece.top_logprobs)
+
+
+@dataclass
+class Scores:
+    """A scored sequence of n tokens: entry i is about token i + 1 given tokens 0..i (n - 1 entries)."""
+
+    logprobs: list[float]
+    top_logprobs: list[tuple[tuple[int, float], ...]]  # with top_logprobs=N: the N most likely (id, logprob) there
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,8 @@ class Options:
     # with the chain's tokenizer ("smollm2" or a path: run greedily in this client's process); None = off
     speculate: str | None = None
     speculate_k: int | None = None  # proposals per round; None = adaptive
+    logprobs: bool = False  # each token's log-probability under the model, computed at the last stage in float32
+    top_logprobs: int = 0  # and that many most likely tokens at each (0..20; implies logprobs)
 
     @classmethod
     def make(cls, **kw: Any) -> Options:
@@ -119,6 +133,7 @@ class Options:
         problems = [f"max_new_tokens must be positive, got {o.max_new_tokens}"] if o.max_new_tokens <= 0 else []
         problems += sampling_problems(o.temperature, o.top_k, o.top_p, o.repetition_penalty)
         problems += speculate.check(o.speculate, o.speculate_k)
+        problems += logprob_problems(o.top_logprobs)
         if problems:
             raise RPCError(INVALID, "; ".join(problems))
         return o
@@ -130,6 +145,8 @@ class Options:
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
             draws=draws,
+            logprobs=self.logprobs or self.top_logprobs > 0,
+            top_logprobs=self.top_logprobs,
         )
         if self.seed is not None:
             msg.seed = self.seed % (1 << 64)

@@ -8,7 +8,12 @@ session on the stages like any other client's):
   Both take `max_tokens` (chat also `max_completion_tokens`), `temperature`, `top_p`, `stop` (a string or up to 4),
   `seed`, `n`, `stream` (server-sent events, `data: [DONE]` at the end) with `stream_options.include_usage`, and
   layerline's own `top_k` and `repetition_penalty`; answers carry `usage` (prompt, completion and total tokens).
-  Parameters layerline cannot honour (logprobs, echo, penalties, tools, ...) are refused, not ignored.
+  Log-probabilities (of the model's distribution, computed at the last stage in float32 from the logits the sampler
+  saw): completions take `logprobs` (0..20 alternatives per token: OpenAI's `tokens`, `token_logprobs`,
+  `top_logprobs`, `text_offset`) and `echo` (the prompt's tokens too, the first one's log-probability null;
+  `max_tokens: 0` scores the prompt only); chat takes `logprobs: true` and `top_logprobs` (0..20). Streamed chunks
+  carry those of the tokens whose text they carry.
+  Parameters layerline cannot honour (penalties, tools, ...) are refused, not ignored.
 - Errors are OpenAI-style bodies `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests, 401 for a
   missing or wrong API key (`--api-key-file`), 404 for an unknown model or path, 429 when the stages are full
   (RESOURCE_EXHAUSTED), 503 when no route works (UNAVAILABLE), 500 otherwise.
@@ -38,9 +43,11 @@ from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from layerline.client import AsyncClient, RPCError
+from layerline.client import AsyncClient, Piece, RPCError
 from layerline.cluster_view import ClusterView
 from layerline.errors import LayerlineError
+from layerline.rate_limit import Rate, RateLimiter
+from layerline.sampling_params import MAX_TOP_LOGPROBS
 from layerline.security import Security
 
 logger = logging.getLogger(__name__)
@@ -52,9 +59,6 @@ MAX_BODY = 8 << 20
 HEALTH_TIMEOUT_S = 5.0  # /health: seconds the route's stages get to answer
 DEFAULT_CHAT_MAX_TOKENS = 512
 UNSUPPORTED = {  # parameter -> the values that mean "not asked for" (anything else is refused)
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "presence_penalty": (None, 0, 0.0),
@@ -77,13 +81,15 @@ class ApiError(Exception):
         kind: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
     def response(self) -> web.Response:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status)
+        return web.json_response(body, status=self.status, headers=self.headers)
 
 
 def from_rpc(e: RPCError) -> ApiError:
@@ -112,6 +118,9 @@ class Request:
     stream: bool
     include_usage: bool
     chat: bool
+    logprobs: int | None = None  # alternatives per token when log-probabilities are asked for (None: not asked)
+    echo: bool = False  # completions: the prompt comes back in the text (and its tokens in logprobs)
+    texts: list[Any] = field(default_factory=list)  # completions: each prompt as given (a string or token ids)
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -126,6 +135,7 @@ class Api:
         security: Security | None = None,
         api_key: str = "",
         speculate: str = "",
+        rate_limit: Rate | None = None,
     ) -> None:
         self.client = client
         self.model_name = model_name
@@ -133,7 +143,9 @@ class Api:
         self.coordinator = coordinator
         self.route = list(route or [])
         self.security = security or Security()
-        self.api_key = api_key
+        self.api_keys = [k.encode() for k in api_key.split()]  # any of them (the file's lines); none: no key asked
+        # requests per key (the bearer token sent, or the caller's address without one), refused with 429 past it
+        self.limiter = RateLimiter(rate_limit) if rate_limit is not None else None
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "layerline_api_requests", "HTTP API requests", ["endpoint", "status"], registry=self.registry
@@ -178,6 +190,7 @@ class Api:
         try:
             if request.path.startswith("/v1/"):
                 self._check_key(request)
+                self._check_rate(request)
                 if self.waiting:
                     raise ApiError(
                         503, f"the cluster is not there yet: {self.waiting}", "server_error", code="unavailable"
@@ -206,17 +219,30 @@ class Api:
         return response
 
     def _check_key(self, request: web.Request) -> None:
-        if not self.api_key:
+        if not self.api_keys:
             return
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        sent = token.strip().encode()
+        if scheme.lower() != "bearer" or not any([hmac.compare_digest(sent, k) for k in self.api_keys]):
             raise ApiError(
                 401,
                 "a valid API key is required (Authorization: Bearer ...)",
                 "invalid_request_error",
                 code="invalid_api_key",
             )
+
+    def _check_rate(self, request: web.Request) -> None:
+        if self.limiter is not None:
+            wait = self.limiter.acquire(_caller(request))
+            if wait > 0:
+                raise ApiError(
+                    429,
+                    self.limiter.message("requests per API key") + f"; retry in {wait:.2f} s",
+                    "rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
 
     # ---- models, health, metrics ---------------------------------------------------------------------------------
 
@@ -279,7 +305,7 @@ class Api:
         texts = _prompts(prompt)
         prompts = [await self._encode(p, None) for p in texts]
         req = await self._request(body, prompts, chat=False, default_max_tokens=16)
-        req.id = "cmpl-" + secrets.token_hex(12)
+        req.id, req.texts = "cmpl-" + secrets.token_hex(12), texts
         return await self._answer(request, req)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -311,6 +337,7 @@ class Api:
         for name, allowed in UNSUPPORTED.items():
             if name in body and body[name] not in allowed:
                 raise ApiError(400, f"{name} is not supported by layerline", param=name, code="unsupported_parameter")
+        logprobs, echo = _logprob_settings(body, chat)
         fmt = body.get("response_format")
         if fmt is not None and fmt != {"type": "text"}:
             raise ApiError(400, 'response_format: only {"type": "text"} is supported', param="response_format")
@@ -326,7 +353,7 @@ class Api:
         max_tokens = body.get("max_tokens")
         if max_tokens is None:
             max_tokens = default_max_tokens or min(DEFAULT_CHAT_MAX_TOKENS, context - longest)
-        max_tokens = _integer(max_tokens, "max_tokens", 1)
+        max_tokens = _integer(max_tokens, "max_tokens", 0 if echo else 1)
         if longest + max_tokens > context:
             raise ApiError(
                 400,
@@ -361,6 +388,8 @@ class Api:
         }
         if self.speculate:
             options["speculate"] = self.speculate
+        if logprobs is not None:
+            options["logprobs"], options["top_logprobs"] = True, logprobs
         seed = body.get("seed")
         if seed is not None:
             options["seed"] = _integer(seed, "seed", -(1 << 63), (1 << 64) - 1)
@@ -370,7 +399,7 @@ class Api:
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
-        return Request(prompts, options, n, stream, bool(stream_options.get("include_usage")), chat)
+        return Request(prompts, options, n, stream, bool(stream_options.get("include_usage")), chat, logprobs, echo)
 
     def _choices(self, req: Request) -> list[tuple[int, list[int], dict[str, Any]]]:
         """(index, prompt ids, options) of every choice: n per prompt, seeded ones with seed + j."""
@@ -383,21 +412,76 @@ class Api:
                 out.append((i * req.n + j, ids, opts))
         return out
 
-    async def _generate(self, ids: list[int], options: dict[str, Any]) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(text delta, finish_reason, tokens generated so far) as the answer streams; the finish reason comes with
-        the last item. Leaving early (the caller went away) closes the session on every stage."""
+    async def _generate(
+        self, ids: list[int], options: dict[str, Any]
+    ) -> AsyncIterator[tuple[str, str | None, int, list[Piece]]]:
+        """(text delta, finish_reason, tokens generated so far, the pieces since the last item) as the answer
+        streams; the finish reason comes with the last item. Leaving early (the caller went away) closes the
+        session on every stage."""
+        if options["max_new_tokens"] == 0:  # echo, scoring only
+            yield "", "length", 0, []
+            return
         max_length = await self.client.fit(len(ids) + options["max_new_tokens"])
         count = 0
+        pending: list[Piece] = []
         async with self.client.session(max_length=max_length) as s:
             async with contextlib.aclosing(s.generate(ids, **options)) as pieces:
                 async for piece in pieces:
                     count += 1
                     self.tokens.labels("completion").inc()
                     self.generated_total += 1
+                    pending.append(piece)
                     if piece.text:
-                        yield piece.text, None, count
+                        yield piece.text, None, count, pending
+                        pending = []
             last = s.last
-        yield "", (last.finish_reason if last is not None else "stop"), count
+        yield "", (last.finish_reason if last is not None else "stop"), count, pending
+
+    async def _echoed(self, req: Request, index: int, ids: list[int]) -> tuple[str, list[Piece]]:
+        """Choice `index`'s echoed prompt: its text (as given, or its token ids decoded), and (with logprobs) its
+        tokens as pieces with their log-probabilities under the model (the first one's None), scored in one pass."""
+        given = req.texts[index // req.n]
+        if isinstance(given, str):
+            text = given
+        else:
+            tok = await self.client.tokenizer()
+            text = tok.decode(ids) if tok is not None else ""
+        if req.logprobs is None:
+            return text, []
+        scores = (await self.client.score_top([ids], req.logprobs))[0]
+        pieces = [Piece(ids[0], "", "", None, ())]
+        for i, t in enumerate(ids[1:]):
+            pieces.append(Piece(t, "", "", scores.logprobs[i], scores.top_logprobs[i] if req.logprobs else ()))
+        return text, pieces
+
+    async def _logprobs(self, req: Request, pieces: list[Piece], offset: int) -> tuple[dict[str, Any] | None, int]:
+        """OpenAI's logprobs object of these pieces (completions: starting at character `offset` of the text;
+        chat: the `content` list), and the offset after them."""
+        if req.logprobs is None:
+            return None, offset
+        tok = await self.client.tokenizer()
+
+        def text_of(t: int) -> str:
+            return tok.decode([t]) if tok is not None else f"<{t}>"
+
+        if req.chat:
+            content = []
+            for p in pieces:
+                tops = [
+                    {"token": text_of(t), "logprob": lp, "bytes": list(text_of(t).encode())} for t, lp in p.top_logprobs
+                ]
+                s_ = text_of(p.token_id)
+                content.append({"token": s_, "logprob": p.logprob, "bytes": list(s_.encode()), "top_logprobs": tops})
+            return {"content": content, "refusal": None}, offset
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for p in pieces:
+            s_ = text_of(p.token_id)
+            out["tokens"].append(s_)
+            out["token_logprobs"].append(p.logprob)
+            out["top_logprobs"].append(None if p.logprob is None else {text_of(t): lp for t, lp in p.top_logprobs})
+            out["text_offset"].append(offset)
+            offset += len(s_)
+        return out, offset
 
     async def _answer(self, request: web.Request, req: Request) -> web.StreamResponse:
         self.tokens.labels("prompt").inc(sum(len(p) for p in req.prompts) * req.n)
@@ -406,12 +490,23 @@ class Api:
         choices = self._choices(req)
 
         async def one(index: int, ids: list[int], opts: dict[str, Any]) -> dict[str, Any]:
-            text, reason, count = [], "stop", 0
+            text, reason, count, pieces = [], "stop", 0, []
+            if req.echo:
+                echoed, pieces = await self._echoed(req, index, ids)
+                text.append(echoed)
             async with contextlib.aclosing(self._generate(ids, opts)) as gen:
-                async for delta, finish, so_far in gen:
+                async for delta, finish, so_far, new in gen:
                     text.append(delta)
+                    pieces += new
                     reason, count = finish or reason, so_far
-            return {"index": index, "text": "".join(text), "finish_reason": reason, "tokens": count}
+            logprobs, _ = await self._logprobs(req, pieces, 0)
+            return {
+                "index": index,
+                "text": "".join(text),
+                "finish_reason": reason,
+                "tokens": count,
+                "logprobs": logprobs,
+            }
 
         results = await asyncio.gather(*(one(*c) for c in choices))
         completion_tokens = sum(r["tokens"] for r in results)
@@ -426,7 +521,7 @@ class Api:
                 {
                     "index": r["index"],
                     "message": {"role": "assistant", "content": r["text"]},
-                    "logprobs": None,
+                    "logprobs": r["logprobs"],
                     "finish_reason": r["finish_reason"],
                 }
                 for r in results
@@ -434,7 +529,7 @@ class Api:
             kind = "chat.completion"
         else:
             out_choices = [
-                {"index": r["index"], "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                {"index": r["index"], "text": r["text"], "logprobs": r["logprobs"], "finish_reason": r["finish_reason"]}
                 for r in results
             ]
             kind = "text_completion"
@@ -460,16 +555,18 @@ class Api:
         events: asyncio.Queue = asyncio.Queue()
         counts: dict[int, int] = {}
 
-        def chunk(index: int, delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        def chunk(
+            index: int, delta: str | None, finish: str | None, first: bool = False, logprobs: dict | None = None
+        ) -> dict[str, Any]:
             if req.chat:
                 d: dict[str, Any] = {}
                 if first:
                     d["role"] = "assistant"
                 if delta is not None:
                     d["content"] = delta
-                choice = {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             return {
                 "id": req.id,
                 "object": kind,
@@ -480,15 +577,22 @@ class Api:
 
         async def one(index: int, ids: list[int], opts: dict[str, Any]) -> None:
             counts[index] = 0
+            offset = 0
             try:
                 if req.chat:
                     await events.put(chunk(index, "", None, first=True))
+                if req.echo:
+                    echoed, pieces = await self._echoed(req, index, ids)
+                    logprobs, offset = await self._logprobs(req, pieces, offset)
+                    await events.put(chunk(index, echoed, None, logprobs=logprobs))
                 async with contextlib.aclosing(self._generate(ids, opts)) as gen:
-                    async for delta, finish, counts[index] in gen:
+                    async for delta, finish, counts[index], pieces in gen:
+                        logprobs, offset = await self._logprobs(req, pieces, offset)
                         if finish is None:
-                            await events.put(chunk(index, delta, None))
+                            await events.put(chunk(index, delta, None, logprobs=logprobs))
                         else:
-                            await events.put(chunk(index, None if req.chat else "", finish))
+                            last = logprobs if pieces else None
+                            await events.put(chunk(index, None if req.chat else "", finish, logprobs=last))
             except Exception as e:  # told to the caller in the stream (the status line is long sent)
                 error = from_rpc(e) if isinstance(e, RPCError) else ApiError(500, "internal error", "server_error")
                 if not isinstance(e, RPCError):
@@ -611,6 +715,35 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
+def _caller(request: web.Request) -> str:
+    """Whose request this is, for the rate limit: the bearer token it carries, else the caller's address."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return "key:" + token.strip()
+    return "peer:" + (request.remote or "")
+
+
+def _logprob_settings(body: dict[str, Any], chat: bool) -> tuple[int | None, bool]:
+    """(alternatives per token, or None when log-probabilities are not asked for; echo) of a request."""
+    if chat:
+        if body.get("echo") not in (None, False):
+            raise ApiError(400, "echo is a parameter of /v1/completions, not of chat", param="echo")
+        asked = body.get("logprobs")
+        if asked is not None and not isinstance(asked, bool):
+            raise ApiError(400, f"logprobs must be true or false, got {asked!r}", param="logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not asked:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (_integer(top or 0, "top_logprobs", 0, MAX_TOP_LOGPROBS) if asked else None), False
+    if body.get("top_logprobs") is not None:
+        raise ApiError(400, "top_logprobs is a chat parameter; completions take logprobs: N", param="top_logprobs")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ApiError(400, "echo must be true or false", param="echo")
+    asked = body.get("logprobs")
+    return (None if asked is None else _integer(asked, "logprobs", 0, MAX_TOP_LOGPROBS)), echo
+
+
 def _integer(value: Any, name: str, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
@@ -667,14 +800,16 @@ async def serve_api(
     api_key: str = "",
     connect_timeout: float = 300.0,
     speculate: str = "",
+    rate_limit: Rate | None = None,
     on_ready: Callable[[str, int, str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Listen on host:port at once, then wait (up to `connect_timeout` s) for the cluster to have a working route,
     answering /v1 and /health with 503 and the reason meanwhile; `on_ready(host, port, model name)` once it does.
     Serve until `stop` is set (or forever). `model_name` "": the name of the checkpoint the stages serve;
-    `speculate`: every generation's speculative decoding ("ngram", a draft model's name or path; "" = none)."""
-    api = Api(client, model_name, coordinator, route, security, api_key, speculate)
+    `speculate`: every generation's speculative decoding ("ngram", a draft model's name or path; "" = none);
+    `api_key`: the keys clients must send, whitespace-separated ("" = none); `rate_limit`: requests per key."""
+    api = Api(client, model_name, coordinator, route, security, api_key, speculate, rate_limit)
     api.waiting = "connecting to the cluster"
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _NotHttpOneLine) for f in server_log.filters):

@@ -92,6 +92,14 @@ def int64_column(values: Sequence[int]) -> tensor_pb2.Tensor:
     )
 
 
+def flat_values(msg: tensor_pb2.Tensor, field: str, code: int, shape: Sequence[int]) -> list:
+    """The values of a float32 or int64 message of exactly `shape`, flat, as Python floats or ints."""
+    got, count = checked_shape(msg, field, codes=(code,), ndim=len(shape))
+    if got != tuple(shape):
+        raise BadInputError(f"{field}: shape {list(got)}, expected {list(shape)}")
+    return list(struct.unpack(f"<{count}{'f' if code == tensor_pb2.FLOAT32 else 'q'}", msg.data))
+
+
 def float32_rows(msg: tensor_pb2.Tensor, field: str, shape: tuple[int, int]) -> list[list[float]]:
     """A [B, T] float32 message of exactly `shape` as lists of floats."""
     got, count = checked_shape(msg, field, codes=(tensor_pb2.FLOAT32,), ndim=2)

@@ -14,6 +14,7 @@ import torch
 from layerline import wire
 from layerline.errors import BadInputError, FailedPreconditionError
 from layerline.sampling import SamplingParams
+from layerline.sampling_params import MAX_TOP_LOGPROBS
 from layerline.speculate import MAX_DRAFTS, METHODS
 from layerline.stage_server.sessions import Session
 from layerline.v1 import stage_pb2
@@ -47,6 +48,8 @@ def sampling_from_wire(msg: stage_pb2.SamplingParams) -> SamplingParams:
             top_p=float(msg.top_p) if msg.top_p > 0 else 1.0,
             repetition_penalty=float(msg.repetition_penalty) if msg.repetition_penalty > 0 else 1.0,
             seed=int(msg.seed) if msg.HasField("seed") else None,
+            logprobs=bool(msg.logprobs or msg.top_logprobs),
+            top_logprobs=int(msg.top_logprobs),
         )
     except ValueError as e:
         raise BadInputError(f"sampling: {e}") from None
@@ -102,6 +105,8 @@ def admit(step: stage_pb2.Step, session: Session, replies: asyncio.Queue, label:
             raise BadInputError("targets: a padding position (-1) cannot have a target")
         if step.HasField("loop"):
             raise BadInputError("targets: a step that scores cannot start a generation loop")
+    if step.top_logprobs > MAX_TOP_LOGPROBS:
+        raise BadInputError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {step.top_logprobs}")
     if step.drafts:
         check_drafts(step, B, T, tokens is not None, targets is not None)
     if m.is_first:

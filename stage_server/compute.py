@@ -176,7 +176,9 @@ class StepCompute:
         if not step.sample:
             if item.targets is None:
                 return None
-            return stage_pb2.Result(seq=step.seq, rows=item.rows, logprobs=wire.encode(logprobs(out, item.targets)))
+            result = stage_pb2.Result(seq=step.seq, rows=item.rows)
+            scored(result, out, item.targets, step.top_logprobs)
+            return result
         if drafts:  # one row: verify the proposals, answer the accepted run and one token more
             r = item.rows[0]
             proposals = item.tokens[0, -drafts:].tolist()
@@ -197,9 +199,13 @@ class StepCompute:
             result = stage_pb2.Result(seq=step.seq, token_ids=ids, rows=item.rows)
         self.tokens_sampled += sum(len(run) for run in runs)
         if item.targets is not None:
-            result.logprobs.CopyFrom(wire.encode(logprobs(out, item.targets)))
+            scored(result, out, item.targets, step.top_logprobs)
         if loop is not None:
             self._continue_loop(item, loop, runs, result)
+        if sampler.params.logprobs:  # of the tokens the Result still carries (a loop cuts a run at its end)
+            n = len(result.token_ids)
+            at = out[0, out.shape[1] - drafts - 1 :][:n] if drafts else out[:, -1]
+            sampled_logprobs(result, at, sampler.params.top_logprobs)
         return result
 
     def _continue_loop(self, item: WorkItem, loop: LoopState, runs: list[list[int]], result: stage_pb2.Result) -> None:
@@ -277,13 +283,35 @@ def loop_done(session: Session, result: stage_pb2.Result, unverified: int = 0) -
     return result
 
 
-def logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[B, T] float32 log-probabilities of `targets` under `logits` [B, T, vocab] (0 where the target is -1); one
-    row at a time, so that only one row's log-softmax is ever held besides the logits."""
+def scored(result: stage_pb2.Result, logits: torch.Tensor, targets: torch.Tensor, top: int = 0) -> None:
+    """A scoring step's answer: the [B, T] float32 log-probabilities of `targets` under `logits` [B, T, vocab] (0
+    where the target is -1) and, with `top`, the `top` most likely tokens at each [B, T, top] (0 / id 0 where the
+    target is -1). One row at a time, so that only one row's log-softmax is ever held besides the logits."""
+    B, T = targets.shape
     out = torch.zeros(targets.shape, dtype=torch.float32)
-    for b in range(targets.shape[0]):
+    top_ids = torch.zeros((B, T, top), dtype=torch.int64)
+    top_lp = torch.zeros((B, T, top), dtype=torch.float32)
+    for b in range(B):
         cols = (targets[b] >= 0).nonzero().flatten()
         if len(cols):
             lp = torch.log_softmax(logits[b, cols].float(), dim=-1)
             out[b, cols] = lp.gather(1, targets[b, cols, None]).flatten()
-    return out
+            if top:
+                values, ids = lp.topk(top, dim=-1)
+                top_lp[b, cols], top_ids[b, cols] = values, ids
+    result.logprobs.CopyFrom(wire.encode(out))
+    if top:
+        result.top_ids.CopyFrom(wire.encode(top_ids))
+        result.top_logprobs.CopyFrom(wire.encode(top_lp))
+
+
+def sampled_logprobs(result: stage_pb2.Result, logits: torch.Tensor, top: int) -> None:
+    """The log-probabilities of the Result's sampled tokens under `logits` [n, vocab] (the logits each was sampled
+    from, as the model gave them), and with `top` the `top` most likely tokens at each."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(list(result.token_ids), dtype=torch.int64)
+    result.token_logprobs.CopyFrom(wire.encode(lp.gather(1, ids[:, None]).flatten().contiguous()))
+    if top:
+        values, top_ids = lp.topk(top, dim=-1)
+        result.top_ids.CopyFrom(wire.encode(top_ids.contiguous()))
+        result.top_logprobs.CopyFrom(wire.encode(values.contiguous()))

@@ -11,6 +11,7 @@ from layerline.devices import resolve_device, weights_for
 from layerline.grpc_setup import DEFAULT_MAX_MESSAGE_BYTES
 from layerline.model import packing_unavailable
 from layerline.quant import WeightFormat, resolve
+from layerline.rate_limit import parse_rate
 from layerline.security import Security
 from layerline.stage_server.settings import DEFAULTS
 
@@ -56,6 +57,7 @@ class StageConfig:
     max_sessions: int = _default("max_sessions")
     max_sessions_per_client: int = _default("max_sessions_per_client")
     max_session_tokens: int = _default("max_session_tokens")
+    rate_limit: str = _default("rate_limit")  # OpenSession calls per client key ("N/s"; "" = none)
     max_queued_steps: int = _default("max_queued_steps")
     max_batch: int = _default("max_batch")
     batch_wait: float = 0.005  # seconds a batch waits at most for the steps its first step announces (Step.burst)
@@ -83,6 +85,8 @@ class StageConfig:
             raise ValueError(f"--kv-wait-ms must be >= 0, got {1e3 * self.kv_wait_s}")
         if not self.inline_compute_s >= 0:
             raise ValueError(f"--inline-below-ms must be >= 0, got {1e3 * self.inline_compute_s}")
+        if self.rate_limit:
+            parse_rate(self.rate_limit)  # ValueError naming the form
         if self.session_ttl <= 0:
             raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
         for name in ("max_queued_steps", "max_batch", "loop_ahead", "max_sessions_per_client", "max_session_tokens"):

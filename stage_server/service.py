@@ -45,6 +45,7 @@ from layerline.errors import (
 from layerline.grpc_status import status_of
 from layerline.metrics import Snapshot, uptime
 from layerline.model import StageModel
+from layerline.rate_limit import RateLimiter, parse_rate
 from layerline.sampling import SamplingParams
 from layerline.stage_server.admission import WorkItem, admit
 from layerline.stage_server.capacity import device_memory, resident_bytes
@@ -95,6 +96,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             max_per_owner=config.max_sessions_per_client,
         )
         self.kv = StageKV(config, self.sessions)
+        self.open_limit = RateLimiter(parse_rate(config.rate_limit)) if config.rate_limit else None
         self.stopping = False  # shutting down: new steps, and subscribers of sessions already gone, hear UNAVAILABLE
         self.draining = False  # Drain: no new sessions; the running ones end or move, then the stage shuts down
         self.drained = asyncio.Event()  # set when a drain is over: the server then stops (server.py)
@@ -262,6 +264,14 @@ class StageService(stage_pb2_grpc.StageServicer):
                 f"client_key must be a secret of {lo} to {hi} characters (got {len(request.client_key)}): the "
                 "session is bound to it, and its calls and steps must carry it",
             )
+        if self.open_limit is not None:
+            wait = self.open_limit.acquire(request.client_key)
+            if wait > 0:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.open_limit.message('OpenSession calls per client key')} on {self.label}; retry in "
+                    f"{wait:.2f} s",
+                )
         if not 0 < rows <= MAX_ROWS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rows must be in 1..{MAX_ROWS}, got {rows}")
         if request.max_length <= 0:

@@ -131,6 +131,15 @@ SETTINGS: tuple[Setting, ...] = (
         "positive",
     ),
     Setting(
+        "--rate-limit",
+        "rate_limit",
+        "",
+        "OpenSession calls one client key may make, e.g. 10/s or 600/min (past it RESOURCE_EXHAUSTED naming the "
+        "limit; one key's burst leaves the others' calls untouched)",
+        "rate",
+        shown="none",
+    ),
+    Setting(
         "--max-session-tokens",
         "max_session_tokens",
         1 << 20,

@@ -17,6 +17,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+import torch
 from stage_wire import infos
 from transformers import AutoTokenizer
 
@@ -203,8 +204,10 @@ def test_bad_requests_get_openai_errors(client, model, cluster):
         dict(temperature=5),
         dict(top_p=0),
         dict(n=100),
-        dict(logprobs=2),
-        dict(echo=True),
+        dict(logprobs=21),
+        dict(logprobs=-1),
+        dict(echo="yes"),
+        dict(extra_body={"top_logprobs": 2}),
         dict(presence_penalty=1.0),
         dict(stop=["a", "b", "c", "d", "e"]),
         dict(max_tokens=100_000),
@@ -213,10 +216,21 @@ def test_bad_requests_get_openai_errors(client, model, cluster):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model, prompt="hello", **{"max_tokens": 4, **extra})
         body = e.value.body
-        assert body["type"] == "invalid_request_error" and body["param"] in extra, (extra, body)
+        asked = extra.get("extra_body", extra)
+        assert body["type"] == "invalid_request_error" and body["param"] in asked, (extra, body)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=[{"role": "wizard", "content": "hi"}])
     assert "role" in e.value.message
+    hi = [{"role": "user", "content": "hi"}]
+    for extra, param in [
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (dict(top_logprobs=2), "top_logprobs"),
+        (dict(logprobs=3), "logprobs"),
+        (dict(extra_body={"echo": True}), "echo"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=hi, max_tokens=2, **extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="hello", max_tokens=4)
     assert e.value.body["code"] == "model_not_found"
@@ -231,6 +245,87 @@ def test_bad_requests_get_openai_errors(client, model, cluster):
     assert status == 404 and "no such endpoint" in body["error"]["message"]
     # after all of that it still answers
     assert client.completions.create(model=model, prompt="hello", max_tokens=2, temperature=0).choices
+
+
+def log_softmax(cluster, ids: list[int]) -> torch.Tensor:
+    """transformers' float32 log-probabilities over the checkpoint: row i is the distribution of token i + 1."""
+    with torch.no_grad():
+        logits = cluster[1](torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_echo_with_logprobs_scores_prompts_as_transformers(client, model, cluster):
+    """What lm-evaluation-harness asks of a completions endpoint: echo + logprobs + max_tokens 0, for a string, a
+    list of strings and token ids; the prompt's first token has no log-probability."""
+    tok = AutoTokenizer.from_pretrained(cluster[0])
+    texts = ["the capital of france is paris", "hello world, this is a tiny model"]
+    for prompt in (texts[0], texts, prompt_ids(cluster, texts[1])):
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+        prompts = prompt if isinstance(prompt, list) and isinstance(prompt[0], str) else [prompt]
+        assert len(out.choices) == len(prompts) and out.usage.completion_tokens == 0
+        for choice, given in zip(out.choices, prompts, strict=True):
+            ids = prompt_ids(cluster, given) if isinstance(given, str) else given
+            assert choice.text == (given if isinstance(given, str) else tok.decode(ids))
+            lp, want = choice.logprobs, log_softmax(cluster, ids)
+            assert lp.tokens == [tok.decode([t]) for t in ids]
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            assert lp.token_logprobs[1:] == pytest.approx([float(want[i, t]) for i, t in enumerate(ids[1:])], abs=1e-4)
+            for i in range(1, len(ids)):
+                best = want[i - 1].topk(3)
+                expected = {
+                    tok.decode([t]): v for t, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+                }
+                assert lp.top_logprobs[i] == pytest.approx(expected, abs=1e-4)
+            assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+
+
+def test_generated_tokens_logprobs_in_completions_and_chat_streamed_and_not(client, model, cluster):
+    tok = AutoTokenizer.from_pretrained(cluster[0])
+    prompt = "the capital of france is"
+    ids = prompt_ids(cluster, prompt)
+    text, _, count = oracle(cluster, ids, 6)
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, echo=True, logprobs=2)
+    choice = out.choices[0]
+    assert choice.text == prompt + text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + count
+    new_ids = hf_greedy(cluster[1], ids, count)
+    want = log_softmax(cluster, ids + new_ids)
+    assert lp.token_logprobs[len(ids) :] == pytest.approx(
+        [float(want[len(ids) - 1 + i, t]) for i, t in enumerate(new_ids)], abs=1e-4
+    )
+    streamed = client.completions.create(
+        model=model, prompt=prompt, max_tokens=6, temperature=0, logprobs=2, stream=True
+    )
+    tokens, values = [], []
+    for c in streamed:
+        if c.choices and c.choices[0].logprobs:
+            tokens += c.choices[0].logprobs.tokens
+            values += c.choices[0].logprobs.token_logprobs
+    assert tokens == lp.tokens[len(ids) :] and values == pytest.approx(lp.token_logprobs[len(ids) :], abs=1e-6)
+    # chat: logprobs true and top_logprobs, per content token
+    messages = [{"role": "user", "content": "hello"}]
+    cids = chat_ids(cluster, messages)
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    new_ids = hf_greedy(cluster[1], cids, len(content))
+    want = log_softmax(cluster, cids + new_ids)
+    for i, (entry, t) in enumerate(zip(content, new_ids, strict=True)):
+        assert entry.token == tok.decode([t]) and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(float(want[len(cids) - 1 + i, t]), abs=1e-4)
+        best = want[len(cids) - 1 + i].topk(2)
+        assert [a.token for a in entry.top_logprobs] == [tok.decode([x]) for x in best.indices.tolist()]
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+    chunks = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=5, temperature=0, logprobs=True, stream=True
+    )
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(e.top_logprobs == [] for e in streamed)
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
 
 
 def test_a_caller_leaving_a_stream_frees_its_sessions(client, model, cluster):

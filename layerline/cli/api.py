@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerline.cli.common import add_route_args, route_args, security_of, speculation
+from layerline.cli.common import add_route_args, rate, route_args, security_of, speculation
 from layerline.errors import LayerlineError
 
 
@@ -23,7 +23,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
     api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     api.add_argument("--model-name", default="", help="the model's name in the API (default: the checkpoint's name)")
     api.add_argument(
-        "--api-key-file", default="", help="file holding the key clients must send (Authorization: Bearer KEY)"
+        "--api-key-file",
+        default="",
+        help="file holding the key clients must send (Authorization: Bearer KEY); several keys: one per line",
+    )
+    api.add_argument(
+        "--rate-limit",
+        type=rate,
+        default=None,
+        metavar="N/s",
+        help="requests per API key (the bearer token; without one, per caller address), e.g. 10/s or 600/min; "
+        "past it 429 with Retry-After (default: none)",
     )
     api.add_argument(
         "--connect-timeout",
@@ -84,6 +94,7 @@ def cmd_api(args: argparse.Namespace) -> int:
             api_key=api_key,
             connect_timeout=args.connect_timeout,
             speculate=args.speculate or "",
+            rate_limit=args.rate_limit,
             on_ready=ready,
             stop=stop,
         )

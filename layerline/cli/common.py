@@ -8,6 +8,7 @@ import sys
 
 from layerline import speculate
 from layerline.errors import LayerlineError
+from layerline.rate_limit import Rate, parse_rate
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -32,6 +33,14 @@ def speculation(text: str) -> str:
     if problems:
         raise argparse.ArgumentTypeError(problems[0])
     return text
+
+
+def rate(text: str) -> Rate:
+    """--rate-limit: N/s, N/min or N/h."""
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive(text: str) -> int:

@@ -14,13 +14,21 @@ from layerline.cli.common import (
     cpu_list,
     layer_range,
     positive,
+    rate,
     security_of,
     size,
 )
 from layerline.errors import LayerlineError
 from layerline.stage_server.settings import SETTINGS, Setting
 
-_READERS = {"int": int, "positive": positive, "float": float, "bytes": size, "text": str}
+
+def rate_text(text: str) -> str:
+    if text:  # "" (the default) is no limit
+        rate(text)  # a usage error unless N/s, N/min or N/h
+    return text
+
+
+_READERS = {"int": int, "positive": positive, "float": float, "bytes": size, "text": str, "rate": rate_text}
 
 
 def _dest(s: Setting) -> str:
