@@ -34,6 +34,7 @@ PASSED_ON = frozenset(
         "targets",
         "client_key",
         "drafts",
+        "top_logprobs",
     }
 )
 REPLACED = frozenset({"session_id", "hidden"})  # the next stage's session, this stage's output

@@ -85,13 +85,15 @@ def test_a_blackholed_stage_is_detected_and_routed_around(tiny_checkpoint, tmp_p
             proxy.target = stage.listen[0]
         by_address = {p.address: p for p in proxies}
         deadline = time.monotonic() + 90
-        while True:  # a chain of 2 and a ready replica
+        # the plan is a chain of 2 and a replica, or (when the measured links cost more than a layer saves) one
+        # stage and two replicas: either way a stage of the route has a ready twin to move to
+        while True:
             st = status(coordinator.address)
             loaded = len(st.stages) == 3 and all(
                 s.ready and (s.serving_start, s.serving_end) == (s.assignment.start_layer, s.assignment.end_layer)
                 for s in st.stages
             )  # the replica's twin too (a replica may be ready first)
-            if len(st.route.addresses) == 2 and any(s.replica and s.ready for s in st.stages) and loaded:
+            if st.route.addresses and any(s.replica and s.ready for s in st.stages) and loaded:
                 break
             assert time.monotonic() < deadline, st
             time.sleep(0.2)
@@ -115,7 +117,8 @@ def test_a_blackholed_stage_is_detected_and_routed_around(tiny_checkpoint, tmp_p
 
         got, moves, pause, victim, chain = asyncio.run(asyncio.wait_for(run(), 120))
         assert got == expected and moves == 1
-        assert victim not in chain and (pair - {victim}) <= set(chain)
+        assert victim not in chain and len(chain) == len(st.route.addresses)
+        assert set(chain) & (pair - {victim})  # a twin of the lost stage took its span
         assert 2.5 < pause < 15, pause  # noticed by the step timeout (3 s), then probes (1 s) and the replay
         for p in proxies:
             p.restore()  # let the stages shut down cleanly
