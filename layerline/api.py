@@ -18,8 +18,9 @@ session on the stages like any other client's):
   missing or wrong API key (`--api-key-file`), 404 for an unknown model or path, 429 when the stages are full
   (RESOURCE_EXHAUSTED), 503 when no route works (UNAVAILABLE), 500 otherwise.
 - `GET /` (and `/dashboard`): the dashboard, plain HTML/JS/CSS from `layerline/dashboard/` (nothing from a CDN);
-  `GET /api/cluster`: the JSON it polls (the coordinator's Status and every stage's Info, with tokens/s computed
-  from consecutive polls); `GET /metrics`: Prometheus text for this process; `GET /health`.
+  `GET /api/cluster`: the JSON it polls (the coordinator's Status and every stage's Info, with rates and the history
+  of the last minutes that the server samples every second, cluster_view.py); `GET /metrics`: Prometheus text for
+  this process; `GET /health`.
 """
 
 from __future__ import annotations
@@ -646,7 +647,7 @@ class Api:
         return web.FileResponse(os.path.join(DASHBOARD, "index.html"))
 
     async def cluster(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.view.snapshot(self.model_name, self.generated_total))
+        return web.json_response(await self.view.latest(self.model_name, self.generated_total))
 
 
 # ---- request parsing ---------------------------------------------------------------------------------------------
@@ -828,6 +829,8 @@ async def serve_api(
     bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port  # type: ignore[union-attr]
     logger.info("OpenAI-compatible API on http://%s:%d/v1, dashboard on http://%s:%d/", host, bound, host, bound)
     stopped = stop or asyncio.Event()
+    # the dashboard's samples, every second from now on (the charts' history; a cluster still coming shows so)
+    sampler = asyncio.ensure_future(api.view.sample_forever(lambda: (api.model_name, api.generated_total)))
     try:
         waiter = asyncio.ensure_future(_await_cluster(api, connect_timeout))
         halted = asyncio.ensure_future(stopped.wait())
@@ -843,6 +846,9 @@ async def serve_api(
             on_ready(host, bound, api.model_name)
         await stopped.wait()
     finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
         await runner.cleanup()
         await client.close()
 

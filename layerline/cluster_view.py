@@ -1,12 +1,20 @@
 """What the dashboard shows of a cluster (/api/cluster): the coordinator's Status of every stage, read as
 `layerline status` reads it (status_view.py), joined with each stage's own Info (what it holds, its queue, its
-counters) and rates of tokens per second between polls. The HTTP API (api.py) serves it; it knows nothing of
-HTTP."""
+counters), rates between samples (tokens per second, milliseconds per step) and a history of the last minutes for
+the page's charts. The HTTP API (api.py) samples it every second in the background and serves the latest sample;
+it knows nothing of HTTP.
+
+Tokens per second come from the stages' own counters, so they count every client's traffic (SDK, CLI, other API
+servers), not only this API's: a stage's figure is the positions it computed (prefill and decode), the cluster's the
+tokens its last stages sampled."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -15,16 +23,52 @@ from layerline.security import Security
 from layerline.status_view import StageView
 from layerline.v1 import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
 
+logger = logging.getLogger(__name__)
+
 
 class ClusterView:
-    def __init__(self, coordinator: str, route: list[str], security: Security) -> None:
+    def __init__(
+        self,
+        coordinator: str,
+        route: list[str],
+        security: Security,
+        clock: Callable[[], float] = time.monotonic,
+        history_s: float = 300.0,
+    ) -> None:
         self.coordinator, self.route, self.security = coordinator, list(route), security
-        self._rates = Rates()  # tokens/s of each stage and of the API, from the dashboard's polls
+        self.clock = clock
+        self._rates = Rates()  # per-second rates of each stage's counters and of the API's, between samples
+        self.history = History(history_s)  # the charts' points
+        self._latest: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()  # one snapshot at a time, however many pages poll
+        self._failed = False
+
+    async def latest(self, model_name: str, api_generated: int, max_age: float = 0.5) -> dict[str, Any]:
+        """The latest snapshot when it is at most `max_age` seconds old, else a new one: pages polling at once
+        share one, and the background sampler's (one a second) serve them in between."""
+        async with self._lock:
+            if self._latest is None or self.clock() - self._latest["now"] > max_age:
+                self._latest = await self.snapshot(model_name, api_generated)
+            return self._latest
+
+    async def sample_forever(self, what: Callable[[], tuple[str, int]], period: float = 1.0) -> None:
+        """Take a snapshot every `period` seconds (`what()` gives the model's name and the API's token count), so
+        that the history has its points whether or not a page is open. Runs until cancelled."""
+        while True:
+            model_name, generated = what()
+            try:
+                async with self._lock:
+                    self._latest = await self.snapshot(model_name, generated)
+            except Exception:  # a bug here must not end the sampling (nor the server); said once
+                if not self._failed:
+                    logger.exception("the dashboard's sampler failed (it goes on)")
+                self._failed = True
+            await asyncio.sleep(period)
 
     async def snapshot(self, model_name: str, api_generated: int) -> dict[str, Any]:
         """The cluster as the dashboard shows it: the coordinator's view of every stage (when there is one) and
-        each stage's own Info, with tokens/s from the previous snapshot."""
-        now = time.monotonic()
+        each stage's own Info, with rates since the previous snapshot and the history of the last minutes."""
+        now = self.clock()
         out: dict[str, Any] = {
             "model": model_name,
             "coordinator": self.coordinator,
@@ -61,7 +105,7 @@ class ClusterView:
         for s, info in zip(stages, infos, strict=True):
             s["healthy"] = info is not None
             if info is None:
-                s["tokens_per_s"] = None
+                s["tokens_per_s"] = s["sampled_per_s"] = s["ms_per_step"] = None
                 continue
             out["num_layers"] = out["num_layers"] or info.num_layers
             s.setdefault("id", "")
@@ -90,12 +134,35 @@ class ClusterView:
             )
             if not self.coordinator:
                 s["ready"] = info.end_layer > info.start_layer
-            s["tokens_per_s"] = self._rates.rate(s["address"], info.tokens_computed, now)
+            a = s["address"]
+            s["tokens_per_s"] = self._rates.rate(a + " computed", info.tokens_computed, now)
+            s["sampled_per_s"] = self._rates.rate(a + " sampled", info.tokens_sampled, now)
+            # the time of a step, over the steps computed since the previous sample (None: no step since)
+            seconds = self._rates.rate(a + " seconds", info.compute_seconds, now)
+            steps = self._rates.rate(a + " steps", info.steps_computed, now)
+            s["ms_per_step"] = 1e3 * seconds / steps if seconds is not None and steps else None
         # the chain first, in layer order, then replicas, then stages that serve nothing
         stages.sort(key=lambda s: (s.get("end", 0) <= s.get("start", 0), bool(s.get("replica")), s.get("start", 0)))
         out["stages"] = stages
         api_rate = self._rates.rate("api", api_generated, now)
         out["api"] = {"tokens_generated": api_generated, "tokens_per_s": api_rate or 0.0}
+        sampled = [s["sampled_per_s"] for s in stages if s.get("sampled_per_s") is not None]
+        out["tokens_per_s"] = sum(sampled) if sampled else None  # every client's generated tokens
+        self.history.add(
+            now,
+            {
+                "tokens_per_s": out["tokens_per_s"],
+                "stages": {
+                    s["address"]: {
+                        k: s.get(k) for k in ("tokens_per_s", "ms_per_step", "open_sessions", "kv_bytes_used")
+                    }
+                    for s in stages
+                },
+            },
+        )
+        out["now"] = now
+        out["history_s"] = self.history.span
+        out["history"] = self.history.points()
         return out
 
     async def _info(self, address: str) -> stage_pb2.StageInfo | None:
@@ -112,9 +179,9 @@ class Rates:
 
     def __init__(self, window: float = 0.2) -> None:
         self.window = window
-        self._last: dict[str, tuple[float, int, float | None]] = {}  # key -> (when, count, rate then)
+        self._last: dict[str, tuple[float, float, float | None]] = {}  # key -> (when, count, rate then)
 
-    def rate(self, key: str, count: int, now: float) -> float | None:
+    def rate(self, key: str, count: float, now: float) -> float | None:
         """None until a counter has been seen twice."""
         last = self._last.get(key)
         if last is not None and now - last[0] <= self.window:
@@ -122,3 +189,22 @@ class Rates:
         rate = None if last is None else max(0.0, (count - last[1]) / (now - last[0]))
         self._last[key] = (now, count, rate)
         return rate
+
+
+class History:
+    """The points of the last `span` seconds, at most one per `spacing` seconds (a sample closer than that to the
+    previous point is not kept, so that many polls do not crowd out the minutes): what the charts draw."""
+
+    def __init__(self, span: float = 300.0, spacing: float = 0.9) -> None:
+        self.span, self.spacing = span, spacing
+        self._points: collections.deque[dict[str, Any]] = collections.deque()
+
+    def add(self, now: float, point: dict[str, Any]) -> None:
+        if self._points and now - self._points[-1]["t"] < self.spacing:
+            return
+        self._points.append({"t": now, **point})
+        while now - self._points[0]["t"] > self.span:
+            self._points.popleft()
+
+    def points(self) -> list[dict[str, Any]]:
+        return list(self._points)

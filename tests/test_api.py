@@ -350,8 +350,13 @@ def test_health_metrics_and_cluster_json(client, model, cluster):
         text = r.read().decode()
     assert 'layerline_api_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert 'layerline_api_tokens_total{kind="completion"}' in text
-    with urllib.request.urlopen(url + "/api/cluster", timeout=10) as r:
-        snap = json.loads(r.read())
+    deadline = time.monotonic() + 10
+    while True:  # the api process samples the cluster every second: the completion shows within one
+        with urllib.request.urlopen(url + "/api/cluster", timeout=10) as r:
+            snap = json.loads(r.read())
+        if snap["stages"] and snap["stages"][-1].get("tokens_sampled") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert snap["num_layers"] == SPEC.layers and snap["route"] == stages.route
     assert [(s["address"], s["start"], s["end"]) for s in snap["stages"]] == [
         (stages.route[0], 0, 2),

@@ -1,7 +1,8 @@
 """The dashboard in a real browser: headless Chromium (Debian's, driven by playwright) loads the page `layerline api`
 serves over a coordinator-placed cluster (all in subprocesses on 127.0.0.1) and finds every stage on the bar of
-layer ranges with the range the coordinator assigned it, and in the table; a generation shows up in the live
-tokens/s. A screenshot is written to build/test-artifacts/dashboard.png."""
+layer ranges with the range the coordinator assigned it, and in the table; the charts of the last minutes have a
+series per stage (and the cluster's), and a generation by an SDK client (not through the API) shows up in the
+table's tokens/s and moves the charts. A screenshot is written to build/test-artifacts/dashboard.png."""
 
 from __future__ import annotations
 
@@ -96,7 +97,15 @@ def test_the_dashboard_shows_the_stages_and_their_layer_ranges(tiny_checkpoint, 
                     assert "plan v" in page.inner_text("#summary") and SPEC.layers == int(
                         page.inner_text("#axis span:last-child")
                     )
-                    # live: a generation running now shows up as tokens/s on the stages
+                    # the charts: tokens/s (the cluster's and each stage's), time per step, sessions, KV used
+                    charts = page.locator("svg.chart")
+                    assert charts.count() == 4
+                    for i in range(4):
+                        series = {p.get_attribute("data-series") for p in charts.nth(i).locator("path").all()}
+                        expect = set(ranges) | ({"cluster"} if i == 0 else set())
+                        assert series == expect, (charts.nth(i).get_attribute("id"), series)
+                    cluster_path = '#chart-tokens path[data-series="cluster"]'
+                    # live: a generation running now shows up as tokens/s on the stages and in the charts
                     done = threading.Event()
 
                     def generate() -> None:
@@ -107,9 +116,25 @@ def test_the_dashboard_shows_the_stages_and_their_layer_ranges(tiny_checkpoint, 
                     worker = threading.Thread(target=generate, daemon=True)
                     worker.start()
                     try:
+                        column = [h.inner_text() for h in page.locator("#stages thead th").all()].index("tokens/s")
                         page.wait_for_function(
-                            """() => [...document.querySelectorAll('#stages tbody tr')].every(
-                                   tr => parseFloat(tr.children[8].textContent) > 0)""",
+                            f"""() => [...document.querySelectorAll('#stages tbody tr')].every(
+                                   tr => parseFloat(tr.children[{column}].textContent) > 0)""",
+                            timeout=20_000,
+                        )
+                        page.wait_for_function(
+                            f"""() => parseFloat(document.querySelector('{cluster_path}').dataset.last) > 0""",
+                            timeout=20_000,
+                        )
+                        page.wait_for_function(  # each stage's time per step is drawn
+                            """() => [...document.querySelectorAll('#chart-step path')].every(
+                                   p => parseFloat(p.dataset.last) > 0)""",
+                            timeout=20_000,
+                        )
+                        drawn = page.locator(cluster_path).get_attribute("d")
+                        page.wait_for_function(  # the next second's point: the chart moves
+                            f"""(before) => document.querySelector('{cluster_path}').getAttribute('d') !== before""",
+                            arg=drawn,
                             timeout=20_000,
                         )
                     finally:

@@ -1,5 +1,6 @@
 // The layerline dashboard: polls /api/cluster once a second and draws the stages as a bar of layer ranges across
-// the model, and as a table. No framework, nothing fetched from elsewhere.
+// the model, as a table, and as charts of the last minutes (drawn here as SVG). No framework, nothing fetched from
+// elsewhere.
 "use strict";
 
 const COLORS = ["#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2", "#4f46e5", "#65a30d"];
@@ -105,11 +106,82 @@ function drawTable(data) {
   });
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+const W = 600, H = 180, PAD_TOP = 14, PAD_BOTTOM = 16; // the charts' viewBox
+
+function svgEl(tag, attrs = {}, text = "") {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text) e.textContent = text;
+  return e;
+}
+
+function axisLabel(metric, v) {
+  if (metric === "kv_bytes_used") return bytes(v);
+  if (metric === "open_sessions") return String(Math.round(v));
+  return num(v, v >= 100 ? 0 : 1);
+}
+
+// One chart: a path per series (the cluster's, where it has one, and each stage's), over the history's span up to
+// now; a gap where a series had no value (a stage down, no step computed in that second).
+function drawChart(svg, data, series) {
+  const metric = svg.dataset.metric;
+  // the span shown: the history's (five minutes), or since the first point while there is less, at least a minute
+  const since = data.history.length ? data.now - data.history[0].t : 0;
+  const span = Math.min(data.history_s || 300, Math.max(60, since));
+  const x = (t) => (W * (t - (data.now - span))) / span;
+  let top = 0;
+  for (const s of series) for (const p of data.history) {
+    const v = s.value(p);
+    if (v !== null && v !== undefined) top = Math.max(top, v);
+  }
+  top = top > 0 ? top * 1.1 : 1;
+  const y = (v) => PAD_TOP + (H - PAD_TOP - PAD_BOTTOM) * (1 - v / top);
+  svg.replaceChildren(
+    svgEl("line", { class: "grid", x1: 0, x2: W, y1: y(0), y2: y(0) }),
+    svgEl("line", { class: "grid", x1: 0, x2: W, y1: y(top / 1.1), y2: y(top / 1.1) }),
+    svgEl("text", { x: 4, y: y(top / 1.1) - 3, class: "ymax" }, axisLabel(metric, top / 1.1)),
+    svgEl("text", { x: 4, y: H - 3 }, span >= 120 ? `−${Math.round(span / 60)} min` : `−${Math.round(span)} s`),
+    svgEl("text", { x: W - 4, y: H - 3, "text-anchor": "end" }, "now"),
+  );
+  for (const s of series) {
+    let d = "", pen = "M", last = null;
+    for (const p of data.history) {
+      const v = s.value(p);
+      if (v === null || v === undefined) { pen = "M"; continue; }
+      d += `${pen}${x(p.t).toFixed(1)},${y(v).toFixed(1)} `;
+      pen = "L";
+      last = v;
+    }
+    const path = svgEl("path", { d: d.trim(), "data-series": s.name, "data-last": last === null ? "" : String(last) });
+    if (s.name === "cluster") path.setAttribute("class", "cluster");
+    else path.setAttribute("stroke", s.color);
+    path.appendChild(svgEl("title", {}, s.name));
+    svg.appendChild(path);
+  }
+}
+
+function drawCharts(data) {
+  if (!data.history) return;
+  const stageSeries = (metric) => data.stages.map((s, i) => ({
+    name: s.address,
+    color: COLORS[i % COLORS.length],
+    value: (p) => (p.stages[s.address] || {})[metric],
+  }));
+  for (const svg of document.querySelectorAll("svg.chart")) {
+    const metric = svg.dataset.metric;
+    const series = stageSeries(metric);
+    if (metric === "tokens_per_s") series.unshift({ name: "cluster", value: (p) => p.tokens_per_s });
+    drawChart(svg, data, series);
+  }
+}
+
 function drawSummary(data) {
   document.getElementById("model").textContent = data.model || "";
   const parts = [`${data.stages.length} stage(s)`, `${data.num_layers} layers`];
   if (data.coordinator) parts.push(`coordinator ${data.coordinator}`, `plan v${data.plan_version}`);
   if (data.predicted_bottleneck_ms) parts.push(`predicted bottleneck ${num(data.predicted_bottleneck_ms)} ms/token`);
+  if (data.tokens_per_s !== undefined) parts.push(`${num(data.tokens_per_s || 0, 1)} tokens/s generated (every client)`);
   if (data.api) parts.push(`API ${num(data.api.tokens_per_s, 1)} tokens/s (${data.api.tokens_generated} generated)`);
   parts.push(data.route.length ? `route ${data.route.join(" → ")}` : "no route");
   document.getElementById("summary").textContent = parts.join(" · ");
@@ -125,6 +197,7 @@ async function refresh() {
     drawSummary(data);
     drawLayers(data);
     drawTable(data);
+    drawCharts(data);
     document.getElementById("updated").textContent = new Date().toLocaleTimeString();
     document.body.dataset.loaded = "true";
   } catch (e) {
