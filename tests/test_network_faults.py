@@ -117,8 +117,7 @@ def test_a_blackholed_stage_is_detected_and_routed_around(tiny_checkpoint, tmp_p
 
         got, moves, pause, victim, chain = asyncio.run(asyncio.wait_for(run(), 120))
         assert got == expected and moves == 1
-        assert victim not in chain and len(chain) == len(st.route.addresses)
-        assert set(chain) & (pair - {victim})  # a twin of the lost stage took its span
+        assert victim not in chain and set(chain) & (pair - {victim})  # a twin of the lost stage took its span
         assert 2.5 < pause < 15, pause  # noticed by the step timeout (3 s), then probes (1 s) and the replay
         for p in proxies:
             p.restore()  # let the stages shut down cleanly
