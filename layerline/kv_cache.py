@@ -39,6 +39,9 @@ class ForwardPlan:
     # a paged cache's, made at the first update: (batch idx, column idx, block, offset) of each position written
     # [N], and the blocks each row reads [B, nblk]
     paged: tuple[torch.Tensor, ...] | None = None
+    # a paged cache's, for one row whose blocks are one run of ids and whose step continues it unpadded: the run's
+    # first block (its keys and values are then a view of the pool, written and read without index tensors)
+    run: int | None = None
 
 
 class KVCache:

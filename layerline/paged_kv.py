@@ -80,7 +80,11 @@ class BlockPool:
         self.budget_bytes = budget_bytes if budget_bytes is not None else num_blocks * self.block_bytes
         self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)  # per layer: [Hkv, N, P, D]
         self.refs = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # popped from the end: low ids first
+        # free blocks: a stack popped from the end (low ids first), with a flag per block; a block taken out of
+        # turn (`_take(after=...)`) only loses its flag, and its entry is dropped when the stack reaches it
+        self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))
+        self._is_free = bytearray([0]) + bytearray([1]) * (num_blocks - 1)
+        self._nfree = num_blocks - 1
         self._cached: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # unheld sealed blocks, LRU
         self._index: dict[bytes, int] = {}  # key -> sealed block
         self._key: dict[int, bytes] = {}  # sealed block -> key
@@ -103,7 +107,7 @@ class BlockPool:
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free) - len(self._cached)
+        return self.num_blocks - self._nfree - len(self._cached)
 
     @property
     def cached_blocks(self) -> int:
@@ -112,19 +116,19 @@ class BlockPool:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return self._nfree
 
     @property
     def available_blocks(self) -> int:
         """Blocks a step can be promised now: free ones and cached ones (the least recently used cached go first),
         less those promised to admitted steps already."""
-        return len(self._free) + len(self._cached) - self.reserved
+        return self._nfree + len(self._cached) - self.reserved
 
     def reserve(self, cache: PagedCache, n: int) -> bool:
         """Promise `n` blocks to `cache`'s next step (taken by its forward, the rest given back after it, or when
         the cache closes); False when fewer are available."""
         with self.lock:
-            if n > len(self._free) + len(self._cached) - self.reserved:
+            if n > self._nfree + len(self._cached) - self.reserved:
                 return False
             self.reserved += n
             cache._promised += n
@@ -139,15 +143,23 @@ class BlockPool:
 
     # -- blocks (callers hold self.lock) --
 
-    def _take(self, cache: PagedCache | None = None) -> int:
-        """A block for `cache` (from its promise when it holds one, else only if none is promised to others)."""
+    def _take(self, cache: PagedCache | None = None, after: int | None = None) -> int:
+        """A block for `cache` (from its promise when it holds one, else only if none is promised to others);
+        block `after + 1` when it is free, so that a row's blocks stay one run of ids (its keys and values are then
+        one view of the pool: `PagedCache.update`)."""
         if cache is not None and cache._promised:
             cache._promised -= 1
             self.reserved -= 1
-        elif len(self._free) + len(self._cached) <= self.reserved:
+        elif self._nfree + len(self._cached) <= self.reserved:
             raise ResourceExhaustedError(f"the stage's KV cache is full: {self.describe()}")
-        if self._free:
-            blk = self._free.pop()
+        if self._nfree:
+            blk = after + 1 if after is not None and after + 1 < len(self._is_free) else NULL_BLOCK
+            if not self._is_free[blk]:  # (the null block is never free)
+                blk = self._free.pop()
+                while not self._is_free[blk]:  # taken out of turn before
+                    blk = self._free.pop()
+            self._is_free[blk] = 0
+            self._nfree -= 1
             if not self._touched[blk]:
                 self._zero(blk)
                 self._touched[blk] = 1
@@ -174,6 +186,10 @@ class BlockPool:
                 self._cached[blk] = key
             else:
                 self._free.append(blk)
+                self._is_free[blk] = 1
+                self._nfree += 1
+                if len(self._free) > 2 * len(self._is_free):  # entries of blocks taken out of turn: drop them
+                    self._free = [b for b in dict.fromkeys(reversed(self._free)) if self._is_free[b]][::-1]
 
     def _seal(self, blk: int, key: bytes) -> None:
         if key in self._index or blk in self._key:
@@ -367,7 +383,7 @@ class PagedCache:
                         for i in range(old // P, min(len(table), -(-n // P))):  # blocks the new positions write into
                             blk = table[i]
                             if pool.refs[blk] > 1:
-                                fresh = pool._take(self)
+                                fresh = pool._take(self, table[i - 1] if i else None)
                                 pool._copy(blk, fresh)
                                 pool._let_go(blk)
                                 table[i] = fresh
@@ -376,7 +392,7 @@ class PagedCache:
                                 pool._unseal(blk)
                             del self.keys[r][i:]
                         while len(table) * P < n:
-                            table.append(pool._take(self))
+                            table.append(pool._take(self, table[-1] if table else None))
                             taken.append((r, table[-1]))
                             self._changes[r] += 1
                 except ResourceExhaustedError:
@@ -412,8 +428,16 @@ class PagedCache:
         """Write this forward's k, v [B, Hkv, T, D] of `layer` into the rows' blocks; return all keys/values the
         batch sees, read through the block tables: [B, Hkv, S, D]."""
         kc, vc = self.pool.layer_k[layer], self.pool.layer_v[layer]  # [Hkv, N, P, D]
-        if plan.paged is None:
+        if plan.paged is None and plan.run is None:
             self._slots(plan)
+        if plan.run is not None:  # one row in one run of blocks: a view of the pool, as a contiguous cache's row
+            Hkv, _, P, D = kc.shape
+            b0, nblk, s0 = plan.run, -(-plan.kv_len // P), plan.start
+            keys = kc[:, b0 : b0 + nblk].reshape(Hkv, nblk * P, D)
+            values = vc[:, b0 : b0 + nblk].reshape(Hkv, nblk * P, D)
+            keys[:, s0 : s0 + plan.width] = k[0]
+            values[:, s0 : s0 + plan.width] = v[0]
+            return keys[None, :, : plan.kv_len], values[None, :, : plan.kv_len]
         b_idx, t_idx, blk, off, table = plan.paged  # type: ignore[misc]
         kc[:, blk, off] = k[b_idx, :, t_idx].transpose(0, 1)  # [Hkv, n, D]
         vc[:, blk, off] = v[b_idx, :, t_idx].transpose(0, 1)
@@ -430,6 +454,11 @@ class PagedCache:
         nblk = -(-longest // P)
         with self._rows:
             held = [self.tables[r][:nblk] for r in plan.cache_rows]
+        if len(held) == 1 and plan.start is not None and len(held[0]) == nblk:
+            first = held[0][0]
+            if held[0] == list(range(first, first + nblk)):
+                plan.run = first
+                return
         table = torch.tensor([t + [NULL_BLOCK] * (nblk - len(t)) for t in held], dtype=torch.int64)  # [B, nblk]
         b_idx, t_idx = (positions >= 0).nonzero(as_tuple=True)
         p = positions[b_idx, t_idx]

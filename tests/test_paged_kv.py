@@ -297,3 +297,75 @@ def test_blocks_promised_to_a_step_are_not_taken_by_another(stage):
     assert pool.reserve(b, 2)
     b.close()  # a closed cache's promise goes back too
     assert pool.reserved == 0 and pool.available_blocks == 2
+
+
+def test_a_row_keeps_one_run_of_blocks_and_computes_the_same_on_it_as_on_scattered_blocks(stage):
+    """A row whose blocks are consecutive ids is read and written as one view of the pool (`ForwardPlan.run`), a row
+    whose blocks are scattered through index tensors: both give the contiguous cache's logits. The pool hands a
+    growing row the block after its last one when that is free, also after other sessions' blocks came back out of
+    order."""
+    P = 4
+    pool = pool_for(stage, blocks=64, block_size=P)
+    ref = greedy(stage, stage.new_cache(1, 48), ids(6, 30), 20)
+    warm = pool.new_cache(1, 48)
+    stage(ids(10, 31), cache=warm)  # blocks 1, 2 and a partial 3, their tokens not told: none sealed
+    warm.close()  # all three back to the free blocks, in table order: 3 is the next one out, then 2 and 1
+    alone = pool.new_cache(1, 48)
+    seen: list = []
+    plan = PagedCache.plan
+
+    def spy(self, *args):
+        p = plan(self, *args)
+        if self is alone:
+            seen.append(p)
+        return p
+
+    try:
+        PagedCache.plan = spy
+        got = greedy(stage, alone, ids(6, 30), 20)
+    finally:
+        PagedCache.plan = plan
+    t = alone.tables[0]
+    assert t == list(range(t[0], t[0] + len(t))) and len(t) == -(-26 // P)
+    assert all(p.run == t[0] for p in seen)  # every step took the view
+    assert got[1] == ref[1]
+    for x, y in zip(got[0], ref[0], strict=True):
+        assert (x - y).abs().max().item() <= 1e-5
+
+    # two sessions growing in turn take blocks in turn: neither row is one run, and both compute what they should
+    a, b = pool.new_cache(1, 48), pool.new_cache(1, 48)
+    prompts = ids(3, 32), ids(3, 33)
+    refs = [greedy(stage, stage.new_cache(1, 48), p, 16) for p in prompts]
+    logits: list[list[torch.Tensor]] = [[], []]
+    x = list(prompts)
+    for _ in range(17):
+        for i, cache in enumerate((a, b)):
+            positions = torch.tensor([[cache.lengths[0]]]) + torch.arange(x[i].shape[1])
+            out = stage(x[i], positions, cache, None, last_only=True)
+            cache.note_tokens([0], x[i], positions)
+            logits[i].append(out)
+            x[i] = out[:, -1].argmax(-1)[:, None]
+    for cache, got_logits, (want, _) in zip((a, b), logits, refs, strict=True):
+        t = cache.tables[0]
+        assert t != list(range(t[0], t[0] + len(t)))
+        for g, w in zip(got_logits, want, strict=True):
+            assert (g - w).abs().max().item() <= 1e-5
+    for cache in (a, b, alone):
+        cache.close()
+    assert pool.used_blocks == 0 and pool.free_blocks + pool.cached_blocks == pool.num_blocks
+
+
+def test_the_free_blocks_stay_counted_through_many_out_of_turn_takes(stage):
+    pool = pool_for(stage, blocks=9, block_size=2)  # 8 usable
+    rng = random.Random(5)
+    caches: list[PagedCache] = []
+    for _ in range(400):
+        if caches and (rng.random() < 0.4 or pool.available_blocks < 2):
+            caches.pop(rng.randrange(len(caches))).close()
+        else:
+            cache = pool.new_cache(1, 16)
+            stage(ids(rng.randint(1, 4), rng.randrange(1000)), cache=cache)  # no tokens told: nothing is sealed
+            caches.append(cache)
+        held = [blk for c in caches for blk in c.tables[0]]
+        assert len(set(held)) == len(held) and pool.used_blocks == len(held)
+        assert pool.free_blocks == 8 - len(held) and len(pool._free) <= 2 * 9 + 1
