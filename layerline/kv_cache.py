@@ -42,6 +42,9 @@ class ForwardPlan:
     # a paged cache's, for one row whose blocks are one run of ids and whose step continues it unpadded: the run's
     # first block (its keys and values are then a view of the pool, written and read without index tensors)
     run: int | None = None
+    # a paged cache's, for a one-row decode step on scattered blocks: (block, offset) of the position written, and
+    # the row's block table on the device (kept while the table is unchanged: one index_select reads it)
+    one: tuple[int, int, torch.Tensor] | None = None
 
 
 class KVCache:

@@ -236,6 +236,7 @@ class PagedCache:
         self._promised = 0  # blocks the pool promised this cache's next step (BlockPool.reserve)
         self._changes = [0] * rows  # per row, counts the changes of its block table
         self._table_tensors: dict[int, tuple[int, torch.Tensor]] = {}  # row -> (its changes then, its table)
+        self._read_tables: dict[int, tuple[int, torch.Tensor]] = {}  # the same on the pool's device (`_slots`)
 
     @property
     def rows(self) -> int:
@@ -428,7 +429,7 @@ class PagedCache:
         """Write this forward's k, v [B, Hkv, T, D] of `layer` into the rows' blocks; return all keys/values the
         batch sees, read through the block tables: [B, Hkv, S, D]."""
         kc, vc = self.pool.layer_k[layer], self.pool.layer_v[layer]  # [Hkv, N, P, D]
-        if plan.paged is None and plan.run is None:
+        if plan.paged is None and plan.run is None and plan.one is None:
             self._slots(plan)
         if plan.run is not None:  # one row in one run of blocks: a view of the pool, as a contiguous cache's row
             Hkv, _, P, D = kc.shape
@@ -437,6 +438,15 @@ class PagedCache:
             values = vc[:, b0 : b0 + nblk].reshape(Hkv, nblk * P, D)
             keys[:, s0 : s0 + plan.width] = k[0]
             values[:, s0 : s0 + plan.width] = v[0]
+            return keys[None, :, : plan.kv_len], values[None, :, : plan.kv_len]
+        if plan.one is not None:  # one row, one position: a plain write, and one index_select per tensor
+            Hkv, _, P, D = kc.shape
+            blk, off, table = plan.one
+            kc[:, blk, off] = k[0, :, 0]
+            vc[:, blk, off] = v[0, :, 0]
+            S = table.numel() * P
+            keys = kc.index_select(1, table).view(Hkv, S, D)
+            values = vc.index_select(1, table).view(Hkv, S, D)
             return keys[None, :, : plan.kv_len], values[None, :, : plan.kv_len]
         b_idx, t_idx, blk, off, table = plan.paged  # type: ignore[misc]
         kc[:, blk, off] = k[b_idx, :, t_idx].transpose(0, 1)  # [Hkv, n, D]
@@ -452,17 +462,23 @@ class PagedCache:
         the block tables as the plan left them."""
         P, positions, longest = self.pool.block_size, plan.source, plan.kv_len
         nblk = -(-longest // P)
+        device = self.pool.k.device
         with self._rows:
             held = [self.tables[r][:nblk] for r in plan.cache_rows]
-        if len(held) == 1 and plan.start is not None and len(held[0]) == nblk:
-            first = held[0][0]
-            if held[0] == list(range(first, first + nblk)):
-                plan.run = first
-                return
+            if len(held) == 1 and plan.start is not None and len(self.tables[plan.cache_rows[0]]) == nblk:
+                row, first = plan.cache_rows[0], held[0][0]
+                if held[0] == list(range(first, first + nblk)):
+                    plan.run = first
+                    return
+                if plan.width == 1:
+                    made = self._read_tables.get(row)
+                    if made is None or made[0] != self._changes[row]:
+                        made = self._read_tables[row] = (self._changes[row], torch.tensor(held[0], device=device))
+                    plan.one = (held[0][plan.start // P], plan.start % P, made[1])
+                    return
         table = torch.tensor([t + [NULL_BLOCK] * (nblk - len(t)) for t in held], dtype=torch.int64)  # [B, nblk]
         b_idx, t_idx = (positions >= 0).nonzero(as_tuple=True)
         p = positions[b_idx, t_idx]
-        device = self.pool.k.device
         plan.paged = tuple(x.to(device) for x in (b_idx, t_idx, table[b_idx, p // P], p % P, table))
 
     def commit(self, plan: ForwardPlan) -> None:

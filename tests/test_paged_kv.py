@@ -299,7 +299,7 @@ def test_blocks_promised_to_a_step_are_not_taken_by_another(stage):
     assert pool.reserved == 0 and pool.available_blocks == 2
 
 
-def test_a_row_keeps_one_run_of_blocks_and_computes_the_same_on_it_as_on_scattered_blocks(stage):
+def test_a_row_keeps_one_run_of_blocks_and_computes_the_same_on_it_as_on_scattered_blocks(stage, monkeypatch):
     """A row whose blocks are consecutive ids is read and written as one view of the pool (`ForwardPlan.run`), a row
     whose blocks are scattered through index tensors: both give the contiguous cache's logits. The pool hands a
     growing row the block after its last one when that is free, also after other sessions' blocks came back out of
@@ -311,23 +311,19 @@ def test_a_row_keeps_one_run_of_blocks_and_computes_the_same_on_it_as_on_scatter
     stage(ids(10, 31), cache=warm)  # blocks 1, 2 and a partial 3, their tokens not told: none sealed
     warm.close()  # all three back to the free blocks, in table order: 3 is the next one out, then 2 and 1
     alone = pool.new_cache(1, 48)
-    seen: list = []
+    seen: dict[int, list] = {}
     plan = PagedCache.plan
 
     def spy(self, *args):
         p = plan(self, *args)
-        if self is alone:
-            seen.append(p)
+        seen.setdefault(id(self), []).append(p)
         return p
 
-    try:
-        PagedCache.plan = spy
-        got = greedy(stage, alone, ids(6, 30), 20)
-    finally:
-        PagedCache.plan = plan
+    monkeypatch.setattr(PagedCache, "plan", spy)
+    got = greedy(stage, alone, ids(6, 30), 20)
     t = alone.tables[0]
     assert t == list(range(t[0], t[0] + len(t))) and len(t) == -(-26 // P)
-    assert all(p.run == t[0] for p in seen)  # every step took the view
+    assert all(p.run == t[0] and p.paged is None for p in seen[id(alone)])  # every step took the view
     assert got[1] == ref[1]
     for x, y in zip(got[0], ref[0], strict=True):
         assert (x - y).abs().max().item() <= 1e-5
@@ -348,6 +344,8 @@ def test_a_row_keeps_one_run_of_blocks_and_computes_the_same_on_it_as_on_scatter
     for cache, got_logits, (want, _) in zip((a, b), logits, refs, strict=True):
         t = cache.tables[0]
         assert t != list(range(t[0], t[0] + len(t)))
+        decode_plans = seen[id(cache)][1:]  # after the prompt: one-position steps, read with the row's table
+        assert all(p.run is None and p.one is not None and p.paged is None for p in decode_plans[P:])
         for g, w in zip(got_logits, want, strict=True):
             assert (g - w).abs().max().item() <= 1e-5
     for cache in (a, b, alone):
