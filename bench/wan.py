@@ -11,7 +11,8 @@ link with the same one-way delay and rate.
   of code) against the same generation without it, on these links and on loopback (three stages on 127.0.0.1):
   tokens/s, whether the tokens are identical, the acceptance rate (the last stage's counters); and with a draft
   model run by the client (`speculate=PATH`: here the served file itself, which shares the stages' two cores, so
-  a mechanism figure: a real draft is a smaller model on the client's own machine).
+  a mechanism figure: a real draft is a smaller model on the client's own machine), and by the first stage's host
+  in the server loop (`layerline stage --draft`, `speculate="stage"`: no client round trip per round).
 - Prefill of a 1,000-token prompt with float32 against bfloat16 and int8 (per token) hidden states on the wire.
 
 Decode rate = (n - 1) / (time to generate n tokens - time to generate 1) for the same prompt, so prefill and
@@ -176,7 +177,8 @@ def main() -> None:
         NetBed([link] * 4) as bed,
         LocalCluster(model, [tuple(map(int, s.split(":"))) for s in split], threads=1) as lo,
     ):
-        route = [bed.stage(i + 1, model, split[i]) for i in range(3)]
+        # the first stage's host runs a draft (the served file itself) for the rounds that ask for it
+        route = [bed.stage(i + 1, model, split[i], *(["--draft", model] if i == 0 else [])) for i in range(3)]
         # relays on the client's host in front of each stage: hidden states cross two links per hop
         relayed = [bed.relay(0, address, port=7100 + i) for i, address in enumerate(route)]
         in_bed = bed.command(0, [])
@@ -186,6 +188,11 @@ def main() -> None:
             "client relays every hop (2N hops)": (in_bed, relayed, {"server_loop": True}),
             "server loop + prompt lookup": (in_bed, route, {"server_loop": True, "speculate": "ngram"}),
             "client loop + draft model (the same file)": (in_bed, route, {"server_loop": False, "speculate": model}),
+            "server loop + draft on the first stage's host (the same file)": (
+                in_bed,
+                route,
+                {"server_loop": True, "speculate": "stage"},
+            ),
             "loopback, server loop": ([], lo.route, {"server_loop": True}),
             "loopback, server loop + prompt lookup": ([], lo.route, {"server_loop": True, "speculate": "ngram"}),
         }
@@ -235,6 +242,7 @@ def report(results: dict[str, list[dict]], args) -> list[str]:
     spec = rate("server loop + prompt lookup") / ref
     loop_spec = rate("loopback, server loop + prompt lookup") / rate("loopback, server loop")
     draft = rate("client loop + draft model (the same file)") / ref
+    stage_draft = rate("server loop + draft on the first stage's host (the same file)") / ref
     relay = rate("client relays every hop (2N hops)") / ref
     client = rate("client loop (N + 1 hops)") / ref
     lines += [
@@ -242,7 +250,8 @@ def report(results: dict[str, list[dict]], args) -> list[str]:
         f"Hop counts predict, with links dominating, client loop / server loop = 3/4 = 0.75 and relaying client / "
         f"server loop = 3/6 = 0.50: measured {client:.2f} and {relay:.2f}. Prompt lookup: {spec:.2f}x on these links "
         f"(target >= 2x) and {loop_spec:.2f}x on loopback (target >= 0.95x). A draft model in the client (the served "
-        f"file itself, on the stages' cores): {draft:.2f}x.",
+        f"file itself, on the stages' cores): {draft:.2f}x; on the first stage's host, in the server loop: "
+        f"{stage_draft:.2f}x.",
     ]
     return lines
 

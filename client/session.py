@@ -300,6 +300,8 @@ class AsyncSession:
                 draft = await self.client.draft(opts.speculate)  # type: ignore[arg-type]
                 if self._draft is None or self._draft.draft is not draft:
                     self._draft = draft.state()
+            if adaptive is not None and opts.speculate == "stage":
+                self._check_stage_draft()
             self.phase = Phase.FEEDING
             try:
                 while self.phase is not Phase.DONE:
@@ -365,6 +367,8 @@ class AsyncSession:
                 pass
             elif is_draft(opts.speculate):  # the draft model's greedy continuation, computed off the event loop
                 drafts = await asyncio.to_thread(self._draft.propose, self.history, k)
+            elif opts.speculate == "stage":  # the first stage proposes in the server loop only
+                pass
             else:
                 drafts = ngram_propose(self.history, k)
         seq = await self._send(
@@ -374,6 +378,18 @@ class AsyncSession:
         self.fed += 1
         self._inflight, self._looping = seq, loop is not None
         return seq, len(drafts)
+
+    def _check_stage_draft(self) -> None:
+        """speculate="stage" needs the server loop and a first stage whose host runs a draft model."""
+        if not self.client.config.server_loop:
+            raise RPCError(INVALID, 'speculate="stage": the first stage proposes in the server loop (server_loop=True)')
+        first = self.links[0]
+        if not first.info.draft_model:
+            raise RPCError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f'speculate="stage": the first stage ({first.address}, layers {first.info.start_layer}:'
+                f"{first.info.end_layer}) runs no draft model (start it with --draft PATH or --draft smollm2)",
+            )
 
     def _loop(self, remaining: int, stop_ids: Sequence[int], opts: Options) -> stage_pb2.Loop | None:
         """The server loop for the rest of a generation (None: this client feeds the tokens back itself); with

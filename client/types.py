@@ -113,7 +113,8 @@ class Options:
     stop_token_ids: tuple[int, ...] | None = None  # None = the tokenizer's end-of-sequence ids
     # speculative decoding: "ngram" (prompt lookup: proposals from the text so far, verified by the last stage, k
     # per round through the chain; greedy output is unchanged, sampling keeps its distribution), or a draft model
-    # with the chain's tokenizer ("smollm2" or a path: run greedily in this client's process); None = off
+    # with the chain's tokenizer ("smollm2" or a path: run greedily in this client's process), or "stage" (the
+    # draft model the first stage's host runs, `layerline stage --draft`; server loop); None = off
     speculate: str | None = None
     speculate_k: int | None = None  # proposals per round; None = adaptive
     logprobs: bool = False  # each token's log-probability under the model, computed at the last stage in float32

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from layerline.model_source import EMBEDDED_MODELS
 
-METHODS = ("ngram",)  # proposers a stage (and the client) runs by name; anything else names a draft model
+# proposers by name: "ngram" (prompt lookup, by the last stage or the client), "stage" (the draft model the first
+# stage's host runs: `layerline stage --draft`); anything else names a draft model the client runs
+METHODS = ("ngram", "stage")
 MAX_DRAFTS = 16  # proposals one step may carry (its columns then take the decode kernel: quant/decode.py)
 START_K = 4  # an adaptive k's first value
 MAX_NGRAM = 3  # the longest tail prompt lookup matches

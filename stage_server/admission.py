@@ -109,6 +109,11 @@ def admit(step: stage_pb2.Step, session: Session, replies: asyncio.Queue, label:
         raise BadInputError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {step.top_logprobs}")
     if step.drafts:
         check_drafts(step, B, T, tokens is not None, targets is not None)
+    if step.propose:
+        if step.propose > MAX_DRAFTS:
+            raise BadInputError(f"propose: at most {MAX_DRAFTS} proposals, got {step.propose}")
+        if not step.sample or B != 1 or targets is not None or step.drafts:
+            raise BadInputError("propose: only a one-row step that samples, scores nothing and carries no drafts")
     if m.is_first:
         if tokens is None:
             raise BadInputError(f"{label} is the first stage: the step needs tokens")

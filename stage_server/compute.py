@@ -14,6 +14,7 @@ from layerline.errors import BadInputError, NotFoundError
 from layerline.sampling import draw_generator, sample, verify
 from layerline.speculate import AdaptiveK, ngram_propose
 from layerline.stage_server.admission import WorkItem
+from layerline.stage_server.drafting import StageDraft
 from layerline.stage_server.sessions import LoopState, Session
 from layerline.v1 import stage_pb2, tensor_pb2
 from layerline.wire_format import int64_rows
@@ -38,7 +39,8 @@ PASSED_ON = frozenset(
     }
 )
 REPLACED = frozenset({"session_id", "hidden"})  # the next stage's session, this stage's output
-RESET = frozenset({"burst"})  # set again for what this stage sends (scheduler.mark_bursts)
+# set again for what this stage sends (scheduler.mark_bursts); asked of the first stage only (drafting.py)
+RESET = frozenset({"burst", "propose"})
 
 
 def onward_step(step: stage_pb2.Step, next_session_id: str, hidden: tensor_pb2.Tensor) -> stage_pb2.Step:
@@ -58,7 +60,8 @@ class StepCompute:
     steps. Its counters (tokens sampled, proposals verified and accepted) are written by whichever runs it and read
     by Info."""
 
-    def __init__(self) -> None:
+    def __init__(self, drafter: StageDraft | None = None) -> None:
+        self.drafter = drafter  # the draft model of this host (--draft): proposals for steps that ask (`propose`)
         self.tokens_sampled = 0
         self.tokens_drafted = 0  # proposals verified (speculative decoding) ...
         self.tokens_accepted = 0  # ... and accepted
@@ -114,6 +117,8 @@ class StepCompute:
                     cache.truncate(r, step.truncate)
                     if session.sampler is not None:
                         del session.sampler.history[r][step.truncate :]
+            if self.drafter is not None and session.rows == 1 and session.model.is_first:
+                self.drafter.prepare(item)  # may append the draft's proposals to the step
             last_only = step.sample and item.targets is None and not step.drafts
             before = cache.promised
             try:
@@ -241,7 +246,8 @@ class StepCompute:
         if loop.speculate:  # one row
             r, start, token = item.rows[0], starts[0], runs[0][-1]
             k = min(loop.k.k, loop.remaining[r] - 1, session.max_length - start - 1)
-            proposals = ngram_propose(session.sampler.history[r] + [token], k) if k > 0 else []
+            by_stage = loop.speculate == "stage"  # the first stage's draft proposes (drafting.py)
+            proposals = ngram_propose(session.sampler.history[r] + [token], k) if k > 0 and not by_stage else []
             item.follow = stage_pb2.Step(
                 session_id=loop.first_id,
                 seq=loop.seq,
@@ -252,6 +258,7 @@ class StepCompute:
                 looped=True,
                 client_key=session.owner,
                 drafts=len(proposals),
+                propose=max(k, 0) if by_stage else 0,
             )
             if drafts > len(runs[0]) - 1:  # the caches hold rejected proposals: roll them back first
                 item.follow.truncate = start

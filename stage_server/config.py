@@ -69,6 +69,7 @@ class StageConfig:
     grace: float = 5.0  # seconds in-flight work gets to finish on shutdown
     advertise: str = _default("advertise")
     metrics_port: int = _default("metrics_port")
+    draft: str = _default("draft")  # a draft model's name or path ("" = none)
     security: Security = field(default_factory=Security)  # TLS / mutual TLS / token, listening and dialling
 
     def __post_init__(self) -> None:

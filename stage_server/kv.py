@@ -109,10 +109,11 @@ class StageKV:
         P, refs = cache.pool.block_size, cache.pool.refs
         rows = item.position_rows  # a small step's positions as lists: cheaper than a reduction
         top = [max(r) for r in rows] if rows is not None else item.positions.max(dim=1).values.tolist()
-        need = 0
+        need, extra = 0, item.step.propose  # a draft's proposals may add as many positions (drafting.py)
         for r, p in zip(item.rows, top, strict=True):
             if p < 0:
                 continue
+            p += extra
             table = cache.tables[r]
             need += max(0, -(-(p + 1) // P) - len(table))
             at = cache.lengths[r] // P
@@ -159,4 +160,6 @@ class StageKV:
             cache.truncate(r, held)  # every row the same: the client continues all of them from there
             if session.sampler is not None:
                 session.sampler.history[r] = list(tokens[:held])
+        if session.rows == 1:  # the conversation so far, for a first stage's draft (drafting.py)
+            session.seen = list(tokens[:held])
         return held

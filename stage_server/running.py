@@ -27,6 +27,7 @@ from layerline.model import StageModel
 from layerline.quant import resolve
 from layerline.quant.build import available as kernels_available
 from layerline.stage_server.config import StageConfig
+from layerline.stage_server.drafting import load_draft
 from layerline.stage_server.fetch import WeightFetcher
 from layerline.stage_server.service import StageService
 from layerline.v1 import stage_pb2_grpc
@@ -81,7 +82,13 @@ async def start_stage(config: StageConfig) -> RunningStage:
         name = ckpt.name if fetched else os.path.basename(config.model.rstrip("/"))
     finally:
         ckpt.close()
-    service = StageService(model, config, name, fingerprint, _tokenizer_loader(config.model, fetched), model_config)
+    drafter = None
+    if config.draft:  # checked against the model's tokenizer now: a stage with a wrong draft does not start
+        drafter = await asyncio.to_thread(load_draft, config.draft, config.model, model_config.vocab_size)
+        logger.info("draft model %s proposes for the generation loops that ask (first stage)", drafter.name)
+    service = StageService(
+        model, config, name, fingerprint, _tokenizer_loader(config.model, fetched), model_config, drafter
+    )
     service.stored_types = stored_types
     served = await serve_grpc(
         lambda server: stage_pb2_grpc.add_StageServicer_to_server(service, server),

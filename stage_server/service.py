@@ -51,6 +51,7 @@ from layerline.stage_server.admission import WorkItem, admit
 from layerline.stage_server.capacity import device_memory, resident_bytes
 from layerline.stage_server.compute import StepCompute
 from layerline.stage_server.config import StageConfig
+from layerline.stage_server.drafting import StageDraft, forget
 from layerline.stage_server.kv import StageKV
 from layerline.stage_server.pace import Pace
 from layerline.stage_server.relay import SHUTDOWN, Relay, closed_error, put_latest
@@ -76,6 +77,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         fingerprint: str,
         tokenizer: Callable[[], bytes | None] | bytes | None,
         model_config: ModelConfig | None = None,
+        drafter: StageDraft | None = None,
     ) -> None:
         # the layers new sessions get; a session keeps the model it was opened with (Session.model), so a stage
         # given another range by its coordinator serves its running sessions to their end on the old one
@@ -126,7 +128,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         )
         # the four jobs besides the RPCs, each in its own module: admission.py (event loop), compute.py (compute
         # thread), scheduler.py (between the two), relay.py (event loop)
-        self.compute = StepCompute()
+        self.compute = StepCompute(drafter)
         self.pace = Pace()  # first stage: server-loop rounds and prompts, for the coordinator's measured figures
         self.scheduler = Scheduler(
             config, self.compute, lambda *a: self.relay.dispatch(*a), lambda: self.model, self.pass_seconds
@@ -215,6 +217,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             tokens_sampled=self.compute.tokens_sampled,
             tokens_drafted=self.compute.tokens_drafted,
             tokens_accepted=self.compute.tokens_accepted,
+            draft_model=self.compute.drafter.name if self.compute.drafter is not None else "",
+            tokens_proposed=self.compute.drafter.tokens_proposed if self.compute.drafter is not None else 0,
             inline_steps=self.scheduler.inline_steps,
             weight_bytes=m.weight_bytes() if m is not None else 0,
             weights=m.weight_summary() if m is not None else "",
@@ -534,6 +538,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         if session.results is not None:
             put_latest(session.results, None)  # ends the subscriber's stream
         self.relay.forget(session)
+        forget(session)
         logger.info("session %s: %s", session_id[:8], reason, extra={"session": session_id[:8], "stage": self.label})
         return True
 

@@ -29,6 +29,7 @@ from layerline.stage_server.pace import Track
 from layerline.v1 import stage_pb2
 
 if TYPE_CHECKING:
+    from layerline.draft import DraftState
     from layerline.model import StageModel
     from layerline.stage_server.admission import WorkItem
 
@@ -54,7 +55,8 @@ class LoopState:
     remaining: dict[int, int]  # tokens each running row may still sample
     seq: int  # the seq of the step that started the loop, carried by all its steps and results
     halted: bool = False  # set by Halt: the step travelling the ring ends the loop when it is back
-    speculate: str = ""  # "ngram": each step fed back carries prompt lookup proposals (one-row sessions)
+    speculate: str = ""  # "ngram": each step fed back carries prompt lookup proposals (one-row sessions); "stage":
+    # it asks the first stage's draft model for them (Step.propose)
     k: AdaptiveK = field(default_factory=AdaptiveK)  # proposals per step
 
 
@@ -81,6 +83,9 @@ class Session:
     model: StageModel | None = None  # the StageModel this session computes with (the stage's layers when it was opened)
     owner: str = ""  # the client key it was opened with: every call and step of the session must carry it
     pace: Track = field(default_factory=Track)  # first stage: its rounds and prompts (pace.py)
+    # first stage with a draft model (drafting.py): the one row's tokens as far as known, and the draft's state
+    seen: list[int] | None = None
+    draft: DraftState | None = None
 
 
 def new_session_id() -> str:

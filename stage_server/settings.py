@@ -147,6 +147,16 @@ SETTINGS: tuple[Setting, ...] = (
         "positive",
     ),
     Setting(
+        "--draft",
+        "draft",
+        "",
+        "a draft model for speculative decoding on this host (an embedded model's name, e.g. smollm2, or a path; "
+        "the same tokenizer as the model, checked at start): as the first stage, it proposes the tokens of the "
+        'generation loops that ask for them (speculate="stage")',
+        "text",
+        shown="none",
+    ),
+    Setting(
         "--metrics-port",
         "metrics_port",
         -1,

@@ -81,7 +81,7 @@ def test_seeded_sampling_repeats(tiny_checkpoint):
         (["run", "--stages", "0"], "expected a positive integer"),
         (["run", "--top-p", "2"], "top_p must be in (0, 1]"),
         (["run", "--model", "no-such-model"], "model not found: 'no-such-model'"),
-        (["local", "--speculate", "no-such-draft"], "speculate must be ngram, smollm2 or a draft model's path"),
+        (["local", "--speculate", "no-such-draft"], "speculate must be ngram, stage, smollm2 or a draft model's path"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(args, words):

@@ -287,6 +287,8 @@ def test_bad_speculation_is_refused_and_the_stage_serves_on(tiny, routes):
             cases = [
                 (first_step(sid, [5, 6, 7], drafts=3), "drafts: 3 proposals in a step of 3 tokens"),
                 (first_step(sid, [5, 6, 7], sample=False, drafts=1), "only a step that samples"),
+                (first_step(sid, [5, 6, 7], propose=17), "propose: at most 16 proposals"),
+                (first_step(sid, [5, 6, 7], sample=False, propose=2), "propose: only a one-row step that samples"),
                 (
                     first_step(
                         sid,
@@ -306,3 +308,71 @@ def test_bad_speculation_is_refused_and_the_stage_serves_on(tiny, routes):
     asyncio.run(asyncio.wait_for(raw(), 30))
     with Client(route) as client:  # and it serves on
         assert len(client.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[], stream=False).token_ids) == 3
+
+
+# ---- a draft model on the first stage's host ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stages", "which"), [("1", "itself"), ("2", "itself"), ("3", "other")])
+def test_a_draft_on_the_first_stages_host_gives_plain_greedy_tokens(tiny, stage_cluster, drafts, stages, which):
+    """`layerline stage --draft`: the server loop asks the first stage for its draft's proposals each round
+    (`Step.propose`); the tokens are transformers' greedy ones, the draft of the chain's own checkpoint has every
+    proposal accepted, another model has some rejected (the caches roll back), and a round never passes
+    max_new_tokens or a stop token; a conversation goes on from what the first stage knows of it."""
+    path = tiny[0] if which == "itself" else drafts["other"]
+    route, ref = stage_cluster(tiny[0], SPLITS[stages], "--draft", path), tiny[1]
+    assert infos(route)[0].draft_model == path
+    p = repetitive_prompt(8)
+    want = hf_greedy(ref, p, 30)
+    before = infos(route)
+    with Client(route) as client:
+        with client.session() as s:
+            out = s.generate(p, max_new_tokens=30, stop_token_ids=[], stream=False, speculate="stage")
+            assert out.token_ids == want
+            more = s.generate([5, 6], max_new_tokens=10, stop_token_ids=[], stream=False, speculate="stage")
+            assert more.token_ids == hf_greedy(ref, p + want + [5, 6], 10)
+        after = infos(route)
+        proposed = after[0].tokens_proposed - before[0].tokens_proposed
+        drafted = after[-1].tokens_drafted - before[-1].tokens_drafted
+        accepted = after[-1].tokens_accepted - before[-1].tokens_accepted
+        assert proposed > 0 and drafted == proposed  # the last stage verified what the first proposed
+        if which == "itself":
+            assert accepted == drafted
+        else:
+            assert 0 <= accepted < drafted
+        assert after[-1].steps_computed - before[-1].steps_computed <= 40 - accepted
+        for n in (1, 4):
+            out = client.generate(p, max_new_tokens=n, stop_token_ids=[], stream=False, speculate="stage")
+            assert out.token_ids == want[:n]
+        stop = want[9]
+        out = client.generate(p, max_new_tokens=30, stop_token_ids=[stop], stream=False, speculate="stage")
+        assert out.token_ids == want[: want.index(stop) + 1] and out.finish_reason == "stop"
+
+
+def test_speculating_on_a_first_stage_without_a_draft_is_refused_up_front(tiny, routes):
+    route = routes["2"]
+    assert infos(route)[0].draft_model == ""
+    with Client(route) as client:
+        with pytest.raises(RPCError) as e:
+            client.generate([5, 6, 7], speculate="stage", stream=False)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--draft" in str(e.value)
+    with Client(route, config=ClientConfig(server_loop=False)) as client:
+        with pytest.raises(RPCError) as e:
+            client.generate([5, 6, 7], speculate="stage", stream=False)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "server loop" in str(e.value)
+        assert len(client.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[], stream=False).token_ids) == 3
+
+
+@pytest.mark.parametrize(("name", "words"), [("retokenized", "its tokenizer is not the chain's"), ("small", "300")])
+def test_a_stage_with_a_draft_of_another_tokenizer_does_not_start(tiny, drafts, name, words):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "layerline.cli", "stage", "--model", tiny[0], "--layers", "0:4", "--port", "0"]
+        + ["--draft", drafts[name]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and words in done.stderr and "draft" in done.stderr, done.stderr[-2000:]

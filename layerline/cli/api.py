@@ -45,8 +45,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict:
         "--speculate",
         type=speculation,
         default=None,
-        metavar="ngram|smollm2|PATH",
-        help="speculative decoding for every generation (greedy output unchanged): ngram = prompt lookup; smollm2 "
+        metavar="ngram|stage|smollm2|PATH",
+        help="speculative decoding for every generation (greedy output unchanged): ngram = prompt lookup; stage = "
+        "the draft model the first stage's host runs (layerline stage --draft); smollm2 "
         "or a model's path = a draft model with the same tokenizer, run by this server",
     )
     return {"api": cmd_api}

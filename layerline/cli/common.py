@@ -179,9 +179,10 @@ def add_speculation_args(p: argparse.ArgumentParser) -> None:
         "--speculate",
         type=speculation,
         default=None,
-        metavar="ngram|smollm2|PATH",
+        metavar="ngram|stage|smollm2|PATH",
         help="speculative decoding, k proposals per pass through the stages, verified by the last stage (greedy "
-        "output unchanged; sampling keeps its distribution): ngram = prompt lookup; smollm2 or a model's path = a "
+        "output unchanged; sampling keeps its distribution): ngram = prompt lookup; stage = the draft model the "
+        "first stage's host runs (layerline stage --draft); smollm2 or a model's path = a "
         "draft model with the same tokenizer, run greedily by this client",
     )
     p.add_argument("--speculate-k", type=positive, default=None, help="proposals per pass (default: adaptive, 1..16)")
