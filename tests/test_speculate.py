@@ -13,7 +13,7 @@ import collections
 import grpc
 import pytest
 import torch
-from stage_wire import TIMEOUT, connect, first_step, infos, open_chain
+from stage_wire import TIMEOUT, connect, first_step, infos, open_chain, probe
 
 from layerline.client import Client, ClientConfig, RPCError
 from layerline.draft import DraftModel
@@ -376,3 +376,26 @@ def test_a_stage_with_a_draft_of_another_tokenizer_does_not_start(tiny, drafts, 
         timeout=120,
     )
     assert done.returncode == 2 and words in done.stderr and "draft" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_step_asking_for_proposals_gets_them_from_a_first_stage_with_a_draft_only(tiny, routes, stage_cluster):
+    """`Step.propose` on the wire: a first stage with a draft (the chain's own checkpoint) appends that many of its
+    proposals, and the last stage answers them all accepted and one token more; a first stage without a draft sends
+    the step on as it came (one token: always correct)."""
+    p = repetitive_prompt(9)
+    want = hf_greedy(tiny[1], p, 5)
+    with_draft = stage_cluster(tiny[0], SPLITS["2"], "--draft", tiny[0])
+
+    async def ask(route: list[str]) -> stage_pb2.Result:
+        async with connect(route) as stubs:
+            ids = await open_chain(stubs, route, 64)
+            async with probe(stubs[0], stubs[-1], ids[-1]) as pr:
+                await pr.send(first_step(ids[0], p, propose=4))
+                kind, result = await pr.next()
+                assert kind == "result", (kind, result)
+                return result
+
+    plain = asyncio.run(asyncio.wait_for(ask(routes["2"]), 60))
+    assert list(plain.token_ids) == want[:1] and plain.drafted == 0
+    drafted = asyncio.run(asyncio.wait_for(ask(with_draft), 60))
+    assert drafted.drafted == 4 and list(drafted.token_ids) == want
