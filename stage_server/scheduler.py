@@ -96,6 +96,7 @@ class Scheduler:
             and self._decode_pass < limit
             and item.positions.numel() <= INLINE_POSITIONS
             and not item.step.burst
+            and not item.step.propose  # a draft's proposals first (drafting.py): not on the event loop
         ):
             began = time.perf_counter()
             out, error = self.compute.one(item)
