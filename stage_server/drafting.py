@@ -14,8 +14,6 @@ correct. Each session's draft keeps its own KV cache (`layerline.draft.DraftStat
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from layerline.draft import DraftModel, DraftState
@@ -26,8 +24,6 @@ from layerline.stage_server.admission import WorkItem
 from layerline.stage_server.sessions import Session
 from layerline.tokenizer import Tokenizer
 from layerline.wire_format import int64_rows
-
-logger = logging.getLogger(__name__)
 
 
 def load_draft(name: str, model_path: str, vocab_size: int) -> StageDraft:
