@@ -295,7 +295,7 @@ class AsyncSession:
             scores: list[float] = []  # with logprobs: each streamed token's log-probability ...
             alternatives: list[tuple[tuple[int, float], ...]] = []  # ... and its most likely alternatives
             seq = 0
-            adaptive = AdaptiveK(fixed=opts.speculate_k) if opts.speculate and self.rows == 1 else None
+            adaptive = AdaptiveK.of(opts.speculate, opts.speculate_k) if opts.speculate and self.rows == 1 else None
             if adaptive is not None and is_draft(opts.speculate):
                 draft = await self.client.draft(opts.speculate)  # type: ignore[arg-type]
                 if self._draft is None or self._draft.draft is not draft:

@@ -21,12 +21,14 @@ from layerline.model_source import EMBEDDED_MODELS
 METHODS = ("ngram", "stage")
 MAX_DRAFTS = 16  # proposals one step may carry (its columns then take the decode kernel: quant/decode.py)
 START_K = 4  # an adaptive k's first value
-MAX_NGRAM = 3  # the longest tail prompt lookup matches
+MAX_NGRAM = 8  # the longest tail prompt lookup matches: a longer tail tells copied text from a chance repeat
 
 
 def ngram_propose(tokens: Sequence[int], k: int, max_n: int = MAX_NGRAM) -> list[int]:
     """Up to `k` tokens that followed the most recent earlier occurrence of the last n tokens of `tokens` (n from
-    `max_n` down to 1: the longest tail that occurred before wins); [] when no tail occurred before."""
+    `max_n` down to 1: the longest tail that occurred before wins); [] when no tail occurred before. A tail of n
+    tokens earns at most n * n proposals: one shared token is weak evidence of a copy (a proposal rejected costs a
+    column of compute on every stage), three or more are strong."""
     total = len(tokens)
     if k <= 0 or total < 2:
         return []
@@ -37,7 +39,7 @@ def ngram_propose(tokens: Sequence[int], k: int, max_n: int = MAX_NGRAM) -> list
         # the tail's occurrences ending before the text's end, most recent first
         for end in range(total - 2, n - 2, -1):
             if tokens[end] == last and tokens[end - n + 1 : end + 1] == tail:
-                return tokens[end + 1 : end + 1 + k]
+                return tokens[end + 1 : end + 1 + min(k, n * n)]
     return []
 
 
@@ -47,12 +49,18 @@ class AdaptiveK:
     when none is, and becomes accepted + 2 when some are, between 1 and `hi`."""
 
     fixed: int | None = None
-    hi: int = 16
+    hi: int = MAX_DRAFTS
     k: int = START_K
 
     def __post_init__(self) -> None:
         if self.fixed is not None:
             self.k = self.fixed
+
+    @classmethod
+    def of(cls, method: str | None, fixed: int | None) -> AdaptiveK:
+        """The k of a generation that speculates by `method`: prompt lookup starts at the most proposals, as its
+        own rule already bounds them by the tail it matched; a draft model starts at START_K."""
+        return cls(fixed=fixed, k=MAX_DRAFTS if method == "ngram" else START_K)
 
     def update(self, proposed: int, accepted: int) -> None:
         if self.fixed is not None or proposed == 0:

@@ -172,7 +172,7 @@ class StepCompute:
                 {r: spec.max_new_tokens for r in item.rows},
                 step.seq,
                 speculate=spec.speculate if session.rows == 1 else "",
-                k=AdaptiveK(fixed=spec.speculate_k or None),
+                k=AdaptiveK.of(spec.speculate, spec.speculate_k or None),
             )
         elif step.looped and session.loop is not None:
             loop = session.loop

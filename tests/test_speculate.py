@@ -19,7 +19,7 @@ from layerline.client import Client, ClientConfig, RPCError
 from layerline.draft import DraftModel
 from layerline.errors import CheckpointError
 from layerline.sampling import SamplingParams, verify
-from layerline.speculate import AdaptiveK, ngram_propose
+from layerline.speculate import MAX_DRAFTS, START_K, AdaptiveK, ngram_propose
 from layerline.tokenizer import Tokenizer
 from layerline.v1 import stage_pb2
 from tiny_models import TinySpec, byte_tokenizer, hf_greedy, save_hf
@@ -72,7 +72,13 @@ def test_prompt_lookup_proposes_what_followed_the_longest_most_recent_tail():
     assert ngram_propose([5, 1, 2, 7, 8, 1, 2, 6, 1, 2], 3) == [6, 1, 2]  # the most recent occurrence wins
     assert ngram_propose([1, 2, 3, 1, 9, 2, 3], 4) == [1, 9, 2, 3]  # [2, 3] before the shorter tail [3]
     assert ngram_propose([4, 5, 6], 3) == []  # nothing occurred before
-    assert ngram_propose([4, 5, 4], 8) == [5, 4]  # cut at the end of the text
+    assert ngram_propose([4, 5, 6, 4, 5], 8) == [6, 4, 5]  # cut at the end of the text
+    # the longest tail wins over a more recent shorter one: [1, 2, 3, 4] was followed by 5, [2, 3, 4] last by 6
+    assert ngram_propose([1, 2, 3, 4, 5, 8, 2, 3, 4, 6, 1, 2, 3, 4], 3) == [5, 8, 2]
+    # a tail of n tokens earns at most n * n proposals
+    assert ngram_propose([4, 5, 6, 7, 8, 9, 4], 8) == [5]
+    assert ngram_propose([4, 5, 6, 7, 8, 9, 1, 4, 5], 8) == [6, 7, 8, 9]
+    assert ngram_propose([3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5], 16) == [6, 7, 8, 9, 1, 2, 3, 4, 5]
     assert ngram_propose([4, 5, 4], 0) == [] and ngram_propose([4], 3) == []
 
 
@@ -96,6 +102,9 @@ def test_adaptive_k_grows_while_accepted_and_shrinks_when_not():
     fixed = AdaptiveK(fixed=5)
     fixed.update(5, 0)
     assert fixed.k == 5
+    # prompt lookup bounds its proposals by the tail it matched, so its k starts at the most; a draft's at START_K
+    assert AdaptiveK.of("ngram", None).k == MAX_DRAFTS and AdaptiveK.of("smollm2", None).k == START_K
+    assert AdaptiveK.of("ngram", 3).k == 3
 
 
 def test_greedy_verification_accepts_the_argmax_run_and_adds_the_model_token():
