@@ -33,14 +33,23 @@ def ngram_propose(tokens: Sequence[int], k: int, max_n: int = MAX_NGRAM) -> list
     if k <= 0 or total < 2:
         return []
     tokens = list(tokens)
-    for n in range(min(max_n, total - 1), 0, -1):
-        tail = tokens[total - n :]
-        last = tail[-1]
-        # the tail's occurrences ending before the text's end, most recent first
-        for end in range(total - 2, n - 2, -1):
-            if tokens[end] == last and tokens[end - n + 1 : end + 1] == tail:
-                return tokens[end + 1 : end + 1 + min(k, n * n)]
-    return []
+    longest = min(max_n, total - 1)
+    last = tokens[-1]
+    best_n, best_end = 0, -1
+    # one pass over the earlier occurrences of the last token, most recent first: the tail each one ends
+    for end in range(total - 2, -1, -1):
+        if tokens[end] != last:
+            continue
+        n = 1
+        while n < longest and n <= end and tokens[end - n] == tokens[total - 1 - n]:
+            n += 1
+        if n > best_n:  # longer than any more recent one
+            best_n, best_end = n, end
+            if n == longest:
+                break
+    if not best_n:
+        return []
+    return tokens[best_end + 1 : best_end + 1 + min(k, best_n * best_n)]
 
 
 @dataclass

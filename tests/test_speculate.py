@@ -82,6 +82,25 @@ def test_prompt_lookup_proposes_what_followed_the_longest_most_recent_tail():
     assert ngram_propose([4, 5, 4], 0) == [] and ngram_propose([4], 3) == []
 
 
+def test_prompt_lookup_finds_what_trying_every_tail_length_finds():
+    """The one pass over the last token's occurrences against the plain search: each tail length from the longest
+    down, each occurrence most recent first."""
+
+    def plain(tokens: list[int], k: int, max_n: int) -> list[int]:
+        for n in range(min(max_n, len(tokens) - 1), 0, -1):
+            for end in range(len(tokens) - 2, n - 2, -1):
+                if tokens[end - n + 1 : end + 1] == tokens[len(tokens) - n :]:
+                    return tokens[end + 1 : end + 1 + min(k, n * n)]
+        return []
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2000):
+        size = int(torch.randint(0, 40, (1,), generator=g))
+        tokens = torch.randint(0, int(torch.randint(1, 6, (1,), generator=g)), (size,), generator=g).tolist()
+        k, max_n = int(torch.randint(0, 17, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
+        assert ngram_propose(tokens, k, max_n) == plain(tokens, k, max_n), (tokens, k, max_n)
+
+
 def test_adaptive_k_grows_while_accepted_and_shrinks_when_not():
     k = AdaptiveK()
     start = k.k
